@@ -1,0 +1,28 @@
+# Everything a fresh machine needs, from the package registries only.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test serve clean
+
+install: $(STAMP)
+
+# torch and torchvision first, pinned: pip takes both from this machine's disk.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[serve,test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+serve: install
+	@echo "make serve: the serving stack is not built yet (issue: Serve). Export and predict work:"
+	@echo "  $(VENV)/bin/cliplora export --help"
+	@echo "  $(VENV)/bin/cliplora predict --help"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

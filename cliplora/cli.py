@@ -1,0 +1,111 @@
+"""The `cliplora` command line. Arguments are parsed in `main()`, never at import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from cliplora.errors import CliploraError
+from cliplora.repository import DEFAULT_REPOSITORY
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cliplora.progress import Progress
+    from export.pipeline import ExportOptions, run_export
+
+    options = ExportOptions(
+        model=args.model,
+        pretrained=args.pretrained,
+        lora=args.lora,
+        classes=Path(args.classes),
+        templates=tuple(args.template or ()),
+        name=args.name,
+        repository=Path(args.repository),
+        precision=args.precision,
+        unmerged=args.unmerged,
+        allow_random_weights=args.allow_random_weights,
+        max_batch_size=args.max_batch_size,
+        probes=args.probes,
+    )
+    result = run_export(options, Progress(quiet=args.quiet))
+    summary = {
+        "name": result.name,
+        "version": result.version,
+        "path": str(result.path),
+        "verification": result.manifest["verification"],
+        "export_seconds": result.manifest["export_seconds"],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cliplora.predict import predict_files
+
+    results = predict_files(args.repository, args.name, args.images, top_k=args.top_k, version=args.version)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cliplora",
+        description="Few-shot CLIP-LoRA adapters as zero-overhead production classifiers on Triton.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = sub.add_parser("export", help="merge an adapter, fold the class head, verify, publish ONNX")
+    export.add_argument("--model", required=True, help="open_clip model name (ViT-B-16, ...) or a JSON model config")
+    export.add_argument("--pretrained", help="open_clip tag, state-dict file (.pt/.bin/.safetensors) or OpenAI .pt archive")
+    export.add_argument("--lora", required=True, help="CLIP-LoRA checkpoint file, PEFT adapter folder, or 'none'")
+    export.add_argument("--classes", required=True, help="class names: one per line, or a JSON list")
+    export.add_argument("--template", action="append", metavar="TEMPLATE",
+                        help="prompt template with {} for the class name; repeat to average several "
+                             "(default: 'a photo of a {}.')")
+    export.add_argument("--name", required=True, help="model name in the repository ([A-Za-z0-9_-]{1,64})")
+    export.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository folder")
+    export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    export.add_argument("--unmerged", action="store_true",
+                        help="keep the LoRA branches in the graph (to measure what merging saves)")
+    export.add_argument("--allow-random-weights", action="store_true",
+                        help="export a random model when no --pretrained is given (tests and demos only)")
+    export.add_argument("--max-batch-size", type=int, default=32, help="Triton max_batch_size (default 32)")
+    export.add_argument("--probes", type=int, default=8, help="probe images for verification (default 8)")
+    export.add_argument("--quiet", action="store_true", help="no progress output")
+    export.set_defaults(func=_export)
+
+    predict = sub.add_parser("predict", help="classify images in process with ONNX Runtime")
+    predict.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    predict.add_argument("--name", required=True)
+    predict.add_argument("--version", type=int, help="model version (default: latest)")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliploraError as exc:
+        print(f"cliplora {args.command}: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cliplora {args.command}: CANCELLED: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so, with the details needed to report it
+        if os.environ.get("CLIPLORA_DEBUG"):
+            traceback.print_exc()
+        print(f"cliplora {args.command}: INTERNAL: {type(exc).__name__}: {exc} "
+              "(set CLIPLORA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

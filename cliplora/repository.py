@@ -1,0 +1,125 @@
+"""The Triton model-repository layout, read side, and model-name rules.
+
+```
+<root>/<name>/config.pbtxt
+<root>/<name>/labels.txt
+<root>/<name>/<version>/model.onnx
+<root>/<name>/<version>/manifest.json
+```
+
+Versions are positive integers; anything else in a model folder (a staging folder of
+an export in progress, say) is not a version. Writing lives in `export.publish`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cliplora import contract
+from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound
+
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def validate_model_name(name: str) -> str:
+    """Return `name` if it is a valid model name (``[A-Za-z0-9_-]{1,64}``), else raise.
+
+    The rule keeps names safe as folder names: no separators, no ``..``, no hidden files.
+    """
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name):
+        shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:80]}..."
+        raise InvalidArgument(
+            f"invalid model name {shown!r}: use 1-64 characters from A-Z a-z 0-9 _ -"
+        )
+    return name
+
+
+def parse_version(text: str) -> int | None:
+    """A version folder's number, or None when the folder is not a version."""
+    if text.isascii() and text.isdigit() and not text.startswith("0"):
+        return int(text)
+    return None
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version of one model."""
+
+    name: str
+    version: int
+    path: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / contract.MODEL_FILENAME
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / contract.MANIFEST_FILENAME
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NotFound(f"{self.manifest_path} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FailedPrecondition(f"{self.manifest_path} is not valid JSON: {exc}") from None
+
+
+class ModelRepository:
+    """Read access to a model repository folder."""
+
+    def __init__(self, root: str | Path = DEFAULT_REPOSITORY) -> None:
+        self.root = Path(root)
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / validate_model_name(name)
+
+    def model_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and MODEL_NAME_PATTERN.fullmatch(p.name) and (p / contract.CONFIG_FILENAME).is_file()
+        )
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.model_dir(name)
+        if not folder.is_dir():
+            return []
+        found = (parse_version(p.name) for p in folder.iterdir() if p.is_dir())
+        return sorted(v for v in found if v is not None)
+
+    def get(self, name: str, version: int | None = None) -> ModelVersion:
+        """The given version of a model, or its latest one; `NotFound` otherwise."""
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.model_names()) or "none"
+            raise NotFound(f"model {name!r} not found in {self.root} (models: {known})")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise NotFound(f"model {name!r} has no version {version} (versions: {versions})")
+        found = ModelVersion(name, version, self.model_dir(name) / str(version))
+        if not found.model_path.is_file():
+            raise NotFound(f"{found.model_path} is missing")
+        return found
+
+    def labels(self, name: str) -> list[str]:
+        path = self.model_dir(name) / contract.LABELS_FILENAME
+        try:
+            return read_labels(path)
+        except FileNotFoundError:
+            raise NotFound(f"{path} is missing") from None
+
+
+def read_labels(path: Path) -> list[str]:
+    """Labels, one per line, in class-index order."""
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")

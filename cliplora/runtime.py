@@ -1,0 +1,40 @@
+"""ONNX Runtime sessions for exported models, the same way everywhere.
+
+fp16 graphs are created with ``ORT_ENABLE_EXTENDED`` optimisations: on the CPU
+provider (onnxruntime 1.32) the layout optimisations of ``ORT_ENABLE_ALL`` crash the
+process while creating a session for a half-precision ViT. fp32 graphs get
+``ORT_ENABLE_ALL``, as Triton's native ONNX Runtime backend does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from cliplora import contract
+
+
+def create_session(
+    path: str | Path,
+    *,
+    precision: str = "fp32",
+    threads: int = 0,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if precision == "fp16"
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def run_logits(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    """[N, S, S, 3] uint8 -> [N, C] fp32 logits."""
+    return session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: images})[0]

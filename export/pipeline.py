@@ -1,0 +1,187 @@
+"""`cliplora export`: the stages in order, from checkpoint to published model version."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import torch
+
+import cliplora
+from cliplora import contract
+from cliplora.errors import FailedPrecondition, InvalidArgument
+from cliplora.progress import Progress
+from cliplora.repository import validate_model_name
+from cliplora.runtime import create_session, run_logits
+from export import head, publish, verify
+from export.base_model import load_base_model
+from export.hashing import sha256_file
+from export.lora import load_adapter
+from export.merge import merge_adapter
+from export.onnx_graph import EXPORTER, OPSET, PRECISIONS, ClassifierGraph, export_onnx
+from export.reference import build_reference
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything `cliplora export` takes (DESIGN.md §2)."""
+
+    model: str
+    pretrained: str | None
+    lora: str
+    classes: Path
+    templates: tuple[str, ...]
+    name: str
+    repository: Path = Path("model_repository")
+    precision: str = "fp32"
+    unmerged: bool = False
+    allow_random_weights: bool = False
+    max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE
+    probes: int = verify.DEFAULT_PROBES
+
+    def __post_init__(self) -> None:
+        validate_model_name(self.name)
+        if self.precision not in PRECISIONS:
+            raise InvalidArgument(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise InvalidArgument(f"max batch size must be 1..1024, got {self.max_batch_size}")
+        if self.probes < 1:
+            raise InvalidArgument("at least one probe image is needed")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    name: str
+    version: int
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def run_export(options: ExportOptions, progress: Progress | None = None) -> ExportResult:
+    """Merge, fold, export, verify and publish; raises a `CliploraError` on any fault."""
+    progress = progress or Progress(quiet=True)
+    started = time.perf_counter()
+    torch.set_grad_enabled(False)
+    classes = head.read_classes(options.classes)
+    templates = head.validate_templates(options.templates)
+    labels = publish.render_labels(classes)
+    publish.preflight(options.repository, options.name, labels)
+
+    with progress.step(f"loading base model {options.model}"):
+        base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)
+    if base.weights.kind == "random":
+        progress.warn("exporting RANDOM weights (--allow-random-weights): this model is for tests and demos only")
+    progress.info(f"activation {'QuickGELU' if base.quick_gelu else 'GELU'}, image size {base.image_size}, "
+                  f"logit scale {base.logit_scale:.4g}")
+    spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(classes))
+    config = publish.render_config(options.name, spec, options.precision, options.max_batch_size)
+    publish.check_compatible(options.repository, options.name, config, labels)
+
+    with progress.step(f"reading adapter {options.lora}"):
+        adapter = load_adapter(options.lora, len(base.text_blocks), len(base.vision_blocks))
+    if adapter:
+        progress.info(f"{adapter.format}: {len(adapter.updates)} updates, r={adapter.rank}, "
+                      f"alpha={adapter.alpha:g}, scale {adapter.scaling}")
+        with progress.step("merging W' = W + s·B·A (fp32)"):
+            merged, merge_report = merge_adapter(base.model, adapter)
+    else:
+        merged, merge_report = base.model, None
+    reference = build_reference(base.model, adapter)
+
+    n_prompts = len(classes) * len(templates)
+    with progress.step(f"encoding {n_prompts} prompts with the adapted text encoder"):
+        text_matrix = head.class_text_matrix(merged, base.tokenizer, classes, templates)
+        reference_text = head.class_text_matrix(reference, base.tokenizer, classes, templates)
+        base_text = head.class_text_matrix(base.model, base.tokenizer, classes, templates) if adapter else None
+
+    exported_visual = reference.visual if options.unmerged else merged.visual
+    graph = ClassifierGraph(exported_visual, text_matrix, base.logit_scale, base.mean, base.std, options.precision)
+    with publish.staging_area(options.repository) as staging:
+        staged = staging / "version"
+        staged.mkdir()
+        onnx_path = staged / contract.MODEL_FILENAME
+        with progress.step(f"exporting ONNX ({options.precision}{', unmerged branches' if options.unmerged else ''})"):
+            export_onnx(graph, base.image_size, onnx_path)
+
+        with progress.step(f"verifying against the unmerged PyTorch reference ({options.probes} probe images)"):
+            verification = _verify(options, base, merged, reference, text_matrix, reference_text, base_text, onnx_path)
+        if verification.failures:
+            raise FailedPrecondition("verification failed, nothing published: " + "; ".join(verification.failures))
+        progress.info(
+            f"max |Δlogit| ONNX vs reference {verification.onnx_vs_reference.max_abs_logit:.2e} "
+            f"(tolerance {verification.tolerance:g}), top-1 agreement "
+            f"{verification.onnx_vs_reference.top1_agreement:.0%}"
+        )
+
+        manifest = {
+            "cliplora_version": cliplora.__version__,
+            "name": options.name,
+            "version": None,  # stamped under the publish lock
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base": base.manifest(),
+            "lora": adapter.manifest() if adapter else {"format": "none"},
+            "merge": {"mode": "unmerged" if options.unmerged else ("merged" if adapter else "base"),
+                      **(merge_report.manifest() if merge_report else {})},
+            "classes": classes,
+            "templates": templates,
+            "precision": options.precision,
+            "tensors": {
+                "input": {"name": contract.INPUT_NAME, "dtype": contract.INPUT_WIRE_DTYPE, "shape": [-1, *spec.input_shape]},
+                "output": {"name": contract.OUTPUT_NAME, "dtype": contract.OUTPUT_WIRE_DTYPE, "shape": [-1, *spec.output_shape]},
+            },
+            "onnx": {
+                "sha256": sha256_file(onnx_path),
+                "bytes": onnx_path.stat().st_size,
+                "opset": OPSET,
+                "exporter": EXPORTER,
+                "onnxruntime_version": onnxruntime.__version__,
+            },
+            "verification": verification.manifest(),
+            "environment": {"python": platform.python_version(), "torch": torch.__version__},
+            "export_seconds": round(time.perf_counter() - started, 2),
+        }
+        (staged / contract.MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        with progress.step(f"publishing {options.name} to {options.repository}"):
+            version = publish.publish_version(options.repository, options.name, staged, config=config, labels=labels)
+    manifest["version"] = version
+    return ExportResult(options.name, version, options.repository / options.name / str(version), manifest)
+
+
+def _verify(
+    options: ExportOptions,
+    base: Any,
+    merged: torch.nn.Module,
+    reference: torch.nn.Module,
+    text_matrix: torch.Tensor,
+    reference_text: torch.Tensor,
+    base_text: torch.Tensor | None,
+    onnx_path: Path,
+) -> verify.Verification:
+    images = verify.probe_images(base.image_size, options.probes)
+    session = create_session(onnx_path, precision=options.precision)
+    onnx_logits = run_logits(session, verify.product_inputs(images, base.image_size))
+
+    def torch_logits(model: torch.nn.Module, texts: torch.Tensor) -> np.ndarray:
+        return verify.reference_logits(model, texts, base.logit_scale, images, base.image_size, base.mean, base.std)
+
+    expected = torch_logits(reference, reference_text)
+    bound = verify.tolerance(options.precision, base.logit_scale)
+    merged_logits = torch_logits(merged, text_matrix) if base_text is not None else None
+    base_logits = torch_logits(base.model, base_text) if base_text is not None else None
+    return verify.Verification(
+        precision=options.precision,
+        tolerance=bound,
+        probes=len(images),
+        onnx_vs_reference=verify.compare(onnx_logits, expected),
+        merged_torch_vs_reference=verify.compare(merged_logits, expected) if merged_logits is not None else None,
+        onnx_vs_base=verify.compare(onnx_logits, base_logits) if base_logits is not None else None,
+        merged_vs_base=verify.compare(merged_logits, base_logits) if base_logits is not None else None,
+        top1_consistent=verify.top1_margin_ok(onnx_logits, expected, bound),
+    )

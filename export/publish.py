@@ -1,0 +1,180 @@
+"""Publishing a model version into a Triton model repository, atomically.
+
+A version is assembled in ``<repository>/.cliplora-staging/`` (same filesystem) and
+moved into place with one ``rename``: a new model's whole folder, or a new numbered
+version folder of an existing model. Triton never sees a half-written version, a
+failed export leaves the repository as it was, and an exclusive lock per model name
+makes concurrent exports take versions 1, 2, ... in turn instead of colliding.
+
+An existing model accepts a new version only if its ``config.pbtxt`` and
+``labels.txt`` stay byte-identical (same classes, input size and precision): both are
+per model, not per version, in Triton's layout.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cliplora import contract
+from cliplora.errors import FailedPrecondition, PermissionDenied
+from cliplora.repository import ModelRepository, validate_model_name
+
+STAGING_DIR = ".cliplora-staging"
+
+
+def render_config(name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int) -> str:
+    """The model's ``config.pbtxt``.
+
+    No ``instance_group`` kind: Triton places the model on a GPU when it has one and on
+    the CPU otherwise, so one repository serves both. fp16 models ask Triton's ONNX
+    Runtime backend for its TensorRT accelerator in FP16 on GPUs (ignored on CPUs).
+    """
+    dims = ", ".join(str(d) for d in spec.input_shape)
+    lines = [
+        f'name: "{name}"',
+        f'platform: "{contract.PLATFORM}"',
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        "  {",
+        f'    name: "{contract.INPUT_NAME}"',
+        f"    data_type: {contract.INPUT_TRITON_DTYPE}",
+        f"    dims: [ {dims} ]",
+        "  }",
+        "]",
+        "output [",
+        "  {",
+        f'    name: "{contract.OUTPUT_NAME}"',
+        f"    data_type: {contract.OUTPUT_TRITON_DTYPE}",
+        f"    dims: [ {spec.num_classes} ]",
+        f'    label_filename: "{contract.LABELS_FILENAME}"',
+        "  }",
+        "]",
+        "dynamic_batching {",
+        "  max_queue_delay_microseconds: 2000",
+        "}",
+        "parameters {",
+        '  key: "precision"',
+        f'  value: {{ string_value: "{precision}" }}',
+        "}",
+    ]
+    if precision == "fp16":
+        lines += [
+            "optimization {",
+            "  execution_accelerators {",
+            "    gpu_execution_accelerator: [",
+            "      {",
+            '        name: "tensorrt"',
+            '        parameters { key: "precision_mode" value: "FP16" }',
+            '        parameters { key: "max_workspace_size_bytes" value: "2147483648" }',
+            "      }",
+            "    ]",
+            "  }",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def render_labels(classes: list[str]) -> str:
+    return "".join(f"{c}\n" for c in classes)
+
+
+def _writable_root(root: Path) -> Path:
+    try:
+        (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise PermissionDenied(f"cannot write to model repository {root}") from None
+    except (FileExistsError, NotADirectoryError):
+        raise PermissionDenied(f"model repository {root} is not a folder") from None
+    if not os.access(root, os.W_OK) or not os.access(root / STAGING_DIR, os.W_OK):
+        raise PermissionDenied(f"cannot write to model repository {root}")
+    return root
+
+
+def check_compatible(root: Path, name: str, config: str | None, labels: str) -> None:
+    """Stop early if `name` exists with other classes or another config."""
+    folder = root / validate_model_name(name)
+    if not folder.exists():
+        return
+    for filename, wanted in ((contract.LABELS_FILENAME, labels), (contract.CONFIG_FILENAME, config)):
+        path = folder / filename
+        if wanted is None or not path.exists():
+            continue
+        if path.read_text(encoding="utf-8") != wanted:
+            what = "classes" if filename == contract.LABELS_FILENAME else "configuration (input size, precision)"
+            raise FailedPrecondition(
+                f"model {name!r} already exists in {root} with different {what}; "
+                f"a new version must keep them. Export under a new --name."
+            )
+
+
+def preflight(root: Path, name: str, labels: str) -> None:
+    """Checks that need no model: a valid name, a writable repository, the same classes."""
+    validate_model_name(name)
+    _writable_root(root)
+    check_compatible(root, name, None, labels)
+
+
+@contextmanager
+def model_lock(root: Path, name: str) -> Iterator[None]:
+    lock_path = _writable_root(root) / STAGING_DIR / f"{name}.lock"
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def staging_area(root: Path) -> Iterator[Path]:
+    """A private folder on the repository's filesystem, removed afterwards whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix="export-", dir=_writable_root(root) / STAGING_DIR))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_version(
+    root: Path,
+    name: str,
+    staged_version: Path,
+    *,
+    config: str,
+    labels: str,
+) -> int:
+    """Move a staged version folder (model.onnx, manifest.json) into the repository.
+
+    Returns the version number. `staged_version` must lie in `staging_area(root)`.
+    The manifest gets its version number here, under the lock.
+    """
+    repository = ModelRepository(root)
+    with model_lock(root, name):
+        check_compatible(root, name, config, labels)
+        version = (repository.versions(name) or [0])[-1] + 1
+        _stamp_version(staged_version, version)
+        folder = root / name
+        if folder.exists():
+            os.rename(staged_version, folder / str(version))
+        else:
+            staged_model = staged_version.parent / f"model-{name}"
+            staged_model.mkdir()
+            (staged_model / contract.CONFIG_FILENAME).write_text(config, encoding="utf-8")
+            (staged_model / contract.LABELS_FILENAME).write_text(labels, encoding="utf-8")
+            os.rename(staged_version, staged_model / str(version))
+            os.rename(staged_model, folder)
+    return version
+
+
+def _stamp_version(staged_version: Path, version: int) -> None:
+    path = staged_version / contract.MANIFEST_FILENAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["version"] = version
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
