@@ -201,10 +201,11 @@ def load_base_model(
                 weights = WeightsSource("file", str(path), sha256_file(path), None)
             state = _normalise_state_dict(state, path)
         elif open_clip.get_pretrained_cfg(name, pretrained):
-            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            tag_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+            _check_activation(name, config, pretrained, tag_quick_gelu)  # before a long download
             checkpoint = _tag_checkpoint(name, pretrained)
             state = _normalise_state_dict(load_tensors(checkpoint, "base weights"), checkpoint)
-            weights = WeightsSource("tag", pretrained, sha256_file(checkpoint), bool(tag_cfg.get("quick_gelu", False)))
+            weights = WeightsSource("tag", pretrained, sha256_file(checkpoint), tag_quick_gelu)
         else:
             raise NotFound(
                 f"--pretrained {pretrained!r} is neither a file nor an open_clip tag for {name} "
@@ -212,14 +213,8 @@ def load_base_model(
             )
 
     quick_gelu = bool(config.get("quick_gelu", False))
-    if weights.quick_gelu is not None and weights.quick_gelu != quick_gelu:
-        trained = "QuickGELU" if weights.quick_gelu else "GELU"
-        suggestion = f"{name}-quickgelu" if weights.quick_gelu else name.removesuffix("-quickgelu")
-        raise FailedPrecondition(
-            f"activation mismatch: weights {weights.reference} were trained with {trained}, but "
-            f"model {name} uses {'QuickGELU' if quick_gelu else 'GELU'}; every output would be "
-            f"subtly wrong. Use --model {suggestion}."
-        )
+    if weights.quick_gelu is not None:
+        _check_activation(name, config, weights.reference, weights.quick_gelu)
 
     torch.manual_seed(RANDOM_SEED)  # random weights are deterministic, and so is nothing else
     with warnings.catch_warnings():
@@ -260,6 +255,20 @@ def load_base_model(
         mean=tuple(float(m) for m in preprocess["mean"]),
         std=tuple(float(s) for s in preprocess["std"]),
         config=config,
+    )
+
+
+def _check_activation(name: str, config: dict[str, Any], source: str, trained_quick_gelu: bool) -> None:
+    """Stop when the weights' activation (QuickGELU or GELU) is not the model config's."""
+    quick_gelu = bool(config.get("quick_gelu", False))
+    if trained_quick_gelu == quick_gelu:
+        return
+    trained = "QuickGELU" if trained_quick_gelu else "GELU"
+    suggestion = f"{name}-quickgelu" if trained_quick_gelu else name.removesuffix("-quickgelu")
+    raise FailedPrecondition(
+        f"activation mismatch: weights {source} were trained with {trained}, but model {name} "
+        f"uses {'QuickGELU' if quick_gelu else 'GELU'}; every output would be subtly wrong. "
+        f"Use --model {suggestion}."
     )
 
 
