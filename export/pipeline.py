@@ -103,7 +103,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
 
     exported_visual = reference.visual if options.unmerged else merged.visual
     graph = ClassifierGraph(exported_visual, text_matrix, base.logit_scale, base.mean, base.std, options.precision)
-    with publish.staging_area(options.repository) as staging:
+    with publish.staging_area() as staging:
         staged = staging / "version"
         staged.mkdir()
         onnx_path = staged / contract.MODEL_FILENAME

@@ -1,14 +1,20 @@
 """Publishing a model version into a Triton model repository, atomically.
 
-A version is assembled in ``<repository>/.cliplora-staging/`` (same filesystem) and
-moved into place with one ``rename``: a new model's whole folder, or a new numbered
-version folder of an existing model. Triton never sees a half-written version, a
-failed export leaves the repository as it was, and an exclusive lock per model name
-makes concurrent exports take versions 1, 2, ... in turn instead of colliding.
+The slow work (ONNX export, verification) happens in a private temporary folder
+outside the repository: Triton treats *every* folder in a repository's root as a
+model, so nothing half-made may appear there. Publishing then, under an exclusive
+per-model lock (``<repository>/.cliplora-<name>.lock``, a file, which Triton ignores):
 
-An existing model accepts a new version only if its ``config.pbtxt`` and
-``labels.txt`` stay byte-identical (same classes, input size and precision): both are
-per model, not per version, in Triton's layout.
+- the version's files are moved into ``<repository>/<name>/.incoming-*`` (Triton
+  ignores non-numeric folders inside a model) and renamed to the next version number:
+  Triton never sees a half-written version;
+- a new model's folder gets ``labels.txt``, its first version, and ``config.pbtxt``
+  last, so a model with a config is always complete.
+
+A failed export or publish leaves the repository as it was; concurrent exports to one
+name take versions 1, 2, ... in turn. An existing model accepts a new version only if
+its ``config.pbtxt`` and ``labels.txt`` stay byte-identical (same classes, input size
+and precision): both belong to the model, not to a version, in Triton's layout.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +32,6 @@ from pathlib import Path
 from cliplora import contract
 from cliplora.errors import FailedPrecondition, PermissionDenied
 from cliplora.repository import ModelRepository, validate_model_name
-
-STAGING_DIR = ".cliplora-staging"
-
 
 def render_config(name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int) -> str:
     """The model's ``config.pbtxt``.
@@ -87,12 +91,14 @@ def render_labels(classes: list[str]) -> str:
 
 def _writable_root(root: Path) -> Path:
     try:
-        (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     except PermissionError:
-        raise PermissionDenied(f"cannot write to model repository {root}") from None
+        raise PermissionDenied(f"cannot create model repository {root}") from None
     except (FileExistsError, NotADirectoryError):
         raise PermissionDenied(f"model repository {root} is not a folder") from None
-    if not os.access(root, os.W_OK) or not os.access(root / STAGING_DIR, os.W_OK):
+    if not root.is_dir():
+        raise PermissionDenied(f"model repository {root} is not a folder")
+    if not os.access(root, os.W_OK | os.X_OK):
         raise PermissionDenied(f"cannot write to model repository {root}")
     return root
 
@@ -123,8 +129,12 @@ def preflight(root: Path, name: str, labels: str) -> None:
 
 @contextmanager
 def model_lock(root: Path, name: str) -> Iterator[None]:
-    lock_path = _writable_root(root) / STAGING_DIR / f"{name}.lock"
-    with open(lock_path, "a") as handle:
+    lock_path = _writable_root(root) / f".cliplora-{validate_model_name(name)}.lock"
+    try:
+        handle = open(lock_path, "a")
+    except OSError as exc:
+        raise PermissionDenied(f"cannot write to model repository {root}: {exc}") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -133,44 +143,47 @@ def model_lock(root: Path, name: str) -> Iterator[None]:
 
 
 @contextmanager
-def staging_area(root: Path) -> Iterator[Path]:
-    """A private folder on the repository's filesystem, removed afterwards whatever happens."""
-    path = Path(tempfile.mkdtemp(prefix="export-", dir=_writable_root(root) / STAGING_DIR))
+def staging_area() -> Iterator[Path]:
+    """A private temporary folder, removed afterwards whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix="cliplora-export-"))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def publish_version(
-    root: Path,
-    name: str,
-    staged_version: Path,
-    *,
-    config: str,
-    labels: str,
-) -> int:
+def publish_version(root: Path, name: str, staged_version: Path, *, config: str, labels: str) -> int:
     """Move a staged version folder (model.onnx, manifest.json) into the repository.
 
-    Returns the version number. `staged_version` must lie in `staging_area(root)`.
-    The manifest gets its version number here, under the lock.
+    Returns the version number, which is also stamped into the manifest, under the lock.
     """
-    repository = ModelRepository(root)
     with model_lock(root, name):
         check_compatible(root, name, config, labels)
-        version = (repository.versions(name) or [0])[-1] + 1
+        version = (ModelRepository(root).versions(name) or [0])[-1] + 1
         _stamp_version(staged_version, version)
         folder = root / name
-        if folder.exists():
-            os.rename(staged_version, folder / str(version))
-        else:
-            staged_model = staged_version.parent / f"model-{name}"
-            staged_model.mkdir()
-            (staged_model / contract.CONFIG_FILENAME).write_text(config, encoding="utf-8")
-            (staged_model / contract.LABELS_FILENAME).write_text(labels, encoding="utf-8")
-            os.rename(staged_version, staged_model / str(version))
-            os.rename(staged_model, folder)
+        created = not folder.exists()
+        incoming = folder / f".incoming-{uuid.uuid4().hex}"
+        try:
+            folder.mkdir(exist_ok=True)
+            shutil.move(str(staged_version), str(incoming))  # a copy when on another filesystem
+            if created:
+                _write_atomically(folder / contract.LABELS_FILENAME, labels)
+            os.rename(incoming, folder / str(version))
+            if created:
+                _write_atomically(folder / contract.CONFIG_FILENAME, config)
+        except BaseException as exc:
+            shutil.rmtree(folder if created else incoming, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise FailedPrecondition(f"could not publish {name} into {root}, nothing published: {exc}") from exc
+            raise
     return version
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temporary.write_text(text, encoding="utf-8")
+    os.rename(temporary, path)
 
 
 def _stamp_version(staged_version: Path, version: int) -> None:

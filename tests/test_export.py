@@ -132,6 +132,20 @@ def test_base_export_and_versions(tmp_path, tiny_config, classes_file) -> None:
     assert first.manifest["lora"] == {"format": "none"} and first.manifest["merge"]["mode"] == "base"
     assert first.manifest["verification"]["onnx_vs_base"] is None
     assert sorted(p.name for p in (tmp_path / "repo" / "base").iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
+    # Triton takes every folder in the root for a model: only models may be there.
+    assert [p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()] == ["base"]
+
+
+def test_failure_while_publishing_a_new_model_leaves_nothing(tmp_path, tiny_config, classes_file, monkeypatch) -> None:
+    from export import publish
+
+    def broken_rename(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(publish.os, "rename", broken_rename)
+    with pytest.raises(FailedPrecondition, match="could not publish new .*nothing published: disk full"):
+        run_export(_options(tmp_path, tiny_config, classes_file, "none", name="new"))
+    assert [p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()] == []
 
 
 def test_unmerged_export_keeps_branches_and_agrees(tmp_path, tiny_config, classes_file, paper_lora) -> None:
@@ -183,10 +197,9 @@ def _assert_fails_cleanly(tmp_path, options, error, message) -> None:
     with pytest.raises(error, match=message):
         run_export(options)
     after = tree_snapshot(repo)
-    staging = {k: v for k, v in after.items() if not k.startswith(".cliplora-staging")}
-    assert staging == {k: v for k, v in before.items() if not k.startswith(".cliplora-staging")}
-    leftovers = [k for k in after if k.startswith(".cliplora-staging/export-")]
-    assert not leftovers, leftovers
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
 
 
 def test_noop_adapter_is_refused(tmp_path, tiny_config, classes_file) -> None:
