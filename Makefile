@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test serve clean
+.PHONY: install test serve clean proto
 
 install: $(STAMP)
 
@@ -26,3 +26,7 @@ serve: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerate the gRPC stubs from proto/ (tests check they are up to date).
+proto: install
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/cliplora/v1/classifier.proto

@@ -1,0 +1,69 @@
+"""The one error -> gRPC status mapping (DESIGN.md §4).
+
+| fault | status |
+|---|---|
+| undecodable / oversized image, too many images, bad top_k, bad name | INVALID_ARGUMENT |
+| unknown model or version | NOT_FOUND |
+| Triton down or unreachable | UNAVAILABLE |
+| over the concurrency limit | RESOURCE_EXHAUSTED |
+| the caller's deadline passed | DEADLINE_EXCEEDED |
+| anything else | INTERNAL, details only in the log |
+
+Domain errors (`cliplora.errors`) carry their code's name; Triton client errors are
+translated here; every other exception is a bug and becomes INTERNAL with an id the
+log also shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+from tritonclient.utils import InferenceServerException
+
+from cliplora.errors import (
+    CliploraError,
+    DeadlineExceeded,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_TRITON_CODES: dict[str, type[CliploraError]] = {
+    "StatusCode.UNAVAILABLE": Unavailable,
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
+    "StatusCode.NOT_FOUND": NotFound,
+    "StatusCode.RESOURCE_EXHAUSTED": ResourceExhausted,
+    "StatusCode.CANCELLED": Unavailable,
+}
+
+
+def from_triton(exc: InferenceServerException, model: str) -> CliploraError | None:
+    """The domain error a Triton client error means, or None if it means a bug of ours."""
+    status = str(exc.status() or "")
+    message = str(exc.message() or "")
+    if status in _TRITON_CODES:
+        error = _TRITON_CODES[status]
+        if error is Unavailable:
+            return Unavailable(f"Triton is unavailable: {message}")
+        if error is DeadlineExceeded:
+            return DeadlineExceeded(f"deadline exceeded while {model} was running")
+        return error(f"Triton: {message}")
+    lowered = message.lower()
+    if "unknown model" in lowered or "is not found" in lowered or "not ready" in lowered:
+        return NotFound(f"model {model} is not available in Triton: {message}")
+    if "connect" in lowered or "socket closed" in lowered:
+        return Unavailable(f"Triton is unavailable: {message}")
+    return None
+
+
+def to_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """(status code, message for the caller) for any exception raised by a handler."""
+    if isinstance(exc, CliploraError):
+        return grpc.StatusCode[exc.code], str(exc)
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (incident %s)", method, incident, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the gateway log)"

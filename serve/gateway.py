@@ -1,0 +1,182 @@
+"""The ``cliplora.v1.Classifier`` service: validate, preprocess off the loop, route to Triton.
+
+One request: validate cheap things first (name, image count, sizes, top_k) -> look the
+model up (NOT_FOUND before any decoding) -> decode + resize + crop every image in the
+thread pool (Pillow releases the GIL) -> one batched Triton call with what is left of
+the caller's deadline -> rank -> reply. Beyond `max_concurrent` requests in flight the
+gateway answers RESOURCE_EXHAUSTED at once instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from cliplora import contract
+from cliplora.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from cliplora.predictions import rank, validate_top_k
+from cliplora.preprocess import preprocess_bytes
+from cliplora.repository import ModelRepository, validate_model_name
+from cliplora.v1 import classifier_pb2 as pb
+from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+from serve.errors import to_status
+from serve.metrics import UNKNOWN, GatewayMetrics
+from serve.settings import GatewaySettings
+from serve.triton import ModelEntry, Triton, check_raw_size
+
+log = logging.getLogger(__name__)
+DEFAULT_TOP_K = 5
+T = TypeVar("T")
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, settings: GatewaySettings, triton: Triton, metrics: GatewayMetrics, pool: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.metrics = metrics
+        self.pool = pool
+        self.in_flight = 0
+
+    async def _handle(self, method: str, context: grpc.aio.ServicerContext,
+                      work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
+        """Concurrency limit, metrics and the error table around one call."""
+        start = time.perf_counter()
+        labels = {"model": UNKNOWN, "version": ""}
+        code = grpc.StatusCode.OK
+        message = ""
+        if self.in_flight >= self.settings.max_concurrent:
+            self.metrics.rejected.inc()
+            code, message = to_status(
+                ResourceExhausted(f"gateway busy: {self.in_flight} requests in flight (limit {self.settings.max_concurrent})"),
+                method)
+            self._observe(method, labels, code, start)
+        else:
+            self.in_flight += 1
+            self.metrics.in_flight.inc()
+            try:
+                return await work(labels)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # the error table decides; INTERNAL hides details
+                code, message = to_status(exc, method)
+            finally:
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+                self._observe(method, labels, code, start)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+    def _observe(self, method: str, labels: dict[str, str], code: grpc.StatusCode, start: float) -> None:
+        self.metrics.requests.labels(labels["model"], labels["version"], method, code.name).observe(
+            time.perf_counter() - start)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        return await self._handle("Classify", context, lambda labels: self._classify(request, context, labels))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return await self._handle("ListModels", context, lambda labels: self._list_models())
+
+    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
+                        labels: dict[str, str]) -> pb.ClassifyResponse:
+        deadline = time.monotonic() + self._budget(context)
+        validate_model_name(request.model)
+        if request.version < 0:
+            raise InvalidArgument(f"version must be 0 (latest) or a version number, got {request.version}")
+        top_k = validate_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K)
+        count = len(request.images)
+        if not 1 <= count <= self.settings.max_images:
+            raise InvalidArgument(f"send 1 to {self.settings.max_images} images per request, got {count}")
+        for i, image in enumerate(request.images):
+            kind = image.WhichOneof("data")
+            if kind is None:
+                raise InvalidArgument(f"image {i} is empty: set encoded or raw")
+            size = len(image.encoded) if kind == "encoded" else len(image.raw.rgb)
+            if size > self.settings.max_image_bytes:
+                raise InvalidArgument(f"image {i} has {size} bytes; the limit is {self.settings.max_image_bytes}")
+
+        entry, version = await self.triton.lookup(request.model, request.version)
+        labels.update(model=entry.name, version=str(version))
+        batch = await self._preprocess(request, entry)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference")
+        started = time.perf_counter()
+        try:
+            logits = await self.triton.infer(entry, version, batch, remaining)
+        finally:
+            self.metrics.triton.labels(entry.name).observe(time.perf_counter() - started)
+        self.metrics.images.labels(entry.name).inc(count)
+        return pb.ClassifyResponse(
+            model=entry.name,
+            version=version,
+            results=[
+                pb.Classification(predictions=[
+                    pb.Prediction(label=p.label, index=p.index, score=p.score, logit=p.logit)
+                    for p in rank(row, entry.labels, top_k)
+                ])
+                for row in logits
+            ],
+        )
+
+    def _budget(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.settings.default_timeout_s
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded on arrival")
+        return remaining
+
+    async def _preprocess(self, request: pb.ClassifyRequest, entry: ModelEntry) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        crops = await asyncio.gather(*(
+            loop.run_in_executor(self.pool, self._prepare, i, image, entry) for i, image in enumerate(request.images)
+        ))
+        return np.stack(crops)
+
+    def _prepare(self, index: int, image: pb.Image, entry: ModelEntry) -> np.ndarray:
+        """One image to the model's uint8 input; runs in the thread pool."""
+        started = time.perf_counter()
+        try:
+            if image.WhichOneof("data") == "raw":
+                raw = image.raw
+                check_raw_size(raw.width, raw.height, entry)
+                expected = raw.width * raw.height * contract.CHANNELS
+                if len(raw.rgb) != expected:
+                    raise InvalidArgument(f"image {index}: raw RGB needs {expected} bytes, got {len(raw.rgb)}")
+                return np.frombuffer(raw.rgb, dtype=np.uint8).reshape(raw.height, raw.width, contract.CHANNELS)
+            return preprocess_bytes(image.encoded, entry.image_size, max_pixels=self.settings.max_pixels)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"image {index}: {exc}") from None
+        finally:
+            self.metrics.preprocess.observe(time.perf_counter() - started)
+
+    async def _list_models(self) -> pb.ListModelsResponse:
+        models = await self.triton.refresh()
+        return pb.ListModelsResponse(models=[self._model_info(entry) for entry in models.values()])
+
+    def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
+        info = pb.ModelInfo(name=entry.name, versions=list(entry.versions), num_classes=entry.num_classes,
+                            image_size=entry.image_size)
+        if self.settings.repository is not None:
+            try:
+                manifest = ModelRepository(self.settings.repository).get(entry.name, entry.versions[-1]).manifest()
+            except Exception as exc:  # provenance is optional: never fail ListModels for it
+                log.debug("no manifest for %s: %s", entry.name, exc)
+            else:
+                base = manifest.get("base", {})
+                lora = manifest.get("lora", {})
+                info.base_model = str(base.get("model", ""))
+                info.weights = str(base.get("weights", {}).get("source", ""))
+                info.lora_format = str(lora.get("format", ""))
+                info.lora_json = json.dumps(lora, sort_keys=True)
+                info.precision = str(manifest.get("precision", ""))
+        return info

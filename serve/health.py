@@ -1,0 +1,51 @@
+"""grpc.health.v1 status that follows Triton's readiness.
+
+SERVING while Triton answers ready, NOT_SERVING otherwise and during shutdown; probed
+every `interval_s` (0.5 s by default: a dead Triton shows within a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpc_health.v1 import health, health_pb2
+
+from serve.metrics import GatewayMetrics
+from serve.triton import Triton
+
+log = logging.getLogger(__name__)
+SERVICE = "cliplora.v1.Classifier"
+
+
+class TritonHealth:
+    def __init__(self, triton: Triton, metrics: GatewayMetrics, interval_s: float) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.triton = triton
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.serving: bool | None = None
+        self.shutting_down = False
+
+    async def _set(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE):
+            await self.servicer.set(service, status)
+        self.metrics.triton_ready.set(1 if serving else 0)
+        if serving != self.serving:
+            log.info("health: %s (Triton at %s)", "SERVING" if serving else "NOT_SERVING", self.triton.url)
+        self.serving = serving
+
+    async def run(self) -> None:
+        """Probe forever; refresh the model list whenever Triton comes (back) up."""
+        while not self.shutting_down:
+            ready = await self.triton.ready()
+            if ready and not self.serving:
+                await self.triton.refresh()
+            if not self.shutting_down:
+                await self._set(ready)
+            await asyncio.sleep(self.interval_s)
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        await self._set(False)

@@ -1,0 +1,99 @@
+"""The gateway process: gRPC server, health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cliplora.v1 import classifier_pb2 as pb
+from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+from serve.gateway import ClassifierService
+from serve.health import TritonHealth
+from serve.metrics import GatewayMetrics
+from serve.settings import GatewaySettings
+from serve.triton import Triton
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServer:
+    """Start with `start()`, stop with `stop()`; `port` and `metrics_port` are the bound ports."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.triton: Triton | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.triton = Triton(s.triton_url)
+        self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s)
+        self.service = ClassifierService(s, self.triton, self.metrics, self._pool)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
+        pb_grpc.add_ClassifierServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+        reflection.enable_server_reflection((
+            pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ), self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
+        await self.health._set(False)
+        await self.server.start()
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
+        self._tasks = [asyncio.create_task(self.health.run(), name="health"),
+                       asyncio.create_task(self._refresh_loop(), name="refresh")]
+        log.info("gateway listening on %s:%d (metrics :%d), Triton at %s", s.host, self.port, self.metrics_port, s.triton_url)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_s)
+            if self.health.serving:
+                await self.triton.refresh()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace period, release all."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.grace_s if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.triton is not None:
+            await self.triton.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve_until_signalled(settings: GatewaySettings) -> None:
+    """Run a gateway until SIGINT or SIGTERM, then shut it down gracefully."""
+    gateway = GatewayServer(settings)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.stop()))
+    await gateway.wait()

@@ -1,0 +1,87 @@
+"""Gateway configuration: typed, validated, from flags and CLIPLORA_* environment variables.
+
+Parsed in `main()` (never at import). Flags win over the environment, which wins over
+the defaults below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from cliplora.errors import InvalidArgument
+from cliplora.preprocess import DEFAULT_MAX_PIXELS
+
+ENV_PREFIX = "CLIPLORA_"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 9400  # 0: any free port; -1: no metrics endpoint
+    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
+    repository: Path | None = None  # read-only, for manifests in ListModels
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_images: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_concurrent: int = 64
+    preprocess_workers: int = 4
+    default_timeout_s: float = 30.0  # when the caller sets no deadline
+    refresh_interval_s: float = 5.0  # model discovery
+    health_interval_s: float = 0.5  # Triton readiness probe
+    grace_s: float = 10.0  # shutdown drain
+
+    def __post_init__(self) -> None:
+        positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent", "preprocess_workers",
+                    "default_timeout_s", "refresh_interval_s", "health_interval_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.grpc_port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"invalid ports: grpc {self.grpc_port}, metrics {self.metrics_port}")
+        if self.grace_s < 0:
+            raise InvalidArgument("grace_s must not be negative")
+        if ":" not in self.triton_url:
+            raise InvalidArgument(f"triton_url must be HOST:PORT, got {self.triton_url!r}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The gRPC receive limit: every image at its limit, plus room for the envelope."""
+        return self.max_images * (self.max_image_bytes + 1024) + 64 * 1024
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "GatewaySettings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = flags.get(field.name)
+            if raw is None:
+                raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            kind = field.type if isinstance(field.type, str) else field.type.__name__
+            try:
+                if "Path" in kind:
+                    values[field.name] = Path(raw)
+                elif kind == "int":
+                    values[field.name] = int(raw)
+                elif kind == "float":
+                    values[field.name] = float(raw)
+                else:
+                    values[field.name] = str(raw)
+            except ValueError:
+                raise InvalidArgument(f"{field.name}: cannot parse {raw!r} as {kind}") from None
+        return cls(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's tuning flags (kebab-case); each also reads CLIPLORA_<NAME>."""
+    for field in fields(GatewaySettings):
+        if field.name in ("host", "grpc_port", "metrics_port", "triton_url", "repository"):
+            continue
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
+                            help=f"default {field.default} (env {ENV_PREFIX}{field.name.upper()})")

@@ -1,0 +1,183 @@
+"""The gateway's view of Triton: one long-lived client, model discovery, inference.
+
+Models, versions, input size, batch limit and labels all come from Triton itself (the
+repository index, each model's config, and one classification-extension call per
+model version for its labels), so the gateway needs no access to the model files.
+Discovery runs at start, every `refresh_interval_s`, and whenever a request names a
+model or version the gateway has not seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from cliplora import contract
+from cliplora.errors import InvalidArgument, NotFound, Unavailable
+from serve.errors import from_triton
+
+log = logging.getLogger(__name__)
+CONTROL_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A servable model as Triton describes it."""
+
+    name: str
+    versions: tuple[int, ...]  # ready versions, ascending
+    image_size: int
+    num_classes: int
+    max_batch_size: int
+    labels: tuple[str, ...]
+
+    def resolve(self, version: int) -> int:
+        """The version to run: `version`, or the latest ready one for 0."""
+        if version == 0:
+            return self.versions[-1]
+        if version not in self.versions:
+            raise NotFound(f"model {self.name!r} has no ready version {version} (ready: {list(self.versions)})")
+        return version
+
+
+def _entry_from_config(name: str, versions: list[int], config: dict[str, Any]) -> tuple[int, int, int]:
+    inputs = {i["name"]: i for i in config.get("input", [])}
+    outputs = {o["name"]: o for o in config.get("output", [])}
+    if contract.INPUT_NAME not in inputs or contract.OUTPUT_NAME not in outputs:
+        raise ValueError(f"model {name} does not follow the cliplora tensor contract")
+    dims = [int(d) for d in inputs[contract.INPUT_NAME]["dims"]]
+    classes = [int(d) for d in outputs[contract.OUTPUT_NAME]["dims"]]
+    if len(dims) != 3 or dims[0] != dims[1] or dims[2] != contract.CHANNELS or len(classes) != 1:
+        raise ValueError(f"model {name} has input dims {dims} and output dims {classes}")
+    return dims[0], classes[0], int(config.get("max_batch_size", 0))
+
+
+class Triton:
+    """Everything the gateway asks of Triton."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = triton_aio.InferenceServerClient(url)
+        self._models: dict[str, ModelEntry] = {}
+        self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._refresh_lock = asyncio.Lock()
+        self.last_refresh = 0.0
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        return dict(self._models)
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
+        except (InferenceServerException, asyncio.TimeoutError, OSError):
+            return False
+
+    async def refresh(self) -> dict[str, ModelEntry]:
+        """Re-read the repository index and configs; keeps the old view if Triton is down."""
+        async with self._refresh_lock:
+            try:
+                index = await self.client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+            except InferenceServerException as exc:
+                log.warning("model discovery failed: %s", exc.message())
+                return self.models
+            ready: dict[str, list[int]] = {}
+            for model in index.get("models", []):
+                if model.get("state") == "READY" and str(model.get("version", "")).isdigit():
+                    ready.setdefault(model["name"], []).append(int(model["version"]))
+            found: dict[str, ModelEntry] = {}
+            for name, versions in sorted(ready.items()):
+                try:
+                    found[name] = await self._describe(name, sorted(versions))
+                except (InferenceServerException, ValueError) as exc:
+                    log.warning("skipping model %s: %s", name, exc)
+            if set(found) != set(self._models):
+                log.info("models now served: %s", ", ".join(f"{n} {list(e.versions)}" for n, e in found.items()) or "none")
+            self._models = found
+            self.last_refresh = time.monotonic()
+            return self.models
+
+    async def _describe(self, name: str, versions: list[int]) -> ModelEntry:
+        response = await self.client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+        config = response.get("config", response)
+        size, classes, max_batch = _entry_from_config(name, versions, config)
+        labels = await self._labels_of(name, versions[-1], size, classes)
+        return ModelEntry(name, tuple(versions), size, classes, max_batch, labels)
+
+    async def _labels_of(self, name: str, version: int, size: int, classes: int) -> tuple[str, ...]:
+        """Labels via Triton's classification extension (``"value:index:label"`` strings)."""
+        key = (name, version)
+        if key not in self._labels:
+            image = triton_aio.InferInput(contract.INPUT_NAME, [1, size, size, contract.CHANNELS], contract.INPUT_WIRE_DTYPE)
+            image.set_data_from_numpy(np.zeros((1, size, size, contract.CHANNELS), dtype=np.uint8))
+            output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME, class_count=classes)
+            result = await self.client.infer(name, [image], model_version=str(version), outputs=[output],
+                                             client_timeout=60.0)
+            labels: list[str | None] = [None] * classes
+            for entry in result.as_numpy(contract.OUTPUT_NAME).reshape(-1):
+                text = entry.decode("utf-8") if isinstance(entry, bytes) else str(entry)
+                _value, index, label = text.split(":", 2)
+                labels[int(index)] = label
+            if any(label is None for label in labels):
+                raise ValueError(f"model {name} has no labels.txt (classification extension gave no labels)")
+            self._labels[key] = tuple(labels)  # type: ignore[arg-type]
+        return self._labels[key]
+
+    async def lookup(self, name: str, version: int) -> tuple[ModelEntry, int]:
+        """The model entry and concrete version for a request, refreshing once if unknown."""
+        entry = self._models.get(name)
+        if entry is None or (version and version not in entry.versions):
+            await self.refresh()
+            entry = self._models.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"model {name!r} not found (models: {known})")
+        return entry, entry.resolve(version)
+
+    async def infer(self, entry: ModelEntry, version: int, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Logits [N, C] for a uint8 batch [N, S, S, 3], split to the model's batch limit."""
+        limit = entry.max_batch_size or len(batch)
+        chunks = [batch[i : i + limit] for i in range(0, len(batch), limit)]
+        results = await asyncio.gather(*(self._infer_chunk(entry, version, c, timeout_s) for c in chunks))
+        return np.concatenate(results)
+
+    async def _infer_chunk(self, entry: ModelEntry, version: int, chunk: np.ndarray, timeout_s: float) -> np.ndarray:
+        image = triton_aio.InferInput(contract.INPUT_NAME, list(chunk.shape), contract.INPUT_WIRE_DTYPE)
+        image.set_data_from_numpy(chunk)
+        output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME)
+        try:
+            result = await self.client.infer(
+                entry.name, [image], model_version=str(version), outputs=[output],
+                client_timeout=timeout_s, timeout=max(1, int(timeout_s * 1e6)),
+            )
+        except InferenceServerException as exc:
+            error = from_triton(exc, entry.name)
+            if isinstance(error, NotFound):
+                asyncio.get_running_loop().create_task(self.refresh())
+            if error is None:
+                raise
+            raise error from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise Unavailable(f"Triton is unavailable: {exc}") from None
+        logits = result.as_numpy(contract.OUTPUT_NAME)
+        if logits is None or logits.shape != (len(chunk), entry.num_classes):
+            shape = None if logits is None else logits.shape
+            raise RuntimeError(f"Triton returned logits of shape {shape} for {len(chunk)} images")
+        return logits
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def check_raw_size(width: int, height: int, entry: ModelEntry) -> None:
+    if width != entry.image_size or height != entry.image_size:
+        raise InvalidArgument(
+            f"raw images must be {entry.image_size}x{entry.image_size} for {entry.name}, got {width}x{height}"
+        )

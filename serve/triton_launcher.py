@@ -1,0 +1,181 @@
+"""Start and stop the ``tritonserver`` of the nvidia-pytriton wheel for the local stack.
+
+Recipe (DESIGN.md §4, verified here): a backend directory of our own holds the
+wheel's ``python`` backend folder with the stub for this Python copied into it
+(symlinks are refused: "escapes backend directory") and our ``onnxruntime/model.py``;
+``LD_LIBRARY_PATH`` gets the wheel's ``nvidia_pytriton.libs``; ``PATH`` starts with
+this virtual environment's ``bin`` so the stub's embedded Python finds our packages
+(onnxruntime, numpy), as PyTriton itself arranges it.
+
+Triton listens on loopback only, polls the repository (new exports appear by
+themselves), keeps running when one model fails to load, and logs to a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cliplora.errors import FailedPrecondition, NotFound, Unavailable
+
+BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "onnxruntime" / "model.py"
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def _pytriton_paths() -> tuple[Path, Path, Path, Path]:
+    """(tritonserver binary, python backend folder, stub for this Python, libs folder)."""
+    try:
+        import pytriton
+        from pytriton.utils.distribution import get_libs_path
+    except ImportError:
+        raise NotFound("nvidia-pytriton is not installed: run `make install`") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    paths = (root / "bin" / "tritonserver", root / "backends" / "python",
+             root / "python_backend_stubs" / version / "triton_python_backend_stub", Path(get_libs_path()))
+    for path in paths:
+        if not path.exists():
+            raise NotFound(f"the nvidia-pytriton wheel lacks {path}")
+    return paths
+
+
+def build_backend_directory(target: Path) -> Path:
+    """Lay out ``target/python`` (+ stub) and ``target/onnxruntime/model.py``."""
+    _, python_backend, stub, _ = _pytriton_paths()
+    shutil.copytree(python_backend, target / "python", dirs_exist_ok=True)
+    shutil.copy2(stub, target / "python" / stub.name)
+    (target / "onnxruntime").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BACKEND_SOURCE, target / "onnxruntime" / "model.py")
+    return target
+
+
+class LocalTriton:
+    """A tritonserver child process serving `repository`."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        ports: TritonPorts = TritonPorts(),
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        poll_seconds: int = 2,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.ports = ports
+        self.host = host
+        self.poll_seconds = poll_seconds
+        self._work = Path(tempfile.mkdtemp(prefix="cliplora-triton-"))
+        self.log_path = Path(log_path) if log_path else self._work / "triton.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}/metrics"
+
+    def command(self) -> list[str]:
+        binary = _pytriton_paths()[0]
+        return [
+            str(binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={self._work / 'backends'}",
+            f"--http-address={self.host}", f"--http-port={self.ports.http}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
+            "--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}",
+            "--exit-on-error=false", "--strict-readiness=false", "--exit-timeout-secs=10",
+            "--log-verbose=0",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        libs = _pytriton_paths()[3]
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        return env
+
+    def start(self, timeout_s: float = 120.0) -> "LocalTriton":
+        if not self.repository.is_dir():
+            raise NotFound(f"model repository {self.repository} does not exist")
+        build_backend_directory(self._work / "backends")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
+                                        start_new_session=True)
+        log.close()
+        self.wait_ready(timeout_s)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise FailedPrecondition(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise Unavailable(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (Triton drains), then SIGKILL after `timeout_s`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Hard stop, as a crash would (tests of the gateway's fault handling)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def __enter__(self) -> "LocalTriton":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
