@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(PY) -m pytest
 
+# Demo models (ViT-B-16, random weights unless CLIPLORA_DEMO_PRETRAINED is set) when the
+# repository has none, then Triton + gateway + Prometheus (when installed) until Ctrl-C.
 serve: install
-	@echo "make serve: the serving stack is not built yet (issue: Serve). Export and predict work:"
-	@echo "  $(VENV)/bin/cliplora export --help"
-	@echo "  $(VENV)/bin/cliplora predict --help"
+	$(PY) -m serve.demo --repository model_repository
+	$(VENV)/bin/cliplora serve --repository model_repository
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -52,6 +52,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from serve.settings import GatewaySettings
+    from serve.stack import run_stack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    flags["repository"] = Path(args.repository)
+    settings = GatewaySettings.from_sources(flags)
+    run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=args.triton_url is None)
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from serve.client import classify_files
+
+    results = classify_files(args.target, args.model, args.images, top_k=args.top_k, version=args.version,
+                             timeout_s=args.timeout)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplora",
@@ -86,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.set_defaults(func=_predict)
+
+    serve = sub.add_parser("serve", help="run Triton, the gRPC gateway and Prometheus (when installed) locally")
+    serve.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    serve.add_argument("--grpc-port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=9400)
+    serve.add_argument("--triton-url", help="HOST:PORT of an existing Triton (gRPC); then only the gateway starts")
+    serve.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
+    serve.add_argument("--log-dir", default="logs", help="Triton and Prometheus logs (default logs/)")
+    from serve.settings import add_arguments
+
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    classify = sub.add_parser("classify", help="classify images through the gateway (gRPC)")
+    classify.add_argument("--target", required=True, help="gateway HOST:PORT")
+    classify.add_argument("--model", required=True)
+    classify.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    classify.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
+    classify.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify.set_defaults(func=_classify)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""A local Prometheus for `cliplora serve`, when the `prometheus` binary is installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cliplora.errors import Unavailable
+
+SCRAPE_INTERVAL = "5s"
+
+
+def render_config(gateway_metrics: str, triton_metrics: str | None) -> str:
+    """Scrape the gateway (and the local Triton) every 5 s."""
+    jobs = [("cliplora-gateway", gateway_metrics)]
+    if triton_metrics:
+        jobs.append(("triton", triton_metrics))
+    lines = ["global:", f"  scrape_interval: {SCRAPE_INTERVAL}", f"  evaluation_interval: {SCRAPE_INTERVAL}",
+             "scrape_configs:"]
+    for job, target in jobs:
+        lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: ['{target}']"]
+    return "\n".join(lines) + "\n"
+
+
+class LocalPrometheus:
+    def __init__(self, config: str, *, host: str = "127.0.0.1", port: int = 9090, log_path: Path | None = None) -> None:
+        self.binary = shutil.which("prometheus")
+        self.host = host
+        self.port = port
+        self._work = Path(tempfile.mkdtemp(prefix="cliplora-prometheus-"))
+        self.config_path = self._work / "prometheus.yml"
+        self.config_path.write_text(config)
+        self.log_path = log_path or self._work / "prometheus.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("prometheus") is not None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> "LocalPrometheus":
+        if self.binary is None:
+            raise Unavailable("prometheus is not installed (apt-get install -y prometheus)")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self._work / 'data'}",
+                 f"--web.listen-address={self.host}:{self.port}", "--storage.tsdb.retention.time=2d"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise Unavailable(f"prometheus exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        self.stop()
+        raise Unavailable(f"prometheus not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._work, ignore_errors=True)

@@ -1,0 +1,69 @@
+"""`cliplora serve`: Triton + gateway (+ Prometheus when installed) on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from cliplora.repository import ModelRepository
+from serve.prometheus import LocalPrometheus, render_config
+from serve.server import serve_until_signalled
+from serve.settings import GatewaySettings
+from serve.triton_launcher import LocalTriton, TritonPorts
+
+log = logging.getLogger(__name__)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_stack(settings: GatewaySettings, repository: Path, log_dir: Path, *, start_triton: bool) -> None:
+    """Blocks until Ctrl-C / SIGTERM; stops everything it started."""
+    triton: LocalTriton | None = None
+    prometheus: LocalPrometheus | None = None
+    try:
+        if start_triton:
+            _say(f"starting Triton on {repository} (log: {log_dir / 'triton.log'}) ...")
+            triton = LocalTriton(repository, ports=TritonPorts(), log_path=log_dir / "triton.log").start()
+        if LocalPrometheus.available():
+            config = render_config(f"{settings.host}:{settings.metrics_port}",
+                                   f"{triton.host}:{triton.ports.metrics}" if triton else None)
+            prometheus = LocalPrometheus(config, log_path=log_dir / "prometheus.log").start()
+        _print_endpoints(settings, repository, triton, prometheus)
+        asyncio.run(serve_until_signalled(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _say("stopping ...")
+        if prometheus:
+            prometheus.cleanup()
+        if triton:
+            triton.cleanup()
+        _say("stopped")
+
+
+def _print_endpoints(settings: GatewaySettings, repository: Path, triton: LocalTriton | None,
+                     prometheus: LocalPrometheus | None) -> None:
+    models = ModelRepository(repository).model_names() if triton else []
+    lines = [
+        "",
+        "cliplora is serving:",
+        f"  gateway (gRPC cliplora.v1.Classifier, health, reflection)  {settings.host}:{settings.grpc_port}",
+        f"  gateway metrics                                           http://{settings.host}:{settings.metrics_port}/metrics",
+    ]
+    if triton:
+        lines += [f"  Triton HTTP / gRPC / metrics                              {triton.http_url} / "
+                  f"{triton.grpc_url} / {triton.metrics_url}"]
+    else:
+        lines += [f"  Triton (existing)                                         {settings.triton_url}"]
+    lines += [f"  Prometheus                                                {prometheus.url}" if prometheus
+              else "  Prometheus                                                not installed (apt-get install -y prometheus)"]
+    if models:
+        lines += [f"  models: {', '.join(models)}", "",
+                  "try:", f"  .venv/bin/cliplora classify --target {settings.host}:{settings.grpc_port} "
+                  f"--model {models[-1]} --top-k 3 IMAGE.jpg"]
+    lines += ["", "Ctrl-C stops everything.", ""]
+    _say("\n".join(lines))
