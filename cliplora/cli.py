@@ -57,12 +57,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from serve.settings import GatewaySettings
     from serve.stack import run_stack
+    from serve.triton_launcher import TritonPorts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in vars(args).items() if v is not None}
     flags["repository"] = Path(args.repository)
     settings = GatewaySettings.from_sources(flags)
-    run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=args.triton_url is None)
+    http, grpc_port, metrics = (int(p) for p in args.triton_ports.split(","))
+    run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=args.triton_url is None,
+              triton_ports=TritonPorts(http, grpc_port, metrics), prometheus_port=args.prometheus_port)
     return 0
 
 
@@ -117,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-url", help="HOST:PORT of an existing Triton (gRPC); then only the gateway starts")
     serve.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
     serve.add_argument("--log-dir", default="logs", help="Triton and Prometheus logs (default logs/)")
+    serve.add_argument("--triton-ports", default="8000,8001,8002", metavar="HTTP,GRPC,METRICS",
+                       help="ports of the local Triton (default 8000,8001,8002)")
+    serve.add_argument("--prometheus-port", type=int, default=9090, help="local Prometheus port (default 9090)")
     from serve.settings import add_arguments
 
     add_arguments(serve)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cliplora.repository import ModelRepository
@@ -20,18 +21,27 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_stack(settings: GatewaySettings, repository: Path, log_dir: Path, *, start_triton: bool) -> None:
+def run_stack(
+    settings: GatewaySettings,
+    repository: Path,
+    log_dir: Path,
+    *,
+    start_triton: bool,
+    triton_ports: TritonPorts = TritonPorts(),
+    prometheus_port: int = 9090,
+) -> None:
     """Blocks until Ctrl-C / SIGTERM; stops everything it started."""
     triton: LocalTriton | None = None
     prometheus: LocalPrometheus | None = None
     try:
         if start_triton:
             _say(f"starting Triton on {repository} (log: {log_dir / 'triton.log'}) ...")
-            triton = LocalTriton(repository, ports=TritonPorts(), log_path=log_dir / "triton.log").start()
+            triton = LocalTriton(repository, ports=triton_ports, log_path=log_dir / "triton.log").start()
+            settings = replace(settings, triton_url=triton.grpc_url)
         if LocalPrometheus.available():
             config = render_config(f"{settings.host}:{settings.metrics_port}",
                                    f"{triton.host}:{triton.ports.metrics}" if triton else None)
-            prometheus = LocalPrometheus(config, log_path=log_dir / "prometheus.log").start()
+            prometheus = LocalPrometheus(config, port=prometheus_port, log_path=log_dir / "prometheus.log").start()
         _print_endpoints(settings, repository, triton, prometheus)
         asyncio.run(serve_until_signalled(settings))
     except KeyboardInterrupt:

@@ -1,0 +1,206 @@
+"""The gateway's servicer in process, with a stand-in for Triton: validation, errors, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from cliplora.errors import NotFound, Unavailable
+from cliplora.v1 import classifier_pb2 as pb
+from serve.errors import to_status
+from serve.gateway import ClassifierService
+from serve.metrics import GatewayMetrics
+from serve.settings import GatewaySettings
+from serve.triton import ModelEntry
+from tests import factories
+from tests.serving import encoded, png_header
+
+ENTRY = ModelEntry("m", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"))
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+class FakeTriton:
+    """Answers like Triton would for one model; logits = mean pixel value per class offset."""
+
+    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
+        self.delay, self.fail = delay, fail
+        self.batches: list[np.ndarray] = []
+
+    async def lookup(self, name: str, version: int):
+        if name != "m":
+            raise NotFound(f"model {name!r} not found (models: m)")
+        return ENTRY, ENTRY.resolve(version)
+
+    async def infer(self, entry, version, batch, timeout_s):
+        self.batches.append(batch)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        mean = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
+        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32)
+
+    async def refresh(self):
+        return {"m": ENTRY}
+
+
+def service(triton: FakeTriton | None = None, **settings) -> ClassifierService:
+    return ClassifierService(GatewaySettings(**settings), triton or FakeTriton(), GatewayMetrics(),
+                             ThreadPoolExecutor(2))
+
+
+def image_bytes(seed: int = 0) -> bytes:
+    return encoded(factories.make_image(40, 30, seed=seed), "JPEG")
+
+
+async def test_classify_ranks_and_scores() -> None:
+    triton = FakeTriton()
+    reply = await service(triton).Classify(
+        pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())], top_k=2), FakeContext())
+    assert reply.model == "m" and reply.version == 2  # latest
+    (result,) = reply.results
+    assert [p.label for p in result.predictions] == ["b", "a"]
+    assert result.predictions[0].logit - result.predictions[1].logit == pytest.approx(1.0)
+    assert triton.batches[0].shape == (1, 16, 16, 3) and triton.batches[0].dtype == np.uint8
+
+
+async def test_default_top_k_and_all_classes() -> None:
+    svc = service()
+    default = await svc.Classify(pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())]), FakeContext())
+    assert len(default.results[0].predictions) == 3  # 5 by default, capped by the class count
+    everything = await svc.Classify(pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())], top_k=0),
+                                    FakeContext())
+    assert sum(p.score for p in everything.results[0].predictions) == pytest.approx(1.0)
+
+
+async def test_raw_rgb_equals_encoded_path() -> None:
+    from cliplora.preprocess import preprocess_bytes
+
+    data = image_bytes(3)
+    crop = preprocess_bytes(data, 16)
+    svc = service()
+    a = await svc.Classify(pb.ClassifyRequest(model="m", images=[pb.Image(encoded=data)], top_k=0), FakeContext())
+    b = await svc.Classify(pb.ClassifyRequest(
+        model="m", images=[pb.Image(raw=pb.RawImage(rgb=crop.tobytes(), width=16, height=16))], top_k=0), FakeContext())
+    assert a.results == b.results
+
+
+@pytest.mark.parametrize(
+    "request_kwargs,code,message",
+    [
+        (dict(model="m", images=[]), "INVALID_ARGUMENT", "send 1 to 4 images"),
+        (dict(model="m", images=[pb.Image(encoded=b"x")] * 5), "INVALID_ARGUMENT", "send 1 to 4 images"),
+        (dict(model="m", images=[pb.Image()]), "INVALID_ARGUMENT", "image 0 is empty"),
+        (dict(model="m", images=[pb.Image(encoded=b"garbage")]), "INVALID_ARGUMENT", "image 0: not a decodable image"),
+        (dict(model="m", images=[pb.Image(encoded=png_header(60000, 60000))]), "INVALID_ARGUMENT", "too large"),
+        (dict(model="m", images=[pb.Image(encoded=b"\xff" * 2000)]), "INVALID_ARGUMENT", "2000 bytes; the limit is 1000"),
+        (dict(model="m", images=[pb.Image(encoded=b"x")], top_k=-1), "INVALID_ARGUMENT", "top_k must be"),
+        (dict(model="../m", images=[pb.Image(encoded=b"x")]), "INVALID_ARGUMENT", "invalid model name"),
+        (dict(model="x" * 10000, images=[pb.Image(encoded=b"x")]), "INVALID_ARGUMENT", "invalid model name"),
+        (dict(model="m", version=-3, images=[pb.Image(encoded=b"x")]), "INVALID_ARGUMENT", "version must be"),
+        (dict(model="other", images=[pb.Image(encoded=b"x")]), "NOT_FOUND", "model 'other' not found"),
+        (dict(model="m", version=7, images=[pb.Image(encoded=b"x")]), "NOT_FOUND", "no ready version 7"),
+        (dict(model="m", images=[pb.Image(raw=pb.RawImage(rgb=b"\0" * 12, width=2, height=2))]), "INVALID_ARGUMENT",
+         "raw images must be 16x16"),
+        (dict(model="m", images=[pb.Image(raw=pb.RawImage(rgb=b"\0" * 10, width=16, height=16))]), "INVALID_ARGUMENT",
+         "raw RGB needs 768 bytes"),
+    ],
+)
+async def test_error_table_for_bad_requests(request_kwargs, code, message) -> None:
+    with pytest.raises(Aborted) as caught:
+        await service(max_images=4, max_image_bytes=1000, max_pixels=1_000_000).Classify(
+            pb.ClassifyRequest(**request_kwargs), FakeContext())
+    assert caught.value.code.name == code and message in caught.value.details
+
+
+async def test_triton_down_and_internal_errors() -> None:
+    with pytest.raises(Aborted) as caught:
+        await service(FakeTriton(fail=Unavailable("Triton is unavailable: connection refused"))).Classify(
+            pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())]), FakeContext())
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(Aborted) as caught:
+        await service(FakeTriton(fail=RuntimeError("secret detail /etc/passwd"))).Classify(
+            pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())]), FakeContext())
+    assert caught.value.code is grpc.StatusCode.INTERNAL
+    assert "secret" not in caught.value.details and "incident" in caught.value.details
+
+
+async def test_deadline_on_arrival() -> None:
+    with pytest.raises(Aborted) as caught:
+        await service().Classify(pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())]),
+                                 FakeContext(remaining=-0.5))
+    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_over_the_concurrency_limit_is_resource_exhausted_at_once() -> None:
+    svc = service(FakeTriton(delay=0.3), max_concurrent=2)
+    request = pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())])
+
+    async def call():
+        try:
+            await svc.Classify(request, FakeContext())
+            return "OK"
+        except Aborted as exc:
+            return exc.code.name
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    outcomes = await asyncio.gather(*(call() for _ in range(6)))
+    assert sorted(outcomes) == ["OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED",
+                                "RESOURCE_EXHAUSTED"]
+    assert loop.time() - started < 1.5  # the refused ones did not wait in a queue
+    assert svc.in_flight == 0
+    assert svc.metrics.rejected._value.get() == 4
+
+
+async def test_metrics_count_requests_by_code() -> None:
+    svc = service()
+    await svc.Classify(pb.ClassifyRequest(model="m", images=[pb.Image(encoded=image_bytes())] * 2), FakeContext())
+    with pytest.raises(Aborted):
+        await svc.Classify(pb.ClassifyRequest(model="nope", images=[pb.Image(encoded=b"x")]), FakeContext())
+    registry = svc.metrics.registry
+    assert registry.get_sample_value("cliplora_gateway_request_duration_seconds_count",
+                                     {"model": "m", "version": "2", "method": "Classify", "code": "OK"}) == 1
+    assert registry.get_sample_value("cliplora_gateway_request_duration_seconds_count",
+                                     {"model": "unknown", "version": "", "method": "Classify", "code": "NOT_FOUND"}) == 1
+    assert registry.get_sample_value("cliplora_gateway_images_total", {"model": "m"}) == 2
+    assert registry.get_sample_value("cliplora_gateway_preprocess_duration_seconds_count") == 2
+
+
+def test_status_mapping_is_complete() -> None:
+    from cliplora import errors
+
+    for error in (errors.InvalidArgument, errors.NotFound, errors.Unavailable, errors.ResourceExhausted,
+                  errors.DeadlineExceeded, errors.FailedPrecondition, errors.PermissionDenied):
+        code, message = to_status(error("why"), "Classify")
+        assert code.name == error.code and message == "why"
+
+
+def test_settings_from_flags_and_environment() -> None:
+    settings = GatewaySettings.from_sources({"max_images": "8"}, {"CLIPLORA_MAX_IMAGES": "3", "CLIPLORA_GRACE_S": "2.5"})
+    assert settings.max_images == 8 and settings.grace_s == 2.5
+    from cliplora.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="max_concurrent must be positive"):
+        GatewaySettings.from_sources({}, {"CLIPLORA_MAX_CONCURRENT": "0"})
+    with pytest.raises(InvalidArgument, match="cannot parse"):
+        GatewaySettings.from_sources({}, {"CLIPLORA_MAX_PIXELS": "lots"})

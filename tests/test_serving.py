@@ -1,0 +1,311 @@
+"""The real thing: tritonserver + the gateway on free ports, tiny exported models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cliplora.predict import predict_files
+from cliplora.v1 import classifier_pb2 as pb
+from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+from serve.server import GatewayServer
+from serve.settings import GatewaySettings
+from serve.triton_launcher import LocalTriton, TritonPorts
+from tests import factories
+from tests.serving import CLASSES, encoded, free_port, png_header, publish_tiny_models
+
+
+def _ports() -> TritonPorts:
+    return TritonPorts(free_port(), free_port(), free_port())
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, tiny_config) -> Path:
+    return publish_tiny_models(tmp_path_factory.mktemp("serving"), tiny_config)
+
+
+@pytest.fixture(scope="module")
+def triton(repository):
+    server = LocalTriton(repository, ports=_ports()).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (fmt, mode, size) in enumerate([("jpg", "RGB", (64, 48)), ("png", "RGBA", (40, 90)), ("gif", "P", (120, 120)),
+                                            ("webp", "RGB", (33, 77)), ("bmp", "L", (50, 50))]):
+        path = root / f"img{i}.{fmt}"
+        factories.make_image(*size, mode=mode, seed=10 + i).save(path)
+        paths.append(path)
+    return paths
+
+
+async def _gateway(triton_url: str, repository: Path | None = None, **overrides) -> GatewayServer:
+    options = {"health_interval_s": 0.2, **overrides}
+    settings = GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton_url, repository=repository, **options)
+    gateway = GatewayServer(settings)
+    await gateway.start()
+    for _ in range(100):
+        if gateway.health.serving or triton_url.endswith(":1"):
+            break
+        await asyncio.sleep(0.05)
+    return gateway
+
+
+async def _health(port: int) -> str:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="cliplora.v1.Classifier"), timeout=2)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _stub(port: int) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return channel, pb_grpc.ClassifierStub(channel)
+
+
+async def test_classify_equals_predict(triton, repository, images) -> None:
+    gateway = await _gateway(triton.grpc_url, repository)
+    channel, stub = _stub(gateway.port)
+    try:
+        for model in ("base", "lora"):
+            reply = await stub.Classify(pb.ClassifyRequest(
+                model=model, top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images]), timeout=30)
+            expected = predict_files(repository, model, images, top_k=0)
+            assert reply.model == model and reply.version == 1
+            for result, local in zip(reply.results, expected):
+                got = [(p.label, p.index) for p in result.predictions]
+                assert got == [(p["label"], p["index"]) for p in local["predictions"]]
+                np.testing.assert_allclose([p.logit for p in result.predictions],
+                                           [p["logit"] for p in local["predictions"]], atol=1e-5, rtol=0)
+        base = await stub.Classify(pb.ClassifyRequest(model="base", top_k=0, images=[pb.Image(encoded=images[0].read_bytes())]))
+        lora = await stub.Classify(pb.ClassifyRequest(model="lora", top_k=0, images=[pb.Image(encoded=images[0].read_bytes())]))
+        base_logits = {p.index: p.logit for p in base.results[0].predictions}
+        assert max(abs(p.logit - base_logits[p.index]) for p in lora.results[0].predictions) > 1e-3
+    finally:
+        await channel.close()
+        await gateway.stop(1)
+
+
+async def test_list_models_and_metrics(triton, repository) -> None:
+    gateway = await _gateway(triton.grpc_url, repository)
+    channel, stub = _stub(gateway.port)
+    try:
+        reply = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        by_name = {m.name: m for m in reply.models}
+        assert set(by_name) == {"base", "lora"}
+        lora = by_name["lora"]
+        assert list(lora.versions) == [1] and lora.num_classes == len(CLASSES) and lora.image_size == 32
+        assert lora.lora_format == "clip-lora" and json.loads(lora.lora_json)["scaling"] == "alpha/sqrt(r)"
+        assert by_name["base"].lora_format == "none" and lora.weights == "random"
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert 'cliplora_gateway_request_duration_seconds_count{code="OK",method="ListModels"' in text
+        assert "cliplora_gateway_triton_ready 1.0" in text
+    finally:
+        await channel.close()
+        await gateway.stop(1)
+
+
+async def test_every_error_row_from_real_requests(triton, repository, images) -> None:
+    gateway = await _gateway(triton.grpc_url, repository, max_images=4)
+    channel, stub = _stub(gateway.port)
+    jpeg = encoded(factories.make_image(200, 150, seed=5), "JPEG")
+    ok = pb.Image(encoded=images[0].read_bytes())
+    cases = [
+        (pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=b"\x00garbage\xff" * 10)]), "INVALID_ARGUMENT"),
+        (pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=jpeg[: len(jpeg) // 2])]), "INVALID_ARGUMENT"),
+        (pb.ClassifyRequest(model="lora", images=[ok] * 5), "INVALID_ARGUMENT"),
+        (pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=png_header(60000, 60000))]), "INVALID_ARGUMENT"),
+        (pb.ClassifyRequest(model="lora", images=[ok], top_k=-2), "INVALID_ARGUMENT"),
+        (pb.ClassifyRequest(model="missing", images=[ok]), "NOT_FOUND"),
+        (pb.ClassifyRequest(model="lora", version=9, images=[ok]), "NOT_FOUND"),
+    ]
+    try:
+        for request, code in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Classify(request, timeout=30)
+            assert caught.value.code().name == code, (request.model, caught.value.details())
+        # A deadline too short for the work: DEADLINE_EXCEEDED, and the gateway carries on.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pb.ClassifyRequest(model="lora", images=[ok] * 4), timeout=0.001)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = await stub.Classify(pb.ClassifyRequest(model="lora", images=[ok]), timeout=30)
+        assert len(reply.results) == 1
+    finally:
+        await channel.close()
+        await gateway.stop(1)
+
+
+async def test_concurrent_clients(triton, images) -> None:
+    gateway = await _gateway(triton.grpc_url)
+    channel, stub = _stub(gateway.port)
+    payloads = [p.read_bytes() for p in images]
+    try:
+        single = {}
+        for i, data in enumerate(payloads):
+            reply = await stub.Classify(pb.ClassifyRequest(model="lora", top_k=0, images=[pb.Image(encoded=data)]))
+            single[i] = [(p.index, round(p.logit, 4)) for p in reply.results[0].predictions]
+        calls = [stub.Classify(pb.ClassifyRequest(model="lora", top_k=0, images=[pb.Image(encoded=payloads[i % 5])]),
+                               timeout=60) for i in range(40)]
+        replies = await asyncio.gather(*calls)
+        for i, reply in enumerate(replies):
+            assert [(p.index, round(p.logit, 4)) for p in reply.results[0].predictions] == single[i % 5]
+    finally:
+        await channel.close()
+        await gateway.stop(1)
+
+
+async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
+    gateway = await _gateway(triton.grpc_url)
+    channel, stub = _stub(gateway.port)
+    request = pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=p.read_bytes()) for p in images[:4]])
+    try:
+        calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(12)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(gateway.stop(grace=20))
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        await stopping
+        assert all(isinstance(r, pb.ClassifyResponse) and len(r.results) == 4 for r in replies), replies
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(request, timeout=5)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+
+
+async def test_triton_stopped_unavailable_and_health_follows(repository, images) -> None:
+    """Own Triton: stop it (UNAVAILABLE, NOT_SERVING), start it again on the same ports (recovers)."""
+    ports = _ports()
+    server = LocalTriton(repository, ports=ports).start()
+    gateway = await _gateway(server.grpc_url)
+    channel, stub = _stub(gateway.port)
+    request = pb.ClassifyRequest(model="base", images=[pb.Image(encoded=images[0].read_bytes())])
+    try:
+        assert await _health(gateway.port) == "SERVING"
+        await stub.Classify(request, timeout=30)
+        server.kill()
+        started = time.monotonic()
+        while await _health(gateway.port) != "NOT_SERVING":
+            assert time.monotonic() - started < 2.0, "health did not turn NOT_SERVING within 2 s"
+            await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(request, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
+
+        server = LocalTriton(repository, ports=ports)
+        await asyncio.get_running_loop().run_in_executor(None, server.start)
+        started = time.monotonic()
+        while await _health(gateway.port) != "SERVING":
+            assert time.monotonic() - started < 10
+            await asyncio.sleep(0.1)
+        reply = await stub.Classify(request, timeout=30)
+        assert len(reply.results) == 1
+    finally:
+        await channel.close()
+        await gateway.stop(1)
+        server.cleanup()
+
+
+async def test_health_without_triton_is_not_serving() -> None:
+    gateway = await _gateway(f"127.0.0.1:{free_port()}")
+    try:
+        await asyncio.sleep(0.5)
+        assert await _health(gateway.port) == "NOT_SERVING"
+        channel, stub = _stub(gateway.port)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pb.ClassifyRequest(model="base", images=[pb.Image(encoded=b"x")]), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND or caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        await channel.close()
+    finally:
+        await gateway.stop(1)
+
+
+def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> None:
+    """A model whose config lies about its input size: errors, and the instance keeps serving."""
+    import tritonclient.http as httpclient
+
+    broken = repository / "broken"
+    shutil.copytree(repository / "base", broken)
+    config = (broken / "config.pbtxt").read_text().replace('name: "base"', 'name: "broken"')
+    (broken / "config.pbtxt").write_text(config.replace("dims: [ 32, 32, 3 ]", "dims: [ 16, 16, 3 ]"))
+    client = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    try:
+        deadline = time.monotonic() + 30
+        while not client.is_model_ready("broken"):
+            assert time.monotonic() < deadline, triton.log_tail()
+            time.sleep(0.3)
+        for _ in range(3):
+            image = httpclient.InferInput("image", [1, 16, 16, 3], "UINT8")
+            image.set_data_from_numpy(np.zeros((1, 16, 16, 3), dtype=np.uint8))
+            with pytest.raises(Exception, match="onnxruntime backend"):
+                client.infer("broken", [image])
+        assert client.is_model_ready("broken")
+        good = httpclient.InferInput("image", [2, 32, 32, 3], "UINT8")
+        good.set_data_from_numpy(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+        assert client.infer("base", [good]).as_numpy("logits").shape == (2, len(CLASSES))
+    finally:
+        shutil.rmtree(broken)
+        client.close()
+
+
+def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -> None:
+    """`cliplora serve` as a user runs it (own ports), `cliplora classify`, then Ctrl-C."""
+    grpc_port, metrics_port = free_port(), free_port()
+    ports = _ports()
+    script = str(Path(sys.executable).with_name("cliplora"))
+    stack = subprocess.Popen(
+        [script, "serve", "--repository", str(repository), "--grpc-port", str(grpc_port), "--metrics-port",
+         str(metrics_port), "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}",
+         "--prometheus-port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert stack.poll() is None, stack.stdout.read()
+            assert time.monotonic() < deadline, "stack did not become ready"
+            try:
+                if asyncio.run(_health(grpc_port)) == "SERVING":
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            time.sleep(0.3)
+        done = subprocess.run([script, "classify", "--target", f"127.0.0.1:{grpc_port}", "--model", "lora",
+                               "--top-k", "0", *map(str, images[:2])], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        remote = json.loads(done.stdout)
+        local = predict_files(repository, "lora", images[:2], top_k=0)
+        assert [r["image"] for r in remote] == [str(p) for p in images[:2]]
+        for r, l in zip(remote, local):
+            np.testing.assert_allclose([p["logit"] for p in r["predictions"]], [p["logit"] for p in l["predictions"]],
+                                       atol=1e-5)
+        failed = subprocess.run([script, "classify", "--target", f"127.0.0.1:{grpc_port}", "--model", "nope",
+                                 str(images[0])], capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr and failed.stdout == ""
+    finally:
+        stack.send_signal(signal.SIGINT)
+        try:
+            output, _ = stack.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            stack.kill()
+            raise
+    assert stack.returncode == 0, output
+    assert "stopped" in output
+    assert "Ctrl-C stops everything" in output
+    leftover = subprocess.run(["pgrep", "-f", f"--grpc-port={ports.grpc}"], capture_output=True, text=True)
+    assert leftover.stdout == "", "tritonserver still running"
