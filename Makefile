@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test serve clean proto
+.PHONY: install test serve clean proto prometheus
 
 install: $(STAMP)
 
@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[serve,test]'
 	touch $(STAMP)
 
-test: install
+test: install prometheus
 	$(PY) -m pytest
+
+# Debian's Prometheus (for the local stack and its tests), when missing and apt-get can run.
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "note: prometheus is not installed (apt-get install -y prometheus); serving works without it"; fi; }
 
 # Demo models (ViT-B-16, random weights unless CLIPLORA_DEMO_PRETRAINED is set) when the
 # repository has none, then Triton + gateway + Prometheus (when installed) until Ctrl-C.
-serve: install
+serve: install prometheus
 	$(PY) -m serve.demo --repository model_repository
 	$(VENV)/bin/cliplora serve --repository model_repository
 

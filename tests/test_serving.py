@@ -192,11 +192,13 @@ async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
 async def test_triton_stopped_unavailable_and_health_follows(repository, images) -> None:
     """Own Triton: stop it (UNAVAILABLE, NOT_SERVING), start it again on the same ports (recovers)."""
     ports = _ports()
-    server = LocalTriton(repository, ports=ports).start()
-    gateway = await _gateway(server.grpc_url)
-    channel, stub = _stub(gateway.port)
+    server = LocalTriton(repository, ports=ports)
+    gateway = channel = None
     request = pb.ClassifyRequest(model="base", images=[pb.Image(encoded=images[0].read_bytes())])
     try:
+        server.start()
+        gateway = await _gateway(server.grpc_url)
+        channel, stub = _stub(gateway.port)
         assert await _health(gateway.port) == "SERVING"
         await stub.Classify(request, timeout=30)
         server.kill()
@@ -208,6 +210,7 @@ async def test_triton_stopped_unavailable_and_health_follows(repository, images)
             await stub.Classify(request, timeout=10)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
 
+        server.cleanup()
         server = LocalTriton(repository, ports=ports)
         await asyncio.get_running_loop().run_in_executor(None, server.start)
         started = time.monotonic()
@@ -217,8 +220,10 @@ async def test_triton_stopped_unavailable_and_health_follows(repository, images)
         reply = await stub.Classify(request, timeout=30)
         assert len(reply.results) == 1
     finally:
-        await channel.close()
-        await gateway.stop(1)
+        if channel is not None:
+            await channel.close()
+        if gateway is not None:
+            await gateway.stop(1)
         server.cleanup()
 
 

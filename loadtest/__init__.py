@@ -1,0 +1,1 @@
+"""Load tests and latency comparisons (the loadtest issue builds `cliplora loadtest` here)."""

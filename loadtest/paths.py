@@ -1,0 +1,109 @@
+"""One image, three paths, interleaved: gateway vs Triton direct vs in-process ONNX Runtime.
+
+    python -m loadtest.paths --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 \
+        --repository model_repository --model pets-lora --requests 50
+
+Each round sends the same JPEG once through every path, one after another (sequential,
+batch 1), so drift on a noisy machine hits all paths alike. Reports medians and p90 in
+milliseconds, as JSON on stdout.
+  gateway   Classify(encoded JPEG): decode + resize + crop in the gateway, Triton, ranking
+  triton    tritonclient gRPC infer of the uint8 crop (what the gateway sends)
+  ort       in-process ONNX Runtime on the uint8 crop (no server at all)
+  preprocess  decode + resize + crop alone, in process
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tritonclient.grpc as triton_grpc
+from PIL import Image
+
+from cliplora import contract
+from cliplora.preprocess import preprocess_bytes
+from cliplora.repository import ModelRepository
+from cliplora.runtime import create_session, run_logits
+from cliplora.v1 import classifier_pb2 as pb
+from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+
+
+def _test_jpeg(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xx / 640 * 255, yy / 480 * 255, rng.integers(0, 255, (480, 640))], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"median_ms": round(statistics.median(ordered) * 1e3, 2),
+            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1e3, 2),
+            "n": len(ordered)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="gateway vs Triton vs in-process latency, interleaved")
+    parser.add_argument("--gateway", required=True)
+    parser.add_argument("--triton", required=True, help="Triton gRPC HOST:PORT")
+    parser.add_argument("--repository", default="model_repository")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    jpeg = _test_jpeg()
+    found = ModelRepository(args.repository).get(args.model)
+    session = create_session(found.model_path, precision=found.manifest().get("precision", "fp32"))
+    size = int(session.get_inputs()[0].shape[1])
+    crop = preprocess_bytes(jpeg, size)[None]
+
+    channel = grpc.insecure_channel(args.gateway)
+    gateway = pb_grpc.ClassifierStub(channel)
+    triton = triton_grpc.InferenceServerClient(args.triton)
+    request = pb.ClassifyRequest(model=args.model, images=[pb.Image(encoded=jpeg)], top_k=5)
+
+    def via_gateway() -> None:
+        gateway.Classify(request, timeout=60)
+
+    def via_triton() -> None:
+        image = triton_grpc.InferInput(contract.INPUT_NAME, list(crop.shape), contract.INPUT_WIRE_DTYPE)
+        image.set_data_from_numpy(crop)
+        triton.infer(args.model, [image], outputs=[triton_grpc.InferRequestedOutput(contract.OUTPUT_NAME)])
+
+    def in_process() -> None:
+        run_logits(session, crop)
+
+    def preprocess() -> None:
+        preprocess_bytes(jpeg, size)
+
+    paths = {"gateway": via_gateway, "triton": via_triton, "ort": in_process, "preprocess": preprocess}
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for round_index in range(args.warmup + args.requests):
+        for name, call in paths.items():
+            started = time.perf_counter()
+            call()
+            if round_index >= args.warmup:
+                samples[name].append(time.perf_counter() - started)
+        print(f"\rround {round_index + 1}/{args.warmup + args.requests}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    report = {name: _summary(values) for name, values in samples.items()}
+    report["gateway_minus_triton_median_ms"] = round(report["gateway"]["median_ms"] - report["triton"]["median_ms"], 2)
+    report["triton_over_ort_median"] = round(report["triton"]["median_ms"] / report["ort"]["median_ms"], 3)
+    report["model"] = args.model
+    report["image"] = "640x480 JPEG"
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
