@@ -95,7 +95,7 @@ class LoraAttention(nn.Module):
 def build_reference(model: nn.Module, adapter: LoraAdapter | None) -> nn.Module:
     """A copy of `model` with every attention replaced by `LoraAttention` (+ the adapter)."""
     reference = copy.deepcopy(model)
-    for tower, blocks in (("text", reference.transformer.resblocks), ("vision", reference.visual.transformer.resblocks)):
+    for blocks in (reference.transformer.resblocks, reference.visual.transformer.resblocks):
         for block in blocks:
             block.attn = LoraAttention(block.attn)
     for update in adapter.updates if adapter else ():

@@ -27,7 +27,7 @@ class TritonHealth:
         self.serving: bool | None = None
         self.shutting_down = False
 
-    async def _set(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE):
             await self.servicer.set(service, status)
@@ -43,9 +43,9 @@ class TritonHealth:
             if ready and not self.serving:
                 await self.triton.refresh()
             if not self.shutting_down:
-                await self._set(ready)
+                await self.set_serving(ready)
             await asyncio.sleep(self.interval_s)
 
     async def shutdown(self) -> None:
         self.shutting_down = True
-        await self._set(False)
+        await self.set_serving(False)

@@ -55,7 +55,7 @@ class GatewayServer:
         self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
-        await self.health._set(False)
+        await self.health.set_serving(False)
         await self.server.start()
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)

@@ -68,6 +68,7 @@ class Triton:
         self._models: dict[str, ModelEntry] = {}
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
         self._refresh_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[object]] = set()
         self.last_refresh = 0.0
 
     @property
@@ -159,8 +160,10 @@ class Triton:
             )
         except InferenceServerException as exc:
             error = from_triton(exc, entry.name)
-            if isinstance(error, NotFound):
-                asyncio.get_running_loop().create_task(self.refresh())
+            if isinstance(error, NotFound):  # the model went away: re-read the repository soon
+                task = asyncio.get_running_loop().create_task(self.refresh())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             if error is None:
                 raise
             raise error from None

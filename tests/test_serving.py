@@ -152,6 +152,43 @@ async def test_every_error_row_from_real_requests(triton, repository, images) ->
         await gateway.stop(1)
 
 
+async def test_new_exports_appear_without_restart(tmp_path, tiny_config, images) -> None:
+    """Export while serving: Triton polls the repository, the gateway rediscovers it."""
+    from export.pipeline import ExportOptions, run_export
+
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    server = LocalTriton(repository, ports=_ports(), poll_seconds=1)
+    gateway = channel = None
+    try:
+        server.start()
+        gateway = await _gateway(server.grpc_url, refresh_interval_s=0.5)
+        channel, stub = _stub(gateway.port)
+        assert list((await stub.ListModels(pb.ListModelsRequest())).models) == []
+        classes = factories.write_classes(tmp_path / "classes.txt", CLASSES)
+        options = ExportOptions(model=str(tiny_config), pretrained=None, lora="none", classes=classes,
+                                templates=("a photo of a {}.",), name="fresh", repository=repository,
+                                allow_random_weights=True, probes=2)
+        await asyncio.get_running_loop().run_in_executor(None, run_export, options)
+        request = pb.ClassifyRequest(model="fresh", images=[pb.Image(encoded=images[0].read_bytes())])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                reply = await stub.Classify(request, timeout=10)
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() is grpc.StatusCode.NOT_FOUND, exc.details()
+                assert time.monotonic() < deadline, "the new model never appeared"
+                await asyncio.sleep(0.3)
+        assert reply.model == "fresh" and reply.version == 1
+    finally:
+        if channel is not None:
+            await channel.close()
+        if gateway is not None:
+            await gateway.stop(1)
+        server.cleanup()
+
+
 async def test_concurrent_clients(triton, images) -> None:
     gateway = await _gateway(triton.grpc_url)
     channel, stub = _stub(gateway.port)
