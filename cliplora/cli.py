@@ -7,8 +7,8 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cliplora.errors import CliploraError
 from cliplora.repository import DEFAULT_REPOSITORY

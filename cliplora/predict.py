@@ -6,8 +6,9 @@ Same preprocessing as the gateway (`cliplora.preprocess`), same output format
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,4 +46,4 @@ def predict_files(
 
     crops = [preprocess_file(path, size) for path in images]  # every image checked before any runs
     logits = np.concatenate([run_logits(session, np.stack(crops[i : i + BATCH])) for i in range(0, len(crops), BATCH)])
-    return [result_json(str(path), rank(row, labels, top_k)) for path, row in zip(images, logits)]
+    return [result_json(str(path), rank(row, labels, top_k)) for path, row in zip(images, logits, strict=True)]

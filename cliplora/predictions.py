@@ -7,8 +7,9 @@ lists every class. `predict`, the gateway and `classify` all format through here
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -64,17 +64,22 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     return image
 
 
-def read_image_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read and decode an image file; errors name the file."""
+def read_image_bytes(path: str | Path) -> bytes:
+    """An image file's bytes, with errors that name the file and carry a status code."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"image file not found: {path}") from None
     except IsADirectoryError:
         raise InvalidArgument(f"not an image file but a folder: {path}") from None
     except PermissionError:
         raise PermissionDenied(f"cannot read image file: {path}") from None
+
+
+def read_image_file(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read and decode an image file; errors name the file."""
+    data = read_image_bytes(path)
     try:
         return decode_image(data, max_pixels=max_pixels)
     except InvalidArgument as exc:

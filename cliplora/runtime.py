@@ -8,8 +8,8 @@ process while creating a session for a half-precision ViT. fp32 graphs get
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort

@@ -6,7 +6,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             "cliplora_version": cliplora.__version__,
             "name": options.name,
             "version": None,  # stamped under the publish lock
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "base": base.manifest(),
             "lora": adapter.manifest() if adapter else {"format": "none"},
             "merge": {"mode": "unmerged" if options.unmerged else ("merged" if adapter else "base"),

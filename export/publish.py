@@ -33,6 +33,7 @@ from cliplora import contract
 from cliplora.errors import FailedPrecondition, PermissionDenied
 from cliplora.repository import ModelRepository, validate_model_name
 
+
 def render_config(name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int) -> str:
     """The model's ``config.pbtxt``.
 

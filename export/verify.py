@@ -20,8 +20,9 @@ base model's by more than the fp32 tolerance, or the export stops (an all-zero
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import open_clip

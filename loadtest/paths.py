@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 
-from cliplora.errors import CliploraError, InvalidArgument, NotFound, PermissionDenied
+from cliplora.errors import CliploraError, InvalidArgument
 from cliplora.predictions import Prediction, result_json, validate_top_k
+from cliplora.preprocess import read_image_bytes
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -21,18 +23,6 @@ class RemoteError(CliploraError):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code = code.name  # type: ignore[misc]
-
-
-def _read(path: str | Path) -> bytes:
-    path = Path(path)
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"not an image file but a folder: {path}") from None
-    except PermissionError:
-        raise PermissionDenied(f"cannot read image file: {path}") from None
 
 
 def classify_files(
@@ -49,7 +39,7 @@ def classify_files(
     validate_top_k(top_k)
     if not images:
         raise InvalidArgument("no images given")
-    payloads = [_read(p) for p in images]
+    payloads = [read_image_bytes(p) for p in images]
     results: list[dict[str, Any]] = []
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 256 * 1024 * 1024)]) as channel:
         stub = pb_grpc.ClassifierStub(channel)
@@ -60,7 +50,7 @@ def classify_files(
                 response = stub.Classify(request, timeout=timeout_s)
             except grpc.RpcError as exc:
                 raise RemoteError(exc.code(), exc.details() or "") from None
-            for path, result in zip(images[start : start + batch], response.results):
+            for path, result in zip(images[start : start + batch], response.results, strict=True):
                 predictions = [Prediction(p.label, p.index, p.score, p.logit) for p in result.predictions]
                 results.append(result_json(str(path), predictions))
     return results

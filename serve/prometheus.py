@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from cliplora.errors import Unavailable
+from serve.processes import stop_process
 
 SCRAPE_INTERVAL = "5s"
 
@@ -46,7 +47,7 @@ class LocalPrometheus:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 30.0) -> "LocalPrometheus":
+    def start(self, timeout_s: float = 30.0) -> LocalPrometheus:
         if self.binary is None:
             raise Unavailable("prometheus is not installed (apt-get install -y prometheus)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,13 +70,7 @@ class LocalPrometheus:
         raise Unavailable(f"prometheus not ready after {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
         self.process = None
 
     def cleanup(self) -> None:

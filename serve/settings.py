@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cliplora.errors import InvalidArgument
 from cliplora.preprocess import DEFAULT_MAX_PIXELS
@@ -54,7 +55,7 @@ class GatewaySettings:
         return self.max_images * (self.max_image_bytes + 1024) + 64 * 1024
 
     @classmethod
-    def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> "GatewaySettings":
+    def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> GatewaySettings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in fields(cls):

@@ -78,7 +78,7 @@ class Triton:
     async def ready(self) -> bool:
         try:
             return bool(await self.client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
-        except (InferenceServerException, asyncio.TimeoutError, OSError):
+        except (TimeoutError, InferenceServerException, OSError):
             return False
 
     async def refresh(self) -> dict[str, ModelEntry]:
@@ -167,7 +167,7 @@ class Triton:
             if error is None:
                 raise
             raise error from None
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise Unavailable(f"Triton is unavailable: {exc}") from None
         logits = result.as_numpy(contract.OUTPUT_NAME)
         if logits is None or logits.shape != (len(chunk), entry.num_classes):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliplora.errors import FailedPrecondition, NotFound, Unavailable
+from serve.processes import stop_process
 
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "onnxruntime" / "model.py"
 
@@ -116,7 +117,7 @@ class LocalTriton:
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         return env
 
-    def start(self, timeout_s: float = 120.0) -> "LocalTriton":
+    def start(self, timeout_s: float = 120.0) -> LocalTriton:
         if not self.repository.is_dir():
             raise NotFound(f"model repository {self.repository} does not exist")
         build_backend_directory(self._work / "backends")
@@ -154,13 +155,7 @@ class LocalTriton:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (Triton drains), then SIGKILL after `timeout_s`."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
         self.process = None
 
     def kill(self) -> None:
@@ -174,7 +169,7 @@ class LocalTriton:
         self.stop()
         shutil.rmtree(self._work, ignore_errors=True)
 
-    def __enter__(self) -> "LocalTriton":
+    def __enter__(self) -> LocalTriton:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -61,7 +61,7 @@ def test_predict_equals_pytorch_on_image_files(published, tiny_base) -> None:
     root, lora, images = published
     results = predict_files(root / "repo", "adapted", images, top_k=0)
     expected = _pytorch_logits(tiny_base, lora, images)
-    for result, path, row in zip(results, images, expected):
+    for result, path, row in zip(results, images, expected, strict=True):
         assert result["image"] == str(path)
         by_index = {p["index"]: p for p in result["predictions"]}
         got = np.array([by_index[i]["logit"] for i in range(len(CLASSES))])

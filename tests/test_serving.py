@@ -88,7 +88,7 @@ async def test_classify_equals_predict(triton, repository, images) -> None:
                 model=model, top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images]), timeout=30)
             expected = predict_files(repository, model, images, top_k=0)
             assert reply.model == model and reply.version == 1
-            for result, local in zip(reply.results, expected):
+            for result, local in zip(reply.results, expected, strict=True):
                 got = [(p.label, p.index) for p in result.predictions]
                 assert got == [(p["label"], p["index"]) for p in local["predictions"]]
                 np.testing.assert_allclose([p.logit for p in result.predictions],
@@ -214,7 +214,10 @@ async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
     request = pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=p.read_bytes()) for p in images[:4]])
     try:
         calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(12)]
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while gateway.service.in_flight < len(calls):  # every call has arrived and is being handled
+            assert time.monotonic() < deadline, gateway.service.in_flight
+            await asyncio.sleep(0.005)
         stopping = asyncio.ensure_future(gateway.stop(grace=20))
         replies = await asyncio.gather(*calls, return_exceptions=True)
         await stopping
@@ -333,8 +336,8 @@ def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -
         remote = json.loads(done.stdout)
         local = predict_files(repository, "lora", images[:2], top_k=0)
         assert [r["image"] for r in remote] == [str(p) for p in images[:2]]
-        for r, l in zip(remote, local):
-            np.testing.assert_allclose([p["logit"] for p in r["predictions"]], [p["logit"] for p in l["predictions"]],
+        for theirs, ours in zip(remote, local, strict=True):
+            np.testing.assert_allclose([p["logit"] for p in theirs["predictions"]], [p["logit"] for p in ours["predictions"]],
                                        atol=1e-5)
         failed = subprocess.run([script, "classify", "--target", f"127.0.0.1:{grpc_port}", "--model", "nope",
                                  str(images[0])], capture_output=True, text=True, timeout=60)

@@ -83,7 +83,7 @@ class TritonPythonModel:
         for size in sizes:
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(result[start : start + size]).astype(dtype, copy=False))
-                for (name, dtype), result in zip(self.outputs, results)
+                for (name, dtype), result in zip(self.outputs, results, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
