@@ -44,6 +44,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.metrics = metrics
         self.pool = pool
         self.in_flight = 0
+        self.accepted = 0  # requests admitted past the concurrency limit, ever
 
     async def _handle(self, method: str, context: grpc.aio.ServicerContext,
                       work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
@@ -60,6 +61,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self._observe(method, labels, code, start)
         else:
             self.in_flight += 1
+            self.accepted += 1
             self.metrics.in_flight.inc()
             try:
                 return await work(labels)

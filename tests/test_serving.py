@@ -211,16 +211,20 @@ async def test_concurrent_clients(triton, images) -> None:
 async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
     gateway = await _gateway(triton.grpc_url)
     channel, stub = _stub(gateway.port)
-    request = pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=p.read_bytes()) for p in images[:4]])
+    # Large photos: decoding and resizing 48 of them keeps the calls busy for a while.
+    photos = [encoded(factories.make_image(2000, 1500, seed=s), "JPEG") for s in range(4)]
+    request = pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=p) for p in photos])
     try:
         calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(12)]
         deadline = time.monotonic() + 10
-        while gateway.service.in_flight < len(calls):  # every call has arrived and is being handled
-            assert time.monotonic() < deadline, gateway.service.in_flight
-            await asyncio.sleep(0.005)
+        while gateway.service.accepted < len(calls):  # every call has arrived
+            assert time.monotonic() < deadline, gateway.service.accepted
+            await asyncio.sleep(0.002)
+        in_flight_at_stop = gateway.service.in_flight
         stopping = asyncio.ensure_future(gateway.stop(grace=20))
         replies = await asyncio.gather(*calls, return_exceptions=True)
         await stopping
+        assert in_flight_at_stop > 0
         assert all(isinstance(r, pb.ClassifyResponse) and len(r.results) == 4 for r in replies), replies
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Classify(request, timeout=5)
