@@ -78,6 +78,12 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtest.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplora",
@@ -136,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(func=_classify)
+
+    loadtest = sub.add_parser("loadtest", help="interleaved load test with a report (and Prometheus figures)")
+    from loadtest.cli import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(func=_loadtest)
     return parser
 
 

@@ -1,0 +1,125 @@
+"""`cliplora loadtest`: interleaved load on the gateway, Triton, or in-process ONNX Runtime."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cliplora.errors import InvalidArgument, NotFound, Unavailable
+from cliplora.repository import validate_model_name
+
+if TYPE_CHECKING:
+    from loadtest.targets import Target
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="gateway HOST:PORT (or Triton's gRPC HOST:PORT with --direct-triton)")
+    parser.add_argument("--models", required=True, help="comma-separated; ratios are against the first")
+    parser.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (default 1)")
+    parser.add_argument("--rate", type=float, help="open loop: requests per second on a fixed schedule")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds (default 30)")
+    parser.add_argument("--requests", type=int, help="stop after this many measured requests")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
+    parser.add_argument("--report", required=True, help="folder for report.json, report.md, latency.png")
+    parser.add_argument("--images", help="folder of images to send (default: generated 640x480 JPEGs)")
+    parser.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
+    parser.add_argument("--direct-triton", action="store_true", help="send uint8 crops straight to Triton")
+    parser.add_argument("--raw", action="store_true", help="send raw RGB crops to the gateway (no decoding there)")
+    parser.add_argument("--in-process", metavar="REPOSITORY",
+                        help="no server: run the models with ONNX Runtime in this process (baseline)")
+    parser.add_argument("--prometheus", metavar="URL", help="add server-side figures from this Prometheus")
+    parser.add_argument("--scrape-wait", type=float, default=12.0,
+                        help="seconds to wait for Prometheus' last scrape (default 12)")
+    parser.add_argument("--overhead-bound", type=float, default=0.02,
+                        help="verdict: largest allowed slowdown vs the first model (default 0.02)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def generated_images(count: int = 16, seed: int = 0) -> list[bytes]:
+    """Photo-sized JPEGs with gradients, blocks and noise (deterministic)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        width, height = (640, 480) if i % 2 == 0 else (480, 640)
+        yy, xx = np.mgrid[0:height, 0:width]
+        base = np.stack([xx / width, yy / height, (xx + yy) / (width + height)], axis=-1) * 255 * rng.uniform(0.3, 1)
+        blocks = rng.integers(0, 256, (8, 8, 3)).repeat(-(-height // 8), 0).repeat(-(-width // 8), 1)[:height, :width]
+        pixels = np.clip(base * 0.6 + blocks * 0.4 + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def folder_images(folder: Path) -> list[bytes]:
+    if not folder.is_dir():
+        raise NotFound(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InvalidArgument(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return [p.read_bytes() for p in files]
+
+
+def _target(args: argparse.Namespace, images: list[bytes]) -> Target:
+    from loadtest.targets import GatewayTarget, InProcessTarget, TritonTarget
+
+    if args.in_process:
+        return InProcessTarget(Path(args.in_process), images, batch=args.batch, workers=args.concurrency)
+    if not args.target:
+        raise InvalidArgument("--target HOST:PORT is required (or --in-process REPOSITORY)")
+    if args.direct_triton:
+        return TritonTarget(args.target, images, batch=args.batch)
+    return GatewayTarget(args.target, images, batch=args.batch, raw=args.raw)
+
+
+async def _run(args: argparse.Namespace) -> dict:
+    from loadtest import prom
+    from loadtest.report import build_report, write_report
+    from loadtest.runner import run_load
+
+    models = [validate_model_name(m.strip()) for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise InvalidArgument("--models needs at least one model name")
+    if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
+        raise InvalidArgument("--concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0")
+    if args.rate is not None and args.rate <= 0:
+        raise InvalidArgument("--rate must be positive")
+    images = folder_images(Path(args.images)) if args.images else generated_images(seed=args.seed)
+    target = _target(args, images)
+    try:
+        await target.start(models)
+    except Exception as exc:  # unreachable server, unknown model: say which and stop
+        raise Unavailable(f"cannot prepare the load on {target.description}: {exc}") from None
+    try:
+        result = await run_load(target, models, concurrency=args.concurrency, rate=args.rate,
+                                duration_s=args.duration, warmup_s=args.warmup, max_requests=args.requests,
+                                progress=not args.quiet)
+    finally:
+        await target.close()
+    report = build_report(result, target=target.description, seed=args.seed)
+    if args.prometheus:
+        print(f"waiting {args.scrape_wait:.0f} s for Prometheus' last scrape ...", file=sys.stderr)
+        server = prom.server_side(args.prometheus, models, result.started_unix, result.ended_unix,
+                                  scrape_wait_s=args.scrape_wait)
+        report["prometheus"] = server
+        report["verdict"] = prom.verdict(server, models[0], models[1:], args.overhead_bound)
+    write_report(report, result, Path(args.report))
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    from loadtest.report import render_markdown
+
+    report = asyncio.run(_run(args))
+    print(render_markdown(report).replace("![latency CDF](latency.png)", f"(plot: {Path(args.report) / 'latency.png'})"))
+    return 0

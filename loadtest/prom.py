@@ -1,0 +1,95 @@
+"""Server-side numbers from Prometheus (HTTP API) for a finished run, and the verdict.
+
+- gateway: per-model p50/p99 from the latency histogram (bucket-interpolated, so only
+  as fine as the buckets) and the exact mean (``_sum / _count``);
+- Triton: compute time per inference, ``nv_inference_compute_infer_duration_us /
+  nv_inference_count``, per model.
+All as increases over the run's window, evaluated at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from cliplora.errors import Unavailable
+
+GATEWAY = "cliplora_gateway_request_duration_seconds"
+
+
+def query(url: str, promql: str, at: float) -> list[dict[str, Any]]:
+    params = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/query?{params}", timeout=10) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
+        raise Unavailable(f"Prometheus at {url} did not answer: {exc}") from None
+    if body.get("status") != "success":
+        raise Unavailable(f"Prometheus query failed: {body.get('error')}")
+    return body["data"]["result"]
+
+
+def _by_model(rows: list[dict[str, Any]], scale: float = 1.0) -> dict[str, float]:
+    found = {}
+    for row in rows:
+        value = float(row["value"][1])
+        if math.isfinite(value):
+            found[row["metric"].get("model", "")] = value * scale
+    return found
+
+
+def server_side(url: str, models: list[str], start_unix: float, end_unix: float,
+                scrape_wait_s: float = 0.0) -> dict[str, Any]:
+    """Per-model server-side figures over [start, end]; waits `scrape_wait_s` for the last scrape."""
+    if scrape_wait_s:
+        time.sleep(scrape_wait_s)
+    window = max(int(math.ceil(end_unix - start_unix)), 1)
+    at = end_unix + scrape_wait_s
+    window += int(math.ceil(scrape_wait_s))
+    selector = 'method="Classify",code="OK"'
+    rate = f"[{window}s]"
+    gateway_q = {
+        "p50_ms": f"histogram_quantile(0.5, sum by (le, model) (increase({GATEWAY}_bucket{{{selector}}}{rate})))",
+        "p99_ms": f"histogram_quantile(0.99, sum by (le, model) (increase({GATEWAY}_bucket{{{selector}}}{rate})))",
+        "mean_ms": f"sum by (model) (increase({GATEWAY}_sum{{{selector}}}{rate})) / "
+                   f"sum by (model) (increase({GATEWAY}_count{{{selector}}}{rate}))",
+        "requests": f"sum by (model) (increase({GATEWAY}_count{{{selector}}}{rate}))",
+    }
+    triton_q = {
+        "compute_ms_per_inference": f"sum by (model) (increase(nv_inference_compute_infer_duration_us{rate})) / "
+                                    f"sum by (model) (increase(nv_inference_count{rate})) / 1000",
+        "inferences": f"sum by (model) (increase(nv_inference_count{rate}))",
+        "queue_ms_per_request": f"sum by (model) (increase(nv_inference_queue_duration_us{rate})) / "
+                                f"sum by (model) (increase(nv_inference_request_success{rate})) / 1000",
+    }
+    report: dict[str, Any] = {"window_seconds": window, "evaluated_at": at, "gateway": {}, "triton": {}}
+    for section, queries in (("gateway", gateway_q), ("triton", triton_q)):
+        for key, promql in queries.items():
+            scale = 1e3 if key.endswith("_ms") and section == "gateway" else 1.0
+            for model, value in _by_model(query(url, promql, at), scale).items():
+                if model in models:
+                    report[section].setdefault(model, {})[key] = value
+    return report
+
+
+def verdict(server: dict[str, Any], base: str, others: list[str], bound: float) -> dict[str, Any]:
+    """Each other model vs `base` on Triton compute per inference and gateway mean latency."""
+    results = {}
+    for model in others:
+        entry: dict[str, Any] = {}
+        for section, key in (("triton", "compute_ms_per_inference"), ("gateway", "mean_ms")):
+            a = server.get(section, {}).get(base, {}).get(key)
+            b = server.get(section, {}).get(model, {}).get(key)
+            if a and b:
+                entry[f"{section}_{key}_ratio"] = b / a
+        ratios = [v for v in entry.values()]
+        entry["within_bound"] = bool(ratios) and all(r <= 1 + bound for r in ratios)
+        entry["computed"] = bool(ratios)
+        results[f"{model}/{base}"] = entry
+    return {"bound": bound, "comparisons": results,
+            "passed": all(e["within_bound"] for e in results.values()) if results else False}

@@ -1,0 +1,151 @@
+"""Where the load goes: the gateway, Triton directly, or ONNX Runtime in this process.
+
+Every target sends one request of `batch` images for a given model and raises on any
+failure; the runner measures. Images are prepared once, before the clock starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from cliplora import contract
+from cliplora.preprocess import preprocess_bytes
+from cliplora.repository import ModelRepository
+from cliplora.runtime import create_session, run_logits
+from cliplora.v1 import classifier_pb2 as pb
+from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+
+
+class Target(Protocol):
+    description: str
+
+    async def start(self, models: list[str]) -> None: ...
+
+    async def send(self, model: str, item: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RequestFailed(Exception):
+    """A failed request, with the status code name the report counts."""
+
+    def __init__(self, code: str, details: str = "") -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+
+
+class GatewayTarget:
+    """`cliplora.v1.Classifier/Classify` over gRPC (the gateway, or any server with the API)."""
+
+    def __init__(self, address: str, images: list[bytes], *, batch: int = 1, raw: bool = False,
+                 timeout_s: float = 60.0, top_k: int = 5) -> None:
+        self.address, self.images, self.batch, self.raw = address, images, batch, raw
+        self.timeout_s, self.top_k = timeout_s, top_k
+        self.description = f"gateway {address}" + (" (raw RGB)" if raw else " (encoded images)")
+        self._requests: dict[str, list[pb.ClassifyRequest]] = {}
+
+    async def start(self, models: list[str]) -> None:
+        self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_send_message_length", 1 << 28)])
+        self.stub = pb_grpc.ClassifierStub(self.channel)
+        sizes: dict[str, int] = {}
+        if self.raw:
+            listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            sizes = {m.name: m.image_size for m in listing.models}
+        for model in models:
+            requests = []
+            for start in range(len(self.images)):
+                chosen = [self.images[(start + j) % len(self.images)] for j in range(self.batch)]
+                if self.raw:
+                    size = sizes[model]
+                    images = [pb.Image(raw=pb.RawImage(rgb=preprocess_bytes(data, size).tobytes(), width=size, height=size))
+                              for data in chosen]
+                else:
+                    images = [pb.Image(encoded=data) for data in chosen]
+                requests.append(pb.ClassifyRequest(model=model, images=images, top_k=self.top_k))
+            self._requests[model] = requests
+
+    async def send(self, model: str, item: int) -> None:
+        requests = self._requests[model]
+        try:
+            await self.stub.Classify(requests[item % len(requests)], timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(exc.code().name, exc.details() or "") from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class TritonTarget:
+    """Triton's KServe v2 gRPC infer with the uint8 crops (what the gateway sends)."""
+
+    def __init__(self, address: str, images: list[bytes], *, batch: int = 1, timeout_s: float = 60.0) -> None:
+        self.address, self.images, self.batch, self.timeout_s = address, images, batch, timeout_s
+        self.description = f"Triton {address} directly (uint8 crops)"
+        self._batches: dict[str, list[np.ndarray]] = {}
+
+    async def start(self, models: list[str]) -> None:
+        import tritonclient.grpc.aio as triton_aio
+
+        self._aio = triton_aio
+        self.client = triton_aio.InferenceServerClient(self.address)
+        for model in models:
+            config = await self.client.get_model_config(model, as_json=True)
+            dims = config["config"]["input"][0]["dims"]
+            crops = [preprocess_bytes(data, int(dims[0])) for data in self.images]
+            self._batches[model] = [np.stack([crops[(s + j) % len(crops)] for j in range(self.batch)])
+                                    for s in range(len(crops))]
+
+    async def send(self, model: str, item: int) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        batches = self._batches[model]
+        batch = batches[item % len(batches)]
+        image = self._aio.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_WIRE_DTYPE)
+        image.set_data_from_numpy(batch)
+        try:
+            await self.client.infer(model, [image], outputs=[self._aio.InferRequestedOutput(contract.OUTPUT_NAME)],
+                                    client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise RequestFailed(str(exc.status() or "UNKNOWN").removeprefix("StatusCode."), exc.message() or "") from None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class InProcessTarget:
+    """ONNX Runtime in this process on the uint8 crops: no server, no network."""
+
+    def __init__(self, repository: Path, images: list[bytes], *, batch: int = 1, threads: int = 0,
+                 workers: int = 1) -> None:
+        self.repository, self.images, self.batch = Path(repository), images, batch
+        self.threads, self.workers = threads, workers
+        self.description = f"in-process ONNX Runtime ({repository})"
+        self._sessions: dict[str, object] = {}
+        self._batches: dict[str, list[np.ndarray]] = {}
+
+    async def start(self, models: list[str]) -> None:
+        self.pool = ThreadPoolExecutor(self.workers)
+        repo = ModelRepository(self.repository)
+        for model in models:
+            found = repo.get(model)
+            session = create_session(found.model_path, precision=found.manifest().get("precision", "fp32"),
+                                     threads=self.threads)
+            size = int(session.get_inputs()[0].shape[1])
+            crops = [preprocess_bytes(data, size) for data in self.images]
+            self._sessions[model] = session
+            self._batches[model] = [np.stack([crops[(s + j) % len(crops)] for j in range(self.batch)])
+                                    for s in range(len(crops))]
+
+    async def send(self, model: str, item: int) -> None:
+        batches = self._batches[model]
+        await asyncio.get_running_loop().run_in_executor(self.pool, run_logits, self._sessions[model],
+                                                         batches[item % len(batches)])
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=True)
