@@ -165,20 +165,38 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         models = await self.triton.refresh()
         return pb.ListModelsResponse(models=[self._model_info(entry) for entry in models.values()])
 
+    def manifest_of(self, entry: ModelEntry) -> dict | None:
+        """The latest version's manifest, when the gateway can read the repository."""
+        if self.settings.repository is None:
+            return None
+        try:
+            return ModelRepository(self.settings.repository).get(entry.name, entry.versions[-1]).manifest()
+        except Exception as exc:  # provenance is optional: never fail a call for it
+            log.debug("no manifest for %s: %s", entry.name, exc)
+            return None
+
+    def publish_model_info(self, models: dict[str, ModelEntry]) -> None:
+        """``cliplora_gateway_model_info``: what pairs a LoRA model with its base in the alert rules."""
+        self.metrics.model_info.clear()
+        for entry in models.values():
+            manifest = self.manifest_of(entry) or {}
+            base = manifest.get("base", {})
+            weights = base.get("weights", {})
+            self.metrics.model_info.labels(
+                entry.name, str(base.get("model", "")), str(weights.get("sha256") or weights.get("source", ""))[:16],
+                str(manifest.get("lora", {}).get("format", "unknown")),
+            ).set(1)
+
     def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
         info = pb.ModelInfo(name=entry.name, versions=list(entry.versions), num_classes=entry.num_classes,
                             image_size=entry.image_size)
-        if self.settings.repository is not None:
-            try:
-                manifest = ModelRepository(self.settings.repository).get(entry.name, entry.versions[-1]).manifest()
-            except Exception as exc:  # provenance is optional: never fail ListModels for it
-                log.debug("no manifest for %s: %s", entry.name, exc)
-            else:
-                base = manifest.get("base", {})
-                lora = manifest.get("lora", {})
-                info.base_model = str(base.get("model", ""))
-                info.weights = str(base.get("weights", {}).get("source", ""))
-                info.lora_format = str(lora.get("format", ""))
-                info.lora_json = json.dumps(lora, sort_keys=True)
-                info.precision = str(manifest.get("precision", ""))
+        manifest = self.manifest_of(entry)
+        if manifest is not None:
+            base = manifest.get("base", {})
+            lora = manifest.get("lora", {})
+            info.base_model = str(base.get("model", ""))
+            info.weights = str(base.get("weights", {}).get("source", ""))
+            info.lora_format = str(lora.get("format", ""))
+            info.lora_json = json.dumps(lora, sort_keys=True)
+            info.precision = str(manifest.get("precision", ""))
         return info

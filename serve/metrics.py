@@ -39,6 +39,10 @@ class GatewayMetrics:
         self.rejected = Counter("cliplora_gateway_rejected_total", "Requests refused over the concurrency limit.",
                                 registry=r)
         self.triton_ready = Gauge("cliplora_gateway_triton_ready", "1 while Triton answers ready.", registry=r)
+        self.model_info = Gauge(
+            "cliplora_gateway_model_info",
+            "1 per served model; base_model/base_weights/lora from its manifest pair a LoRA model with its base.",
+            ["model", "base_model", "base_weights", "lora"], registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -16,12 +16,12 @@ from serve.processes import stop_process
 SCRAPE_INTERVAL = "5s"
 
 
-def render_config(gateway_metrics: str, triton_metrics: str | None) -> str:
-    """Scrape the gateway (and the local Triton) every 5 s."""
+def render_config(gateway_metrics: str, triton_metrics: str | None, interval: str = SCRAPE_INTERVAL) -> str:
+    """Scrape the gateway (and the local Triton) every `interval` (5 s by default)."""
     jobs = [("cliplora-gateway", gateway_metrics)]
     if triton_metrics:
         jobs.append(("triton", triton_metrics))
-    lines = ["global:", f"  scrape_interval: {SCRAPE_INTERVAL}", f"  evaluation_interval: {SCRAPE_INTERVAL}",
+    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}",
              "scrape_configs:"]
     for job, target in jobs:
         lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: ['{target}']"]

@@ -41,6 +41,7 @@ class GatewayServer:
         self.triton = Triton(s.triton_url)
         self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s)
         self.service = ClassifierService(s, self.triton, self.metrics, self._pool)
+        self.triton.on_refresh.append(self.service.publish_model_info)
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

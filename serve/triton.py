@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,7 @@ class Triton:
         self._refresh_lock = asyncio.Lock()
         self._background: set[asyncio.Task[object]] = set()
         self.last_refresh = 0.0
+        self.on_refresh: list[Callable[[dict[str, ModelEntry]], None]] = []
 
     @property
     def models(self) -> dict[str, ModelEntry]:
@@ -103,6 +105,8 @@ class Triton:
                 log.info("models now served: %s", ", ".join(f"{n} {list(e.versions)}" for n, e in found.items()) or "none")
             self._models = found
             self.last_refresh = time.monotonic()
+            for callback in self.on_refresh:
+                callback(self.models)
             return self.models
 
     async def _describe(self, name: str, versions: list[int]) -> ModelEntry:
