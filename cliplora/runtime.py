@@ -3,7 +3,9 @@
 fp16 graphs are created with ``ORT_ENABLE_EXTENDED`` optimisations: on the CPU
 provider (onnxruntime 1.32) the layout optimisations of ``ORT_ENABLE_ALL`` crash the
 process while creating a session for a half-precision ViT. fp32 graphs get
-``ORT_ENABLE_ALL``, as Triton's native ONNX Runtime backend does.
+``ORT_ENABLE_ALL``, as Triton's native ONNX Runtime backend does. Idle threads do not
+spin-wait: spinning threads slow every other process on a small machine (a gateway, a
+Triton beside a load generator) for a gain within noise.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def create_session(
     )
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 

@@ -37,9 +37,12 @@ from cliplora.repository import ModelRepository, validate_model_name
 def render_config(name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int) -> str:
     """The model's ``config.pbtxt``.
 
-    No ``instance_group`` kind: Triton places the model on a GPU when it has one and on
-    the CPU otherwise, so one repository serves both. fp16 models ask Triton's ONNX
-    Runtime backend for its TensorRT accelerator in FP16 on GPUs (ignored on CPUs).
+    One instance and no instance kind (KIND_AUTO): one instance per GPU where there are
+    GPUs, one on the CPU otherwise, so one repository serves both. One CPU instance
+    using every core, fed batches by the dynamic batcher, beat two single-threaded
+    instances here (two instances let the batcher hand a batch of two to one instance
+    while the other idles: docs/benchmarks.md). fp16 models ask Triton's ONNX Runtime
+    backend for its TensorRT accelerator in FP16 on GPUs (ignored on CPUs).
     """
     dims = ", ".join(str(d) for d in spec.input_shape)
     lines = [
@@ -59,6 +62,11 @@ def render_config(name: str, spec: contract.TensorSpec, precision: str, max_batc
         f"    data_type: {contract.OUTPUT_TRITON_DTYPE}",
         f"    dims: [ {spec.num_classes} ]",
         f'    label_filename: "{contract.LABELS_FILENAME}"',
+        "  }",
+        "]",
+        "instance_group [",
+        "  {",
+        "    count: 1",
         "  }",
         "]",
         "dynamic_batching {",

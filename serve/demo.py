@@ -79,8 +79,17 @@ def export_demo_models(repository: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", default="model_repository")
+    parser.add_argument("--write-inputs", metavar="FOLDER",
+                        help="only write the demo adapter (lora_demo.pt) and classes.txt into FOLDER")
     args = parser.parse_args(argv)
     from cliplora.errors import CliploraError
+
+    if args.write_inputs:
+        folder = Path(args.write_inputs)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+        synthetic_adapter(os.environ.get("CLIPLORA_DEMO_MODEL", "ViT-B-16"), folder / "lora_demo.pt")
+        return 0
 
     try:
         export_demo_models(Path(args.repository))

@@ -185,7 +185,8 @@ def test_config_pbtxt(tmp_path, tiny_config, classes_file) -> None:
                  "dims: [ 32, 32, 3 ]", "data_type: TYPE_FP32", "dims: [ 4 ]", 'label_filename: "labels.txt"',
                  "dynamic_batching {"):
         assert line in config
-    assert "instance_group" not in config and "KIND_" not in config and "tensorrt" not in config
+    assert "instance_group [" in config and "count: 1" in config  # one instance per GPU, or one on the CPU
+    assert "kind" not in config and "KIND_" not in config and "tensorrt" not in config
 
 
 # --- failures leave the repository untouched -------------------------------------------------

@@ -9,7 +9,10 @@ native backend (``platform: "onnxruntime_onnx"``) run here unchanged.
 - Tensor names and dtypes come from the model config, not from this file.
 - Dynamic batching: the requests of one `execute` call are concatenated along the batch
   dimension and run once.
-- ``parameters { key: "intra_op_thread_count" }`` sets ONNX Runtime's thread count.
+- ``parameters { key: "intra_op_thread_count" }`` sets ONNX Runtime's thread count; unset,
+  CPU instances share the cores (cores / instances each, at least 1). CPU threads never
+  spin-wait for work: with several models on one server, spinning threads of one
+  model's session starve the others (measured: docs/benchmarks.md).
 - GPU instances use the TensorRT / CUDA execution providers the config asks for
   (``optimization.execution_accelerators``) when this ONNX Runtime has them.
 - A failing batch answers each of its requests with an error; the instance lives on.
@@ -52,18 +55,24 @@ class TritonPythonModel:
         filename = config.get("default_model_filename") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], filename)
 
+        kind = args.get("model_instance_kind", "CPU")
+        instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        default_threads = max(1, (os.cpu_count() or 1) // instances) if kind == "CPU" else 0
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_parameter(config, "intra_op_thread_count", "0"))
-        options.inter_op_num_threads = int(_parameter(config, "inter_op_thread_count", "0"))
+        options.intra_op_num_threads = int(_parameter(config, "intra_op_thread_count", str(default_threads)))
+        options.inter_op_num_threads = int(_parameter(config, "inter_op_thread_count", "1"))
+        if kind == "CPU":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # fp16 graphs crash ORT_ENABLE_ALL's CPU layout passes (see cliplora/runtime.py).
         fp16 = _parameter(config, "precision", "fp32") == "fp16"
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if fp16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         )
-        providers = _providers(config, args.get("model_instance_kind", "CPU"), ort.get_available_providers())
+        providers = _providers(config, kind, ort.get_available_providers())
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"onnxruntime backend: {path} on {self.session.get_providers()}")
+        self.logger.log_info(f"onnxruntime backend: {path} on {self.session.get_providers()}, "
+                             f"{options.intra_op_num_threads} intra-op threads, {instances} instance(s)")
 
     def execute(self, requests: list) -> list:
         try:
