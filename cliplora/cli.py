@@ -72,8 +72,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from serve.client import classify_files
 
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
     results = classify_files(args.target, args.model, args.images, top_k=args.top_k, version=args.version,
-                             timeout_s=args.timeout)
+                             timeout_s=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                             tls_key=args.tls_key)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -140,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--version", type=int, default=0, help="model version (default: latest)")
     classify.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
     classify.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    classify.add_argument("--token-file", help="file holding the bearer token (or set CLIPLORA_TOKEN)")
+    classify.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect with TLS")
+    classify.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    classify.add_argument("--tls-key", type=Path, help="client key (PEM), for mutual TLS")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(func=_classify)
 

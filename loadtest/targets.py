@@ -51,11 +51,14 @@ class GatewayTarget:
         self._requests: dict[str, list[pb.ClassifyRequest]] = {}
 
     async def start(self, models: list[str]) -> None:
+        from serve.client import token_metadata
+
         self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_send_message_length", 1 << 28)])
         self.stub = pb_grpc.ClassifierStub(self.channel)
+        self.metadata = token_metadata()  # CLIPLORA_TOKEN, when the gateway wants one
         sizes: dict[str, int] = {}
         if self.raw:
-            listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=self.metadata)
             sizes = {m.name: m.image_size for m in listing.models}
         for model in models:
             requests = []
@@ -73,7 +76,7 @@ class GatewayTarget:
     async def send(self, model: str, item: int) -> None:
         requests = self._requests[model]
         try:
-            await self.stub.Classify(requests[item % len(requests)], timeout=self.timeout_s)
+            await self.stub.Classify(requests[item % len(requests)], timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(exc.code().name, exc.details() or "") from None
 

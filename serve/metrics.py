@@ -38,6 +38,8 @@ class GatewayMetrics:
         self.images = Counter("cliplora_gateway_images_total", "Images classified.", ["model"], registry=r)
         self.rejected = Counter("cliplora_gateway_rejected_total", "Requests refused over the concurrency limit.",
                                 registry=r)
+        self.unauthenticated = Counter("cliplora_gateway_unauthenticated_total",
+                                       "Calls refused for a missing or invalid bearer token.", registry=r)
         self.triton_ready = Gauge("cliplora_gateway_triton_ready", "1 while Triton answers ready.", registry=r)
         self.model_info = Gauge(
             "cliplora_gateway_model_info",

@@ -16,6 +16,7 @@ from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from serve.gateway import ClassifierService
 from serve.health import TritonHealth
 from serve.metrics import GatewayMetrics
+from serve.security import BearerTokenInterceptor, load_tokens, server_credentials
 from serve.settings import GatewaySettings
 from serve.triton import Triton
 
@@ -42,7 +43,9 @@ class GatewayServer:
         self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s)
         self.service = ClassifierService(s, self.triton, self.metrics, self._pool)
         self.triton.on_refresh.append(self.service.publish_model_info)
-        self.server = grpc.aio.server(options=[
+        tokens = load_tokens(s.auth_tokens_file)
+        interceptors = [BearerTokenInterceptor(tokens, self.metrics.unauthenticated.inc)] if tokens else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ])
@@ -53,7 +56,11 @@ class GatewayServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert is not None and s.tls_key is not None:
+            self.port = self.server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
         await self.health.set_serving(False)
@@ -62,7 +69,11 @@ class GatewayServer:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
                        asyncio.create_task(self._refresh_loop(), name="refresh")]
-        log.info("gateway listening on %s:%d (metrics :%d), Triton at %s", s.host, self.port, self.metrics_port, s.triton_url)
+        log.info("gateway listening on %s:%d (%s%s; metrics :%d), Triton at %s", s.host, self.port,
+                 "TLS" if s.tls_cert else "plaintext", ", mutual TLS" if s.tls_client_ca else "",
+                 self.metrics_port, s.triton_url)
+        if tokens:
+            log.info("bearer-token auth on (%d tokens); health stays open", len(tokens))
 
     async def _refresh_loop(self) -> None:
         while True:

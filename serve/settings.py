@@ -35,6 +35,10 @@ class GatewaySettings:
     refresh_interval_s: float = 5.0  # model discovery
     health_interval_s: float = 0.5  # Triton readiness probe
     grace_s: float = 10.0  # shutdown drain
+    tls_cert: Path | None = None  # PEM; with tls_key, the gateway speaks TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM; clients must then present a certificate it signed
+    auth_tokens_file: Path | None = None  # bearer tokens, one per line (also CLIPLORA_AUTH_TOKENS)
 
     def __post_init__(self) -> None:
         positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent", "preprocess_workers",
@@ -46,6 +50,10 @@ class GatewaySettings:
             raise InvalidArgument(f"invalid ports: grpc {self.grpc_port}, metrics {self.metrics_port}")
         if self.grace_s < 0:
             raise InvalidArgument("grace_s must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if ":" not in self.triton_url:
             raise InvalidArgument(f"triton_url must be HOST:PORT, got {self.triton_url!r}")
 
@@ -84,5 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in fields(GatewaySettings):
         if field.name in ("host", "grpc_port", "metrics_port", "triton_url", "repository"):
             continue
+        default = "none" if field.default is None else field.default
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            help=f"default {field.default} (env {ENV_PREFIX}{field.name.upper()})")
+                            help=f"default {default} (env {ENV_PREFIX}{field.name.upper()})")
