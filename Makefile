@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test serve clean proto prometheus
+.PHONY: install test serve clean proto prometheus soak
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ prometheus:
 serve: install prometheus
 	$(PY) -m serve.demo --repository model_repository
 	$(VENV)/bin/cliplora serve --repository model_repository
+
+# Not part of `make test`: ~80% of measured capacity for 10 minutes on the demo models,
+# errors and gateway memory over time (report in bench/soak/).
+soak: install
+	$(PY) -m serve.demo --repository model_repository
+	$(PY) -m loadtest.soak --repository model_repository --model pets-base --minutes 10 --report bench/soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -184,3 +184,16 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_config) -> None:
         if gateway is not None:
             await gateway.stop(1)
         triton.cleanup()
+
+
+def test_soak_report_helpers() -> None:
+    import os
+
+    from loadtest.soak import render, rss_mib
+
+    assert 10 < rss_mib(os.getpid()) < 100_000
+    report = {"model": "m", "capacity_rps": 5.0, "rate_rps": 4.0, "minutes": 10, "requests": 2400,
+              "errors": {"UNAVAILABLE": 2}, "latency_ms": {"p50": 300.0, "p90": 400.0, "p99": 500.0, "mean": 310.0},
+              "gateway_rss_mib": {"start": 200.0, "max": 230.0, "end": 225.0, "growth_after_first_minute": 3.5}}
+    text = render(report)
+    assert "errors 2" in text and "+3.5 MiB" in text and "held 4.00 req/s" in text
