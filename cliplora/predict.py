@@ -36,8 +36,7 @@ def predict_files(
     repo = ModelRepository(repository)
     found = repo.get(name, version)
     labels = repo.labels(name)
-    precision = found.manifest().get("precision", "fp32")
-    session = create_session(found.model_path, precision=precision)
+    session = create_session(found.model_path, precision=found.precision)
     shape = session.get_inputs()[0].shape
     size = int(shape[1])
     output_classes = session.get_outputs()[0].shape[1]

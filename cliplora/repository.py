@@ -62,6 +62,11 @@ class ModelVersion:
     def manifest_path(self) -> Path:
         return self.path / contract.MANIFEST_FILENAME
 
+    @property
+    def precision(self) -> str:
+        """The precision the version was exported in (fp32 when the manifest does not say)."""
+        return str(self.manifest().get("precision", "fp32"))
+
     def manifest(self) -> dict[str, Any]:
         try:
             return json.loads(self.manifest_path.read_text(encoding="utf-8"))

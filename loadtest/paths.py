@@ -15,16 +15,13 @@ milliseconds, as JSON on stdout.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
 import time
 
 import grpc
-import numpy as np
 import tritonclient.grpc as triton_grpc
-from PIL import Image
 
 from cliplora import contract
 from cliplora.preprocess import preprocess_bytes
@@ -32,15 +29,7 @@ from cliplora.repository import ModelRepository
 from cliplora.runtime import create_session, run_logits
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-
-
-def _test_jpeg(seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:480, 0:640]
-    pixels = np.stack([xx / 640 * 255, yy / 480 * 255, rng.integers(0, 255, (480, 640))], axis=-1).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+from loadtest.cli import generated_images
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
@@ -60,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
 
-    jpeg = _test_jpeg()
+    jpeg = generated_images(1)[0]  # the load tester's first 640x480 JPEG
     found = ModelRepository(args.repository).get(args.model)
-    session = create_session(found.model_path, precision=found.manifest().get("precision", "fp32"))
+    session = create_session(found.model_path, precision=found.precision)
     size = int(session.get_inputs()[0].shape[1])
     crop = preprocess_bytes(jpeg, size)[None]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -20,6 +20,13 @@ from cliplora.repository import ModelRepository
 from cliplora.runtime import create_session, run_logits
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+def rotating_batches(items: list[T], batch: int) -> list[list[T]]:
+    """One batch per starting item: items[i], items[i+1], ... wrapping around, `batch` long."""
+    return [[items[(start + j) % len(items)] for j in range(batch)] for start in range(len(items))]
 
 
 class Target(Protocol):
@@ -62,8 +69,7 @@ class GatewayTarget:
             sizes = {m.name: m.image_size for m in listing.models}
         for model in models:
             requests = []
-            for start in range(len(self.images)):
-                chosen = [self.images[(start + j) % len(self.images)] for j in range(self.batch)]
+            for chosen in rotating_batches(self.images, self.batch):
                 if self.raw:
                     size = sizes[model]
                     images = [pb.Image(raw=pb.RawImage(rgb=preprocess_bytes(data, size).tobytes(), width=size, height=size))
@@ -101,8 +107,7 @@ class TritonTarget:
             config = await self.client.get_model_config(model, as_json=True)
             dims = config["config"]["input"][0]["dims"]
             crops = [preprocess_bytes(data, int(dims[0])) for data in self.images]
-            self._batches[model] = [np.stack([crops[(s + j) % len(crops)] for j in range(self.batch)])
-                                    for s in range(len(crops))]
+            self._batches[model] = [np.stack(chosen) for chosen in rotating_batches(crops, self.batch)]
 
     async def send(self, model: str, item: int) -> None:
         from tritonclient.utils import InferenceServerException
@@ -137,13 +142,11 @@ class InProcessTarget:
         repo = ModelRepository(self.repository)
         for model in models:
             found = repo.get(model)
-            session = create_session(found.model_path, precision=found.manifest().get("precision", "fp32"),
-                                     threads=self.threads)
+            session = create_session(found.model_path, precision=found.precision, threads=self.threads)
             size = int(session.get_inputs()[0].shape[1])
             crops = [preprocess_bytes(data, size) for data in self.images]
             self._sessions[model] = session
-            self._batches[model] = [np.stack([crops[(s + j) % len(crops)] for j in range(self.batch)])
-                                    for s in range(len(crops))]
+            self._batches[model] = [np.stack(chosen) for chosen in rotating_batches(crops, self.batch)]
 
     async def send(self, model: str, item: int) -> None:
         batches = self._batches[model]

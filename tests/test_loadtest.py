@@ -197,3 +197,10 @@ def test_soak_report_helpers() -> None:
               "gateway_rss_mib": {"start": 200.0, "max": 230.0, "end": 225.0, "growth_after_first_minute": 3.5}}
     text = render(report)
     assert "errors 2" in text and "+3.5 MiB" in text and "held 4.00 req/s" in text
+
+
+def test_rotating_batches_wrap_around() -> None:
+    from loadtest.targets import rotating_batches
+
+    assert rotating_batches(["a", "b", "c"], 2) == [["a", "b"], ["b", "c"], ["c", "a"]]
+    assert rotating_batches(["a"], 3) == [["a", "a", "a"]]
