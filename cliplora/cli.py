@@ -44,6 +44,76 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import signal
+
+    from cliplora.progress import Progress
+    from finetune.lora_layers import LoraSpec
+    from finetune.train import FinetuneOptions, run_finetune
+
+    options = FinetuneOptions(
+        model=args.model,
+        pretrained=args.pretrained,
+        data=Path(args.data),
+        eval_data=Path(args.eval_data) if args.eval_data else None,
+        shots=args.shots,
+        output=Path(args.output),
+        seed=args.seed,
+        lora=LoraSpec(encoder=args.encoder, position=args.position, params=tuple("".join(args.params)),
+                      r=args.r, alpha=args.alpha, dropout=args.dropout),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        min_lr=args.min_lr,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        templates=tuple(args.template or ()),
+        device=args.device,
+        allow_random_weights=args.allow_random_weights,
+        resume=args.resume,
+        save_every=args.save_every,
+    )
+    # The first Ctrl-C finishes the current step and saves the state; a second one aborts.
+    interrupted: list[bool] = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = run_finetune(options, Progress(quiet=args.quiet), should_stop=lambda step: bool(interrupted))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run = result.run
+    summary = {"output": str(result.output), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "steps_done": result.steps_done, "iterations": run["iterations"],
+               "zero_shot_top1": (run["zero_shot"] or {}).get("top1"),
+               "top1": (run.get("accuracy") or {}).get("top1"), "export": run.get("export")}
+    print(json.dumps(summary, indent=2))
+    if result.checkpoint is None:
+        print(f"cliplora finetune: CANCELLED: stopped after step {result.steps_done}; "
+              f"continue with --resume --output {result.output}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cliplora.datasets import read_labelled_images
+    from cliplora.evaluate import evaluate_model
+    from cliplora.progress import Progress
+
+    data = read_labelled_images(args.data)
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    progress = Progress(quiet=args.quiet)
+    models = {
+        name: evaluate_model(data, name, repository=Path(args.repository), target=args.target,
+                             version=args.version, token=token, progress=progress)
+        for name in args.name
+    }
+    print(json.dumps({"data": data.source, "images": len(data), "models": models}, indent=2))
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from cliplora.predict import predict_files
 
@@ -112,6 +182,48 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--probes", type=int, default=8, help="probe images for verification (default 8)")
     export.add_argument("--quiet", action="store_true", help="no progress output")
     export.set_defaults(func=_export)
+
+    finetune = sub.add_parser("finetune", help="few-shot CLIP-LoRA training (the paper's recipe); writes lora.pt")
+    finetune.add_argument("--model", required=True, help="open_clip model name (ViT-B-16, ...) or a JSON model config")
+    finetune.add_argument("--pretrained", help="open_clip tag, state-dict file or OpenAI .pt archive")
+    finetune.add_argument("--allow-random-weights", action="store_true",
+                          help="train on a random model when no --pretrained is given (tests and demos only)")
+    finetune.add_argument("--data", required=True, help="image folder (one sub-folder per class) or path,label CSV")
+    finetune.add_argument("--eval-data", help="held-out images (default: the images not drawn as shots)")
+    finetune.add_argument("--shots", type=int, required=True, help="training images per class")
+    finetune.add_argument("--seed", type=int, default=1, help="shots, initialisation, order, augmentation (default 1)")
+    finetune.add_argument("--output", required=True, help="folder for lora.pt, classes.txt, run.json, state.pt")
+    finetune.add_argument("--encoder", choices=("text", "vision", "both"), default="both")
+    finetune.add_argument("--position", default="all", help="blocks to adapt: all, bottom, mid, up, half-up, "
+                          "half-bottom, top, top1, top2, top3 (default all)")
+    finetune.add_argument("--params", nargs="+", default=["q", "k", "v"], metavar="P",
+                          help="projections: q k v o (default q k v)")
+    finetune.add_argument("--r", type=int, default=2, help="LoRA rank (default 2)")
+    finetune.add_argument("--alpha", type=float, default=1.0, help="LoRA alpha; scale alpha/sqrt(r) (default 1)")
+    finetune.add_argument("--dropout", type=float, default=0.25, help="dropout on the LoRA input (default 0.25)")
+    finetune.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    finetune.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
+    finetune.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine schedule (default 1e-6)")
+    finetune.add_argument("--iterations", type=int, help="training steps (default 500 x shots)")
+    finetune.add_argument("--batch-size", type=int, default=32)
+    finetune.add_argument("--template", action="append", metavar="TEMPLATE",
+                          help="prompt template with {}; repeat to average (default: 'a photo of a {}.')")
+    finetune.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    finetune.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    finetune.add_argument("--save-every", type=int, default=100, help="steps between saved states (default 100)")
+    finetune.add_argument("--quiet", action="store_true", help="no progress output")
+    finetune.set_defaults(func=_finetune)
+
+    evaluate = sub.add_parser("evaluate", help="top-1 accuracy of published models on labelled images")
+    evaluate.add_argument("--data", required=True, help="image folder (one sub-folder per class) or path,label CSV")
+    evaluate.add_argument("--name", action="append", required=True,
+                          help="published model; repeat to compare (e.g. the --lora none base)")
+    evaluate.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    evaluate.add_argument("--version", type=int, help="model version (default: latest)")
+    evaluate.add_argument("--target", help="gateway HOST:PORT: evaluate what is served, not the file")
+    evaluate.add_argument("--token-file", help="bearer token for the gateway (or set CLIPLORA_TOKEN)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress output")
+    evaluate.set_defaults(func=_evaluate)
 
     predict = sub.add_parser("predict", help="classify images in process with ONNX Runtime")
     predict.add_argument("--repository", default=str(DEFAULT_REPOSITORY))

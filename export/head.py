@@ -75,6 +75,27 @@ def prompts(class_name: str, templates: Sequence[str]) -> list[str]:
     return [t.replace(PLACEHOLDER, name) for t in templates]
 
 
+def prompt_tokens(
+    tokenizer: Callable[[list[str]], torch.Tensor], classes: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """Tokens of every prompt, class-major: [C * T, context]."""
+    return tokenizer([p for c in classes for p in prompts(c, templates)])
+
+
+def class_embeddings(model: nn.Module, tokens: torch.Tensor, n_classes: int, *, batch_size: int = 256) -> torch.Tensor:
+    """Unit-norm class embeddings [C, D] from class-major prompt tokens.
+
+    Differentiable: `cliplora finetune` trains through it with the adapted text
+    encoder, and the export folds the very same computation into the graph.
+    """
+    features = [
+        F.normalize(model.encode_text(tokens[start : start + batch_size]).float(), dim=-1)
+        for start in range(0, len(tokens), batch_size)
+    ]
+    per_prompt = torch.cat(features).reshape(n_classes, len(tokens) // n_classes, -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
 @torch.no_grad()
 def class_text_matrix(
     model: nn.Module,
@@ -85,10 +106,5 @@ def class_text_matrix(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """T [D, C]: unit-norm class embeddings from `model`'s text encoder, as columns."""
-    all_prompts = [p for c in classes for p in prompts(c, templates)]
-    features = []
-    for start in range(0, len(all_prompts), batch_size):
-        tokens = tokenizer(all_prompts[start : start + batch_size])
-        features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(features).reshape(len(classes), len(templates), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1).t().contiguous()
+    tokens = prompt_tokens(tokenizer, classes, templates)
+    return class_embeddings(model, tokens, len(classes), batch_size=batch_size).t().contiguous()

@@ -64,11 +64,11 @@ class ExportResult:
     manifest: dict[str, Any] = field(repr=False)
 
 
+@torch.no_grad()  # a scope, not the process-wide switch: callers (finetune, tests) train afterwards
 def run_export(options: ExportOptions, progress: Progress | None = None) -> ExportResult:
     """Merge, fold, export, verify and publish; raises a `CliploraError` on any fault."""
     progress = progress or Progress(quiet=True)
     started = time.perf_counter()
-    torch.set_grad_enabled(False)
     classes = head.read_classes(options.classes)
     templates = head.validate_templates(options.templates)
     labels = publish.render_labels(classes)

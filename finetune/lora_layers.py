@@ -1,0 +1,127 @@
+"""Trainable LoRA on CLIP's attention, as the CLIP-LoRA paper trains it.
+
+Each adapted block's attention becomes the export's `LoraAttention` (the unmerged
+reference the exporter verifies against), with a trainable branch per projection:
+``x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with ``s = alpha / sqrt(r)``, A initialised
+Kaiming-uniform (a = √5) and B at zero, so training starts exactly at the base model.
+The base weights are buffers there: only A and B are parameters.
+
+Blocks are listed text tower first, then vision, each by increasing index, which is
+the order of the paper's ``layer_i`` keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cliplora.errors import InvalidArgument
+from export.lora import Target, Tower
+from export.lora_paper import ENCODERS, SAVED_NAME, block_indices
+from export.reference import LoraAttention
+
+
+class TrainableLoraBranch(nn.Module):
+    """s · (dropout(x) @ Aᵀ) @ Bᵀ with trainable A [r, d_in] and B [d_out, r]."""
+
+    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.w_lora_A = nn.Parameter(torch.empty(r, d_in))
+        self.w_lora_B = nn.Parameter(torch.zeros(d_out, r))
+        nn.init.kaiming_uniform_(self.w_lora_A, a=math.sqrt(5))
+        self.scale = alpha / math.sqrt(r)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x) @ self.w_lora_A.t()) @ self.w_lora_B.t() * self.scale
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Where the adapter goes and its hyper-parameters (the paper's flags)."""
+
+    encoder: str = "both"
+    position: str = "all"
+    params: tuple[Target, ...] = ("q", "k", "v")
+    r: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise InvalidArgument(f"--encoder must be text, vision or both, got {self.encoder!r}")
+        if not self.params or any(p not in SAVED_NAME for p in self.params) or len(set(self.params)) != len(self.params):
+            raise InvalidArgument(f"--params must be distinct letters of q, k, v, o, got {''.join(self.params)!r}")
+        if self.r < 1:
+            raise InvalidArgument(f"--r must be at least 1, got {self.r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise InvalidArgument(f"--alpha must be a positive number, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidArgument(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def ordered_params(self) -> list[Target]:
+        return [t for t in SAVED_NAME if t in self.params]
+
+    def adapts(self, tower: Tower) -> bool:
+        return tower in ENCODERS[self.encoder]
+
+    def metadata(self) -> dict[str, Any]:
+        """The checkpoint's ``metadata``, as the paper's ``save_lora`` writes it."""
+        return {"r": self.r, "alpha": self.alpha, "encoder": self.encoder,
+                "params": self.ordered_params, "position": self.position}
+
+
+@dataclass(frozen=True)
+class AdaptedBlock:
+    tower: Tower
+    block: int
+    attention: LoraAttention
+
+
+def _towers(model: nn.Module) -> dict[Tower, nn.ModuleList]:
+    return {"text": model.transformer.resblocks, "vision": model.visual.transformer.resblocks}
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> list[AdaptedBlock]:
+    """Freeze `model` and put trainable LoRA attention in the blocks `spec` names, in place."""
+    model.requires_grad_(False)
+    adapted: list[AdaptedBlock] = []
+    towers = _towers(model)
+    for tower in ENCODERS[spec.encoder]:
+        blocks = towers[tower]
+        for index in block_indices(spec.position, len(blocks)):
+            attention = LoraAttention(blocks[index].attn)
+            d = attention.width
+            for target in spec.ordered_params:
+                attention.add_branch(target, TrainableLoraBranch(d, d, spec.r, spec.alpha, spec.dropout))
+            blocks[index].attn = attention
+            adapted.append(AdaptedBlock(tower, index, attention))
+    return adapted
+
+
+def lora_parameters(adapted: Sequence[AdaptedBlock]) -> list[nn.Parameter]:
+    return [p for block in adapted for p in block.attention.branches.parameters()]
+
+
+def paper_checkpoint(adapted: Sequence[AdaptedBlock], spec: LoraSpec) -> dict[str, Any]:
+    """``{"weights": {"layer_i": {"q_proj": {"w_lora_A", "w_lora_B"}, ...}}, "metadata"}``.
+
+    fp32 CPU tensors, detached copies: the file loads anywhere, with ``weights_only``.
+    """
+    weights: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for index, block in enumerate(adapted):
+        layer = {}
+        for target in spec.ordered_params:
+            branch = block.attention.branches[target]
+            layer[SAVED_NAME[target]] = {
+                "w_lora_A": branch.w_lora_A.detach().float().cpu().clone(),
+                "w_lora_B": branch.w_lora_B.detach().float().cpu().clone(),
+            }
+        weights[f"layer_{index}"] = layer
+    return {"weights": weights, "metadata": spec.metadata()}
