@@ -35,7 +35,8 @@ class GatewayServer:
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        self._stopped = asyncio.Event()
+        self._stopping = asyncio.Event()  # stop() began: refuse new calls
+        self._stopped = asyncio.Event()  # stop() finished: in-flight calls drained, all released
 
     async def start(self) -> None:
         s = self.settings
@@ -82,10 +83,15 @@ class GatewayServer:
                 await self.triton.refresh()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish within the grace period, release all."""
-        if self._stopped.is_set():
+        """Refuse new calls, let in-flight ones finish within the grace period, release all.
+
+        A second call (a second signal) waits for the first to finish instead of cutting
+        the drain short.
+        """
+        if self._stopping.is_set():
+            await self._stopped.wait()
             return
-        self._stopped.set()
+        self._stopping.set()
         await self.health.shutdown()
         if self.server is not None:
             await self.server.stop(self.settings.grace_s if grace is None else grace)
@@ -96,8 +102,11 @@ class GatewayServer:
             await self.triton.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
+        self._stopped.set()
 
     async def wait(self) -> None:
+        """Until `stop()` has *finished*: returning earlier would let ``asyncio.run`` cancel the
+        drain (and with it the calls still in flight) on its way out."""
         await self._stopped.wait()
 
 
@@ -106,6 +115,7 @@ async def serve_until_signalled(settings: GatewaySettings) -> None:
     gateway = GatewayServer(settings)
     await gateway.start()
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []  # a strong reference: the loop keeps only weak ones
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.stop()))
+        loop.add_signal_handler(sig, lambda: stopping.append(loop.create_task(gateway.stop())))
     await gateway.wait()

@@ -38,7 +38,7 @@ def run_stack(
             _say(f"starting Triton on {repository} (log: {log_dir / 'triton.log'}) ...")
             triton = LocalTriton(repository, ports=triton_ports, log_path=log_dir / "triton.log").start()
             settings = replace(settings, triton_url=triton.grpc_url)
-        if LocalPrometheus.available():
+        if _wants_prometheus(settings, triton):
             config = render_config(f"{settings.host}:{settings.metrics_port}",
                                    f"{triton.host}:{triton.ports.metrics}" if triton else None)
             prometheus = LocalPrometheus(config, port=prometheus_port, log_path=log_dir / "prometheus.log").start()
@@ -55,6 +55,12 @@ def run_stack(
         _say("stopped")
 
 
+def _wants_prometheus(settings: GatewaySettings, triton: LocalTriton | None) -> bool:
+    """Only for the local stack: `--triton-url` promises the gateway alone (its operator
+    monitors it), and with `--metrics-port -1` there is nothing of ours to scrape."""
+    return triton is not None and settings.metrics_port >= 0 and LocalPrometheus.available()
+
+
 def _print_endpoints(settings: GatewaySettings, repository: Path, triton: LocalTriton | None,
                      prometheus: LocalPrometheus | None) -> None:
     models = ModelRepository(repository).model_names() if triton else []
@@ -62,15 +68,22 @@ def _print_endpoints(settings: GatewaySettings, repository: Path, triton: LocalT
         "",
         "cliplora is serving:",
         f"  gateway (gRPC cliplora.v1.Classifier, health, reflection)  {settings.host}:{settings.grpc_port}",
-        f"  gateway metrics                                           http://{settings.host}:{settings.metrics_port}/metrics",
+        "  gateway metrics                                           "
+        + (f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port >= 0 else "off"),
     ]
     if triton:
         lines += [f"  Triton HTTP / gRPC / metrics                              {triton.http_url} / "
                   f"{triton.grpc_url} / {triton.metrics_url}"]
     else:
         lines += [f"  Triton (existing)                                         {settings.triton_url}"]
-    lines += [f"  Prometheus                                                {prometheus.url}" if prometheus
-              else "  Prometheus                                                not installed (apt-get install -y prometheus)"]
+    if prometheus:
+        lines += [f"  Prometheus                                                {prometheus.url}"]
+    elif triton is None:
+        lines += ["  Prometheus                                                not started (gateway only)"]
+    elif settings.metrics_port < 0:
+        lines += ["  Prometheus                                                off (gateway metrics are off)"]
+    else:
+        lines += ["  Prometheus                                                not installed (apt-get install -y prometheus)"]
     if models:
         lines += [f"  models: {', '.join(models)}", "",
                   "try:", f"  .venv/bin/cliplora classify --target {settings.host}:{settings.grpc_port} "
