@@ -1,13 +1,34 @@
-"""Helpers for serving tests: free ports, tiny published models, PNG headers that lie."""
+"""Helpers for serving tests: ports, tiny published models, a deliberately slow model,
+images, and gateways (in this process or as a child process) that always get stopped."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from export.pipeline import ExportOptions, run_export
+from serve.processes import stop_process
+from serve.server import GatewayServer
+from serve.settings import GatewaySettings
+from serve.triton_launcher import TritonPorts
 from tests import factories
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]
@@ -45,3 +66,180 @@ def encoded(image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+def triton_ports() -> TritonPorts:
+    return TritonPorts(free_port(), free_port(), free_port())
+
+
+def smooth_png(width: int, height: int, seed: int = 0) -> bytes:
+    """A gradient PNG: a few tens of KiB on the wire, width x height x 3 bytes once decoded.
+
+    What overload tests need: requests cheap to send whose decoding would be expensive.
+    """
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 40 * seed % 256)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+SLOW_MODEL = '''"""Test-only Triton model: the cliplora tensor contract, answered after `delay_s` seconds.
+
+The gateway's label probe (an all-zero image) is answered at once, so discovery stays quick.
+"""
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.delay_s = float(config["parameters"]["delay_s"]["string_value"])
+        self.classes = int(config["output"][0]["dims"][0])
+
+    def execute(self, requests):
+        images = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy() for r in requests]
+        if any(i.any() for i in images):
+            time.sleep(self.delay_s)
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("logits", np.zeros((len(i), self.classes), dtype=np.float32))]) for i in images]
+'''
+
+
+def add_slow_model(repository: Path, delay_s: float, name: str = "slow") -> None:
+    """A model that takes `delay_s` per batch (Triton's Python backend; the labels of `base`).
+
+    Dynamic batching gathers the requests that arrive during one delay into the next batch,
+    so n concurrent calls take at most about 2 x `delay_s`.
+    """
+    folder = repository / name
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.py").write_text(SLOW_MODEL)
+    (folder / "labels.txt").write_text((repository / "base" / "labels.txt").read_text())
+    size = factories.IMAGE_SIZE
+    (folder / "config.pbtxt").write_text(f"""name: "{name}"
+backend: "python"
+max_batch_size: 32
+input [ {{ name: "image" data_type: TYPE_UINT8 dims: [ {size}, {size}, 3 ] }} ]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ {len(CLASSES)} ] label_filename: "labels.txt" }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 100000 }}
+parameters {{ key: "delay_s" value: {{ string_value: "{delay_s}" }} }}
+""")
+
+
+async def health(port: int) -> str:
+    """The gateway's health status name; raises grpc.aio.AioRpcError when nothing answers."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="cliplora.v1.Classifier"), timeout=2)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def wait_for_health(port: int, status: str, timeout_s: float, poll_s: float = 0.05) -> float:
+    """Poll until health is `status` (an unreachable gateway counts as "UNREACHABLE");
+    returns the seconds it took, fails the test after `timeout_s`."""
+    started = time.monotonic()
+    while True:
+        try:
+            now = await health(port)
+        except grpc.aio.AioRpcError:
+            now = "UNREACHABLE"
+        elapsed = time.monotonic() - started
+        if now == status:
+            return elapsed
+        assert elapsed < timeout_s, f"health still {now} after {elapsed:.1f} s, expected {status}"
+        await asyncio.sleep(poll_s)
+
+
+def classifier_stub(port: int) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return channel, pb_grpc.ClassifierStub(channel)
+
+
+@asynccontextmanager
+async def in_process_gateway(triton_url: str, repository: Path | None = None, *, wait_serving: bool = True,
+                             **overrides: object) -> AsyncIterator[tuple[GatewayServer, pb_grpc.ClassifierStub]]:
+    """A gateway in this event loop (free ports, 0.2 s health probes) and a stub on it;
+    both closed on the way out, whatever the test did."""
+    options = {"health_interval_s": 0.2, **overrides}
+    settings = GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton_url, repository=repository, **options)
+    gateway = GatewayServer(settings)
+    await gateway.start()
+    channel, stub = classifier_stub(gateway.port)
+    try:
+        if wait_serving:
+            await wait_for_health(gateway.port, "SERVING", timeout_s=30)
+        yield gateway, stub
+    finally:
+        await channel.close()
+        await gateway.stop(1)
+
+
+@dataclass
+class GatewayProcess:
+    """A `cliplora serve --triton-url ...` child process: the gateway alone, as operators run it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int  # -1: metrics off
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def memory_mib(self, field: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (peak since start or `reset_peak`) from /proc, in MiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
+
+    def reset_peak(self) -> None:
+        """Make VmHWM start afresh from the current RSS (``5`` to clear_refs, Linux >= 4.0)."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples called `name` whose labels include `labels`, from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and labels.items() <= sample.labels.items())
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@asynccontextmanager
+async def gateway_process(triton_url: str, log_dir: Path, *flags: str,
+                          metrics: bool = False) -> AsyncIterator[GatewayProcess]:
+    """Start the gateway as its own OS process, wait until SERVING, stop it on the way out
+    (SIGTERM, then SIGKILL) unless the test already did."""
+    port, metrics_port = free_port(), free_port() if metrics else -1
+    log_path = log_dir / f"gateway-{port}.log"
+    command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--triton-url", triton_url,
+               "--grpc-port", str(port), "--metrics-port", str(metrics_port), *flags]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    gateway = GatewayProcess(process, port, metrics_port, log_path)
+    try:
+        started = time.monotonic()
+        while (await _health_or_none(port)) != "SERVING":
+            assert process.poll() is None, f"gateway exited with {process.returncode}:\n{gateway.log_tail()}"
+            assert time.monotonic() - started < 60, f"gateway not SERVING after 60 s:\n{gateway.log_tail()}"
+            await asyncio.sleep(0.1)
+        yield gateway
+    finally:
+        stop_process(process, 20)
+
+
+async def _health_or_none(port: int) -> str | None:
+    try:
+        return await health(port)
+    except grpc.aio.AioRpcError:
+        return None

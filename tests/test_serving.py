@@ -15,20 +15,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cliplora.predict import predict_files
 from cliplora.v1 import classifier_pb2 as pb
-from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from serve.server import GatewayServer
-from serve.settings import GatewaySettings
-from serve.triton_launcher import LocalTriton, TritonPorts
+from serve.triton_launcher import LocalTriton
 from tests import factories
-from tests.serving import CLASSES, encoded, free_port, png_header, publish_tiny_models
-
-
-def _ports() -> TritonPorts:
-    return TritonPorts(free_port(), free_port(), free_port())
+from tests.serving import (
+    CLASSES,
+    encoded,
+    free_port,
+    health,
+    in_process_gateway,
+    png_header,
+    publish_tiny_models,
+    triton_ports,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def repository(tmp_path_factory, tiny_config) -> Path:
 
 @pytest.fixture(scope="module")
 def triton(repository):
-    server = LocalTriton(repository, ports=_ports()).start()
+    server = LocalTriton(repository, ports=triton_ports()).start()
     yield server
     server.cleanup()
 
@@ -55,34 +56,8 @@ def images(tmp_path_factory) -> list[Path]:
     return paths
 
 
-async def _gateway(triton_url: str, repository: Path | None = None, **overrides) -> GatewayServer:
-    options = {"health_interval_s": 0.2, **overrides}
-    settings = GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton_url, repository=repository, **options)
-    gateway = GatewayServer(settings)
-    await gateway.start()
-    for _ in range(100):
-        if gateway.health.serving or triton_url.endswith(":1"):
-            break
-        await asyncio.sleep(0.05)
-    return gateway
-
-
-async def _health(port: int) -> str:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="cliplora.v1.Classifier"), timeout=2)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-
-def _stub(port: int) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierStub]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return channel, pb_grpc.ClassifierStub(channel)
-
-
 async def test_classify_equals_predict(triton, repository, images) -> None:
-    gateway = await _gateway(triton.grpc_url, repository)
-    channel, stub = _stub(gateway.port)
-    try:
+    async with in_process_gateway(triton.grpc_url, repository) as (_, stub):
         for model in ("base", "lora"):
             reply = await stub.Classify(pb.ClassifyRequest(
                 model=model, top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images]), timeout=30)
@@ -97,15 +72,10 @@ async def test_classify_equals_predict(triton, repository, images) -> None:
         lora = await stub.Classify(pb.ClassifyRequest(model="lora", top_k=0, images=[pb.Image(encoded=images[0].read_bytes())]))
         base_logits = {p.index: p.logit for p in base.results[0].predictions}
         assert max(abs(p.logit - base_logits[p.index]) for p in lora.results[0].predictions) > 1e-3
-    finally:
-        await channel.close()
-        await gateway.stop(1)
 
 
 async def test_list_models_and_metrics(triton, repository) -> None:
-    gateway = await _gateway(triton.grpc_url, repository)
-    channel, stub = _stub(gateway.port)
-    try:
+    async with in_process_gateway(triton.grpc_url, repository) as (gateway, stub):
         reply = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
         by_name = {m.name: m for m in reply.models}
         assert set(by_name) == {"base", "lora"}
@@ -117,14 +87,9 @@ async def test_list_models_and_metrics(triton, repository) -> None:
             text = response.read().decode()
         assert 'cliplora_gateway_request_duration_seconds_count{code="OK",method="ListModels"' in text
         assert "cliplora_gateway_triton_ready 1.0" in text
-    finally:
-        await channel.close()
-        await gateway.stop(1)
 
 
 async def test_every_error_row_from_real_requests(triton, repository, images) -> None:
-    gateway = await _gateway(triton.grpc_url, repository, max_images=4)
-    channel, stub = _stub(gateway.port)
     jpeg = encoded(factories.make_image(200, 150, seed=5), "JPEG")
     ok = pb.Image(encoded=images[0].read_bytes())
     cases = [
@@ -136,7 +101,7 @@ async def test_every_error_row_from_real_requests(triton, repository, images) ->
         (pb.ClassifyRequest(model="missing", images=[ok]), "NOT_FOUND"),
         (pb.ClassifyRequest(model="lora", version=9, images=[ok]), "NOT_FOUND"),
     ]
-    try:
+    async with in_process_gateway(triton.grpc_url, repository, max_images=4) as (_, stub):
         for request, code in cases:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Classify(request, timeout=30)
@@ -147,9 +112,6 @@ async def test_every_error_row_from_real_requests(triton, repository, images) ->
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         reply = await stub.Classify(pb.ClassifyRequest(model="lora", images=[ok]), timeout=30)
         assert len(reply.results) == 1
-    finally:
-        await channel.close()
-        await gateway.stop(1)
 
 
 async def test_new_exports_appear_without_restart(tmp_path, tiny_config, images) -> None:
@@ -158,42 +120,30 @@ async def test_new_exports_appear_without_restart(tmp_path, tiny_config, images)
 
     repository = tmp_path / "repo"
     repository.mkdir()
-    server = LocalTriton(repository, ports=_ports(), poll_seconds=1)
-    gateway = channel = None
-    try:
-        server.start()
-        gateway = await _gateway(server.grpc_url, refresh_interval_s=0.5)
-        channel, stub = _stub(gateway.port)
-        assert list((await stub.ListModels(pb.ListModelsRequest())).models) == []
-        classes = factories.write_classes(tmp_path / "classes.txt", CLASSES)
-        options = ExportOptions(model=str(tiny_config), pretrained=None, lora="none", classes=classes,
-                                templates=("a photo of a {}.",), name="fresh", repository=repository,
-                                allow_random_weights=True, probes=2)
-        await asyncio.get_running_loop().run_in_executor(None, run_export, options)
-        request = pb.ClassifyRequest(model="fresh", images=[pb.Image(encoded=images[0].read_bytes())])
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                reply = await stub.Classify(request, timeout=10)
-                break
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() is grpc.StatusCode.NOT_FOUND, exc.details()
-                assert time.monotonic() < deadline, "the new model never appeared"
-                await asyncio.sleep(0.3)
-        assert reply.model == "fresh" and reply.version == 1
-    finally:
-        if channel is not None:
-            await channel.close()
-        if gateway is not None:
-            await gateway.stop(1)
-        server.cleanup()
+    with LocalTriton(repository, ports=triton_ports(), poll_seconds=1) as server:
+        async with in_process_gateway(server.grpc_url, refresh_interval_s=0.5) as (_, stub):
+            assert list((await stub.ListModels(pb.ListModelsRequest())).models) == []
+            classes = factories.write_classes(tmp_path / "classes.txt", CLASSES)
+            options = ExportOptions(model=str(tiny_config), pretrained=None, lora="none", classes=classes,
+                                    templates=("a photo of a {}.",), name="fresh", repository=repository,
+                                    allow_random_weights=True, probes=2)
+            await asyncio.get_running_loop().run_in_executor(None, run_export, options)
+            request = pb.ClassifyRequest(model="fresh", images=[pb.Image(encoded=images[0].read_bytes())])
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    reply = await stub.Classify(request, timeout=10)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() is grpc.StatusCode.NOT_FOUND, exc.details()
+                    assert time.monotonic() < deadline, "the new model never appeared"
+                    await asyncio.sleep(0.3)
+            assert reply.model == "fresh" and reply.version == 1
 
 
 async def test_concurrent_clients(triton, images) -> None:
-    gateway = await _gateway(triton.grpc_url)
-    channel, stub = _stub(gateway.port)
     payloads = [p.read_bytes() for p in images]
-    try:
+    async with in_process_gateway(triton.grpc_url) as (_, stub):
         single = {}
         for i, data in enumerate(payloads):
             reply = await stub.Classify(pb.ClassifyRequest(model="lora", top_k=0, images=[pb.Image(encoded=data)]))
@@ -203,18 +153,13 @@ async def test_concurrent_clients(triton, images) -> None:
         replies = await asyncio.gather(*calls)
         for i, reply in enumerate(replies):
             assert [(p.index, round(p.logit, 4)) for p in reply.results[0].predictions] == single[i % 5]
-    finally:
-        await channel.close()
-        await gateway.stop(1)
 
 
 async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
-    gateway = await _gateway(triton.grpc_url)
-    channel, stub = _stub(gateway.port)
     # Large photos: decoding and resizing 48 of them keeps the calls busy for a while.
     photos = [encoded(factories.make_image(2000, 1500, seed=s), "JPEG") for s in range(4)]
     request = pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=p) for p in photos])
-    try:
+    async with in_process_gateway(triton.grpc_url) as (gateway, stub):
         calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(12)]
         deadline = time.monotonic() + 10
         while gateway.service.accepted < len(calls):  # every call has arrived
@@ -229,60 +174,16 @@ async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Classify(request, timeout=5)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    finally:
-        await channel.close()
-
-
-async def test_triton_stopped_unavailable_and_health_follows(repository, images) -> None:
-    """Own Triton: stop it (UNAVAILABLE, NOT_SERVING), start it again on the same ports (recovers)."""
-    ports = _ports()
-    server = LocalTriton(repository, ports=ports)
-    gateway = channel = None
-    request = pb.ClassifyRequest(model="base", images=[pb.Image(encoded=images[0].read_bytes())])
-    try:
-        server.start()
-        gateway = await _gateway(server.grpc_url)
-        channel, stub = _stub(gateway.port)
-        assert await _health(gateway.port) == "SERVING"
-        await stub.Classify(request, timeout=30)
-        server.kill()
-        started = time.monotonic()
-        while await _health(gateway.port) != "NOT_SERVING":
-            assert time.monotonic() - started < 2.0, "health did not turn NOT_SERVING within 2 s"
-            await asyncio.sleep(0.05)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Classify(request, timeout=10)
-        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
-
-        server.cleanup()
-        server = LocalTriton(repository, ports=ports)
-        await asyncio.get_running_loop().run_in_executor(None, server.start)
-        started = time.monotonic()
-        while await _health(gateway.port) != "SERVING":
-            assert time.monotonic() - started < 10
-            await asyncio.sleep(0.1)
-        reply = await stub.Classify(request, timeout=30)
-        assert len(reply.results) == 1
-    finally:
-        if channel is not None:
-            await channel.close()
-        if gateway is not None:
-            await gateway.stop(1)
-        server.cleanup()
 
 
 async def test_health_without_triton_is_not_serving() -> None:
-    gateway = await _gateway(f"127.0.0.1:{free_port()}")
-    try:
+    async with in_process_gateway(f"127.0.0.1:{free_port()}", wait_serving=False) as (gateway, stub):
         await asyncio.sleep(0.5)
-        assert await _health(gateway.port) == "NOT_SERVING"
-        channel, stub = _stub(gateway.port)
+        assert await health(gateway.port) == "NOT_SERVING"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Classify(pb.ClassifyRequest(model="base", images=[pb.Image(encoded=b"x")]), timeout=10)
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND or caught.value.code() is grpc.StatusCode.UNAVAILABLE
-        await channel.close()
-    finally:
-        await gateway.stop(1)
+
 
 
 def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> None:
@@ -316,7 +217,7 @@ def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> N
 def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -> None:
     """`cliplora serve` as a user runs it (own ports), `cliplora classify`, then Ctrl-C."""
     grpc_port, metrics_port = free_port(), free_port()
-    ports = _ports()
+    ports = triton_ports()
     script = str(Path(sys.executable).with_name("cliplora"))
     stack = subprocess.Popen(
         [script, "serve", "--repository", str(repository), "--grpc-port", str(grpc_port), "--metrics-port",
@@ -329,7 +230,7 @@ def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -
             assert stack.poll() is None, stack.stdout.read()
             assert time.monotonic() < deadline, "stack did not become ready"
             try:
-                if asyncio.run(_health(grpc_port)) == "SERVING":
+                if asyncio.run(health(grpc_port)) == "SERVING":
                     break
             except grpc.aio.AioRpcError:
                 pass
