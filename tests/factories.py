@@ -166,32 +166,9 @@ def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Ima
     return image.convert(mode)
 
 
-SHAPE_COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), "yellow": (220, 200, 30)}
 
+def write_shapes_dataset(root: Path, per_class: int, seed: int = 0) -> Path:
+    """The coloured-shapes task of `finetune.demo_data`: one sub-folder per colour."""
+    from finetune.demo_data import write_shapes
 
-def shape_image(colour: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    """A noisy grey background with one filled disc or square of `colour`, placed at random."""
-    from PIL import ImageDraw
-
-    width, height = size
-    background = rng.integers(90, 166, size=(height, width, 3), dtype=np.uint8)
-    image = Image.fromarray(background, "RGB")
-    draw = ImageDraw.Draw(image)
-    side = int(rng.integers(16, 28))
-    left, top = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
-    jitter = rng.integers(-25, 26, size=3)
-    fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(colour, jitter, strict=True))
-    box = (left, top, left + side, top + side)
-    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-    return image
-
-
-def write_shapes_dataset(root: Path, per_class: int, seed: int = 0, fmt: str = "png") -> Path:
-    """A coloured-shapes task: one sub-folder per colour, `per_class` images each."""
-    rng = np.random.default_rng(seed)
-    for name, colour in SHAPE_COLOURS.items():
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            shape_image(colour, rng).save(folder / f"{i:03d}.{fmt}")
-    return root
+    return write_shapes(root, per_class, seed=seed)
