@@ -27,6 +27,7 @@ def _export(args: argparse.Namespace) -> int:
         name=args.name,
         repository=Path(args.repository),
         precision=args.precision,
+        target=args.target,
         unmerged=args.unmerged,
         allow_random_weights=args.allow_random_weights,
         max_batch_size=args.max_batch_size,
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", required=True, help="model name in the repository ([A-Za-z0-9_-]{1,64})")
     export.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository folder")
     export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    export.add_argument("--target", choices=("portable", "gpu"), default="portable",
+                        help="gpu: TensorRT FP16 with engine cache, one shape profile and warm-up in config.pbtxt "
+                             "(still loads on CPU); default portable")
     export.add_argument("--unmerged", action="store_true",
                         help="keep the LoRA branches in the graph (to measure what merging saves)")
     export.add_argument("--allow-random-weights", action="store_true",

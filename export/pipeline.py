@@ -41,6 +41,7 @@ class ExportOptions:
     name: str
     repository: Path = Path("model_repository")
     precision: str = "fp32"
+    target: str = "portable"  # "gpu": TensorRT FP16, engine cache and warm-up in config.pbtxt
     unmerged: bool = False
     allow_random_weights: bool = False
     max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE
@@ -50,6 +51,8 @@ class ExportOptions:
         validate_model_name(self.name)
         if self.precision not in PRECISIONS:
             raise InvalidArgument(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.target not in publish.TARGETS:
+            raise InvalidArgument(f"--target must be one of {', '.join(publish.TARGETS)}, got {self.target!r}")
         if not 1 <= self.max_batch_size <= 1024:
             raise InvalidArgument(f"max batch size must be 1..1024, got {self.max_batch_size}")
         if self.probes < 1:
@@ -81,7 +84,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
     progress.info(f"activation {'QuickGELU' if base.quick_gelu else 'GELU'}, image size {base.image_size}, "
                   f"logit scale {base.logit_scale:.4g}")
     spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(classes))
-    config = publish.render_config(options.name, spec, options.precision, options.max_batch_size)
+    config = publish.render_config(options.name, spec, options.precision, options.max_batch_size, options.target)
     publish.check_compatible(options.repository, options.name, config, labels)
 
     with progress.step(f"reading adapter {options.lora}"):
@@ -109,6 +112,10 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         onnx_path = staged / contract.MODEL_FILENAME
         with progress.step(f"exporting ONNX ({options.precision}{', unmerged branches' if options.unmerged else ''})"):
             export_onnx(graph, base.image_size, onnx_path)
+        engine_key = None
+        if options.target == "gpu":
+            with progress.step("keying the TensorRT engine cache to these weights"):
+                engine_key = publish.stamp_engine_key(onnx_path)
 
         with progress.step(f"verifying against the unmerged PyTorch reference ({options.probes} probe images)"):
             verification = _verify(options, base, merged, reference, text_matrix, reference_text, base_text, onnx_path)
@@ -132,6 +139,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             "classes": classes,
             "templates": templates,
             "precision": options.precision,
+            "target": options.target,
             "tensors": {
                 "input": {"name": contract.INPUT_NAME, "dtype": contract.INPUT_WIRE_DTYPE, "shape": [-1, *spec.input_shape]},
                 "output": {"name": contract.OUTPUT_NAME, "dtype": contract.OUTPUT_WIRE_DTYPE, "shape": [-1, *spec.output_shape]},
@@ -142,6 +150,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
                 "opset": OPSET,
                 "exporter": EXPORTER,
                 "onnxruntime_version": onnxruntime.__version__,
+                **({"tensorrt_engine_key": engine_key} if engine_key else {}),
             },
             "verification": verification.manifest(),
             "environment": {"python": platform.python_version(), "torch": torch.__version__},
