@@ -230,6 +230,40 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
     assert gateway["args"][:2] == ["--triton-url", "triton:8001"]
 
 
+def _gateway_settings(args: list[str], env: dict[str, str]):
+    """What `cliplora serve ARGS` in the container would run with (parsed by the real CLI)."""
+    from cliplora.cli import build_parser
+    from serve.settings import GatewaySettings
+
+    parsed = build_parser().parse_args(["serve", *args])
+    assert parsed.triton_url is not None  # otherwise `cliplora serve` would start a local Triton
+    flags = {k: v for k, v in vars(parsed).items() if v is not None}
+    flags["repository"] = Path(parsed.repository)
+    return GatewaySettings.from_sources(flags, environ=env)
+
+
+@needs_kubectl
+def test_gateway_arguments_everywhere_are_real_flags() -> None:
+    """The gateway's command lines in Kubernetes, Compose and the image parse with the real
+    CLI and give a gateway reachable from outside its container."""
+    dockerfile = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
+    image_env = {"CLIPLORA_HOST": re.search(r"CLIPLORA_HOST=(\S+)", dockerfile).group(1)}
+    assert json.loads(re.search(r"(?m)^ENTRYPOINT (.*)$", dockerfile).group(1)) == ["cliplora", "serve"]
+    command_lines = [json.loads(re.search(r"(?m)^CMD (.*)$", dockerfile).group(1)), _compose()["services"]["gateway"]["command"]]
+    for documents in (render(K8S / "overlays" / "gpu"), render(K8S / "overlays" / "cpu")):
+        container = by_kind(documents, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"][0]
+        command_lines.append(container["args"])
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        settings = _gateway_settings(container["args"], {**image_env, **env})
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert (settings.grpc_port, settings.metrics_port) == (ports["grpc"], ports["metrics"])
+        assert settings.grace_s + 5 < by_kind(documents, "Deployment")["gateway"]["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"]
+    for args in command_lines:
+        settings = _gateway_settings(args, image_env)
+        assert settings.host == "0.0.0.0" and settings.triton_url == "triton:8001"
+
+
 @needs_kubectl
 def test_network_policy_admits_only_the_gateway_and_prometheus() -> None:
     documents = render(K8S / "overlays" / "gpu")
