@@ -55,9 +55,9 @@ CRD_SCHEMAS = {
 # Triton's GPU metrics exist only where Triton sees a GPU: never in this CPU-only test run.
 GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
                "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption"}
-# What the TensorRT accelerator of Triton's ONNX Runtime backend accepts (its
-# src/onnxruntime.cc, r24.05 and later): any other name fails the model's load, and only on
-# a GPU server, so a typo would pass every CPU test without this list.
+# What the TensorRT accelerator of Triton's ONNX Runtime backend accepts (the list in its
+# src/onnxruntime.cc since onnxruntime_backend PR #237, 2024): any other name fails the
+# model's load, and only on a GPU server, so a typo would pass every CPU test without it.
 TRT_ACCELERATOR_PARAMETERS = {
     "precision_mode", "max_workspace_size_bytes", "int8_calibration_table_name",
     "int8_use_native_calibration_table", "trt_max_partition_iterations", "trt_min_subgraph_size",
