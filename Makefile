@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test serve clean proto prometheus soak
+.PHONY: install test serve clean proto prometheus soak fuzz
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ serve: install prometheus
 soak: install
 	$(PY) -m serve.demo --repository model_repository
 	$(PY) -m loadtest.soak --repository model_repository --model pets-base --minutes 10 --report bench/soak
+
+# Not part of `make test`: coverage-guided fuzzing of image decoding (atheris/libFuzzer,
+# tests/fuzz_atheris.py), FUZZ_RUNS inputs. The corpus grows in bench/fuzz/corpus (the next
+# run resumes from it); a finding stops the run and is written to bench/fuzz/crash-*.
+FUZZ_RUNS ?= 50000
+fuzz: install
+	mkdir -p bench/fuzz/corpus
+	$(PY) -m tests.fuzz_atheris -runs=$(FUZZ_RUNS) -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=bench/fuzz/ bench/fuzz/corpus
 
 clean:
 	rm -rf $(VENV) .pytest_cache
