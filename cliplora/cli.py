@@ -126,7 +126,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from serve.settings import GatewaySettings
+    from serve.settings import ENV_PREFIX, GatewaySettings
     from serve.stack import run_stack
     from serve.triton_launcher import TritonPorts
 
@@ -135,7 +135,9 @@ def _serve(args: argparse.Namespace) -> int:
     flags["repository"] = Path(args.repository)
     settings = GatewaySettings.from_sources(flags)
     http, grpc_port, metrics = (int(p) for p in args.triton_ports.split(","))
-    run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=args.triton_url is None,
+    # An existing Triton, named by flag or by CLIPLORA_TRITON_URL, means: the gateway only.
+    existing_triton = args.triton_url is not None or bool(os.environ.get(f"{ENV_PREFIX}TRITON_URL"))
+    run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=not existing_triton,
               triton_ports=TritonPorts(http, grpc_port, metrics), prometheus_port=args.prometheus_port)
     return 0
 

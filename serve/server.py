@@ -40,7 +40,7 @@ class GatewayServer:
 
     async def start(self) -> None:
         s = self.settings
-        self.triton = Triton(s.triton_url)
+        self.triton = Triton(s.triton_url, s.triton_renew_s)
         self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s)
         self.service = ClassifierService(s, self.triton, self.metrics, self._pool)
         self.triton.on_refresh.append(self.service.publish_model_info)
@@ -79,6 +79,7 @@ class GatewayServer:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.refresh_interval_s)
+            await self.triton.renew_if_due()
             if self.health.serving:
                 await self.triton.refresh()
 

@@ -25,6 +25,7 @@ class GatewaySettings:
     grpc_port: int = 50051
     metrics_port: int = 9400  # 0: any free port; -1: no metrics endpoint
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
+    triton_renew_s: float = 0.0  # reopen the Triton channel this often (re-resolves the name); 0: never
     repository: Path | None = None  # read-only, for manifests in ListModels
     max_image_bytes: int = 10 * 1024 * 1024
     max_images: int = 32
@@ -46,6 +47,8 @@ class GatewaySettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        if self.triton_renew_s < 0:
+            raise InvalidArgument(f"triton_renew_s must not be negative, got {self.triton_renew_s}")
         if not 0 <= self.grpc_port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"invalid ports: grpc {self.grpc_port}, metrics {self.metrics_port}")
         if self.grace_s < 0:

@@ -5,6 +5,12 @@ repository index, each model's config, and one classification-extension call per
 model version for its labels), so the gateway needs no access to the model files.
 Discovery runs at start, every `refresh_interval_s`, and whenever a request names a
 model or version the gateway has not seen.
+
+Scale-out: the channel balances calls round-robin over every address Triton's name
+resolves to (a Kubernetes headless Service gives one per pod), and with
+`renew_s` > 0 it is reopened that often, so the name is resolved again and replicas
+added since get their share. A replaced channel is closed only when its last call
+has ended: renewing loses nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +33,20 @@ from serve.errors import from_triton
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 5.0
+
+
+def channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel defaults, plus round-robin over all resolved addresses."""
+    keepalive = triton_aio.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", triton_aio.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", triton_aio.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -63,9 +84,13 @@ def _entry_from_config(name: str, versions: list[int], config: dict[str, Any]) -
 class Triton:
     """Everything the gateway asks of Triton."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, renew_s: float = 0.0) -> None:
         self.url = url
-        self.client = triton_aio.InferenceServerClient(url)
+        self.renew_s = renew_s
+        self.client = self._connect()
+        self.opened = time.monotonic()
+        self._calls: dict[triton_aio.InferenceServerClient, int] = {}
+        self._retired: set[triton_aio.InferenceServerClient] = set()
         self._models: dict[str, ModelEntry] = {}
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
         self._refresh_lock = asyncio.Lock()
@@ -73,13 +98,44 @@ class Triton:
         self.last_refresh = 0.0
         self.on_refresh: list[Callable[[dict[str, ModelEntry]], None]] = []
 
+    def _connect(self) -> triton_aio.InferenceServerClient:
+        return triton_aio.InferenceServerClient(self.url, channel_args=channel_args())
+
+    @asynccontextmanager
+    async def _channel(self) -> AsyncIterator[triton_aio.InferenceServerClient]:
+        """The current client, counted as in use until the call ends."""
+        client = self.client
+        self._calls[client] = self._calls.get(client, 0) + 1
+        try:
+            yield client
+        finally:
+            self._calls[client] -= 1
+            if not self._calls[client]:
+                del self._calls[client]
+                if client in self._retired:
+                    self._retired.discard(client)
+                    await client.close()
+
+    async def renew_if_due(self) -> bool:
+        """Reopen the channel when it is older than `renew_s` (0: never)."""
+        if not self.renew_s or time.monotonic() - self.opened < self.renew_s:
+            return False
+        old, self.client, self.opened = self.client, self._connect(), time.monotonic()
+        if old in self._calls:
+            self._retired.add(old)  # closed by its last call
+        else:
+            await old.close()
+        log.info("reopened the Triton channel to %s", self.url)
+        return True
+
     @property
     def models(self) -> dict[str, ModelEntry]:
         return dict(self._models)
 
     async def ready(self) -> bool:
         try:
-            return bool(await self.client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
+            async with self._channel() as client:
+                return bool(await client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
         except (TimeoutError, InferenceServerException, OSError):
             return False
 
@@ -87,7 +143,8 @@ class Triton:
         """Re-read the repository index and configs; keeps the old view if Triton is down."""
         async with self._refresh_lock:
             try:
-                index = await self.client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+                async with self._channel() as client:
+                    index = await client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
             except InferenceServerException as exc:
                 log.warning("model discovery failed: %s", exc.message())
                 return self.models
@@ -110,7 +167,8 @@ class Triton:
             return self.models
 
     async def _describe(self, name: str, versions: list[int]) -> ModelEntry:
-        response = await self.client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+        async with self._channel() as client:
+            response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
         config = response.get("config", response)
         size, classes, max_batch = _entry_from_config(name, versions, config)
         labels = await self._labels_of(name, versions[-1], size, classes)
@@ -123,8 +181,9 @@ class Triton:
             image = triton_aio.InferInput(contract.INPUT_NAME, [1, size, size, contract.CHANNELS], contract.INPUT_WIRE_DTYPE)
             image.set_data_from_numpy(np.zeros((1, size, size, contract.CHANNELS), dtype=np.uint8))
             output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME, class_count=classes)
-            result = await self.client.infer(name, [image], model_version=str(version), outputs=[output],
-                                             client_timeout=60.0)
+            async with self._channel() as client:
+                result = await client.infer(name, [image], model_version=str(version), outputs=[output],
+                                            client_timeout=60.0)
             labels: list[str | None] = [None] * classes
             for entry in result.as_numpy(contract.OUTPUT_NAME).reshape(-1):
                 text = entry.decode("utf-8") if isinstance(entry, bytes) else str(entry)
@@ -158,10 +217,11 @@ class Triton:
         image.set_data_from_numpy(chunk)
         output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME)
         try:
-            result = await self.client.infer(
-                entry.name, [image], model_version=str(version), outputs=[output],
-                client_timeout=timeout_s, timeout=max(1, int(timeout_s * 1e6)),
-            )
+            async with self._channel() as client:
+                result = await client.infer(
+                    entry.name, [image], model_version=str(version), outputs=[output],
+                    client_timeout=timeout_s, timeout=max(1, int(timeout_s * 1e6)),
+                )
         except InferenceServerException as exc:
             error = from_triton(exc, entry.name)
             if isinstance(error, NotFound):  # the model went away: re-read the repository soon
@@ -180,7 +240,9 @@ class Triton:
         return logits
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in (self.client, *self._retired):
+            await client.close()
+        self._retired.clear()
 
 
 def check_raw_size(width: int, height: int, entry: ModelEntry) -> None:

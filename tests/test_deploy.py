@@ -175,7 +175,7 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
     documents = render(K8S / "overlays" / overlay)
     kinds = sorted(d["kind"] for d in documents)
     assert kinds == sorted(["Namespace", "ServiceAccount", "ServiceAccount", "ConfigMap", "ConfigMap", "Deployment",
-                            "Deployment", "Service", "Service", "HorizontalPodAutoscaler", "HorizontalPodAutoscaler",
+                            "Deployment", "Service", "Service", "Service", "HorizontalPodAutoscaler", "HorizontalPodAutoscaler",
                             "PodDisruptionBudget", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor",
                             "PodMonitor", "PrometheusRule"])
     for document in documents:
@@ -200,7 +200,8 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay: str) -> None:
-    deployments = by_kind(render(K8S / "overlays" / overlay), "Deployment")
+    documents = render(K8S / "overlays" / overlay)
+    deployments = by_kind(documents, "Deployment")
     assert set(deployments) == {"triton", "gateway"}
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
@@ -227,7 +228,9 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
     gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["grpc"]["port"] == 50051  # grpc.health.v1: SERVING iff Triton is ready
     assert "grpc" not in gateway["livenessProbe"]  # a Triton outage must not restart the gateways
-    assert gateway["args"][:2] == ["--triton-url", "triton:8001"]
+    assert gateway["args"][:4] == ["--triton-url", "triton-grpc:8001", "--triton-renew-s", "30"]
+    headless = [d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == "triton-grpc"]
+    assert headless and headless[0]["spec"]["clusterIP"] == "None"  # one address per pod: round robin spreads calls
 
 
 def _gateway_settings(args: list[str], env: dict[str, str]):
@@ -261,7 +264,7 @@ def test_gateway_arguments_everywhere_are_real_flags() -> None:
             "terminationGracePeriodSeconds"]
     for args in command_lines:
         settings = _gateway_settings(args, image_env)
-        assert settings.host == "0.0.0.0" and settings.triton_url == "triton:8001"
+        assert settings.host == "0.0.0.0" and settings.triton_url in ("triton:8001", "triton-grpc:8001")
 
 
 @needs_kubectl

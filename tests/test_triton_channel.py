@@ -1,0 +1,120 @@
+"""The gateway's Triton channel: round-robin over replicas, and renewal that loses no call."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.settings import GatewaySettings
+from serve.triton import Triton
+from serve.triton_launcher import LocalTriton
+from tests.serving import publish_tiny_models, triton_ports
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, tiny_config) -> Path:
+    return publish_tiny_models(tmp_path_factory.mktemp("channel"), tiny_config)
+
+
+def _inferences(server: LocalTriton, model: str) -> int:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    counts = re.findall(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)', text, re.M)
+    return int(counts[0]) if counts else 0
+
+
+async def test_calls_are_spread_over_every_resolved_replica(repository) -> None:
+    """Two Tritons behind one target (as a headless Service resolves to each pod)."""
+    first, second = LocalTriton(repository, ports=triton_ports()).start(), None
+    try:
+        second = LocalTriton(repository, ports=triton_ports()).start()
+        triton = Triton(f"ipv4:127.0.0.1:{first.ports.grpc},127.0.0.1:{second.ports.grpc}")
+        try:
+            entry = (await triton.refresh())["base"]
+            before = (_inferences(first, "base"), _inferences(second, "base"))
+            batch = np.zeros((1, entry.image_size, entry.image_size, 3), dtype=np.uint8)
+            for _ in range(10):
+                await triton.infer(entry, 1, batch, timeout_s=30)
+            after = (_inferences(first, "base"), _inferences(second, "base"))
+        finally:
+            await triton.close()
+    finally:
+        first.cleanup()
+        if second is not None:
+            second.cleanup()
+    served = (after[0] - before[0], after[1] - before[1])
+    assert sum(served) == 10 and min(served) >= 3, served  # round robin: 5 and 5; pick-first would give 10 and 0
+
+
+async def test_renewal_waits_for_the_calls_on_the_old_channel(repository) -> None:
+    server = LocalTriton(repository, ports=triton_ports()).start()
+    try:
+        triton = Triton(server.grpc_url, renew_s=1e-6)
+        try:
+            assert await triton.ready()
+            old = triton.client
+            async with triton._channel() as in_use:  # a call in flight across the renewal
+                assert await triton.renew_if_due()
+                assert triton.client is not old and old in triton._retired
+                assert await in_use.is_server_ready()  # the old channel still works for it
+            assert old not in triton._retired and not triton._calls
+            with pytest.raises(Exception):  # noqa: B017 - closed: any call fails
+                await old.is_server_ready(client_timeout=2)
+            assert await triton.ready()  # the new channel serves
+            idle = triton.client
+            assert await triton.renew_if_due() and triton.client is not idle  # an idle one closes at once
+        finally:
+            await triton.close()
+    finally:
+        server.cleanup()
+    never = Triton("127.0.0.1:1")
+    assert not await never.renew_if_due()  # renew_s 0: never
+    await never.close()
+
+
+def test_renew_setting() -> None:
+    assert GatewaySettings.from_sources({"triton_renew_s": "60"}).triton_renew_s == 60.0
+    with pytest.raises(Exception, match="triton_renew_s"):
+        GatewaySettings(triton_renew_s=-1)
+
+
+async def test_triton_url_from_the_environment_means_gateway_only(repository, tmp_path) -> None:
+    """CLIPLORA_TRITON_URL alone (as containers set it) must not start a local Triton."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.serving import free_port, health
+
+    server = LocalTriton(repository, ports=triton_ports()).start()
+    port = free_port()
+    log = tmp_path / "serve.log"
+    try:
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("cliplora")), "serve", "--grpc-port", str(port),
+                 "--metrics-port", "-1", "--log-dir", str(tmp_path / "logs")],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "CLIPLORA_TRITON_URL": server.grpc_url})
+        try:
+            started, status = time.monotonic(), None
+            while status != "SERVING" and time.monotonic() - started < 60 and process.poll() is None:
+                await asyncio.sleep(0.2)
+                try:
+                    status = await health(port)
+                except Exception:  # noqa: BLE001 - not listening yet
+                    status = None
+            assert status == "SERVING", log.read_text()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    finally:
+        server.cleanup()
+    text = log.read_text()
+    assert "Triton (existing)" in text and server.grpc_url in text, text
+    assert not (tmp_path / "logs" / "triton.log").exists()
