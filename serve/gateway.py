@@ -113,9 +113,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise DeadlineExceeded("deadline exceeded before inference")
         started = time.perf_counter()
         try:
-            logits = await self.triton.infer(entry, version, batch, remaining)
+            logits, version = await self.triton.infer(entry, request.version, batch, remaining)
         finally:
             self.metrics.triton.labels(entry.name).observe(time.perf_counter() - started)
+        labels.update(version=str(version))
         self.metrics.images.labels(entry.name).inc(count)
         return pb.ClassifyResponse(
             model=entry.name,

@@ -79,9 +79,12 @@ class GatewayServer:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.refresh_interval_s)
-            await self.triton.renew_if_due()
-            if self.health.serving:
-                await self.triton.refresh()
+            try:
+                await self.triton.renew_if_due()
+                if self.health.serving:
+                    await self.triton.refresh()
+            except Exception:  # one bad round must not end discovery for good
+                log.exception("model discovery round failed; retrying in %.1f s", self.settings.refresh_interval_s)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period, release all.
@@ -93,17 +96,34 @@ class GatewayServer:
             await self._stopped.wait()
             return
         self._stopping.set()
-        await self.health.shutdown()
-        if self.server is not None:
-            await self.server.stop(self.settings.grace_s if grace is None else grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.triton is not None:
-            await self.triton.close()
+        grace_s = self.settings.grace_s if grace is None else grace
+
+        async def stop_server() -> None:
+            if self.server is not None:
+                await self.server.stop(grace_s)
+
+        async def stop_tasks() -> None:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        async def close_triton() -> None:
+            if self.triton is not None:
+                await self.triton.close()
+
+        # Every step runs even if one before it failed: the process must not hang on exit.
+        failure: Exception | None = None
+        for step in (self.health.shutdown, stop_server, stop_tasks, close_triton):
+            try:
+                await step()
+            except Exception as exc:
+                log.exception("shutdown step %s failed", step.__name__)
+                failure = failure or exc
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         self._stopped.set()
+        if failure is not None:
+            raise failure
 
     async def wait(self) -> None:
         """Until `stop()` has *finished*: returning earlier would let ``asyncio.run`` cancel the

@@ -205,21 +205,31 @@ class Triton:
             raise NotFound(f"model {name!r} not found (models: {known})")
         return entry, entry.resolve(version)
 
-    async def infer(self, entry: ModelEntry, version: int, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Logits [N, C] for a uint8 batch [N, S, S, 3], split to the model's batch limit."""
+    async def infer(
+        self, entry: ModelEntry, version: int, batch: np.ndarray, timeout_s: float
+    ) -> tuple[np.ndarray, int]:
+        """(logits [N, C], the version that answered) for a uint8 batch [N, S, S, 3], split
+        to the model's batch limit.
+
+        Version 0 asks for the latest version of whichever Triton replica takes the call,
+        not the latest the gateway last saw: during a rolling upgrade replicas may differ,
+        and naming a version one of them lacks would fail the call.
+        """
         limit = entry.max_batch_size or len(batch)
         chunks = [batch[i : i + limit] for i in range(0, len(batch), limit)]
         results = await asyncio.gather(*(self._infer_chunk(entry, version, c, timeout_s) for c in chunks))
-        return np.concatenate(results)
+        return np.concatenate([logits for logits, _ in results]), max(answered for _, answered in results)
 
-    async def _infer_chunk(self, entry: ModelEntry, version: int, chunk: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def _infer_chunk(
+        self, entry: ModelEntry, version: int, chunk: np.ndarray, timeout_s: float
+    ) -> tuple[np.ndarray, int]:
         image = triton_aio.InferInput(contract.INPUT_NAME, list(chunk.shape), contract.INPUT_WIRE_DTYPE)
         image.set_data_from_numpy(chunk)
         output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME)
         try:
             async with self._channel() as client:
                 result = await client.infer(
-                    entry.name, [image], model_version=str(version), outputs=[output],
+                    entry.name, [image], model_version=str(version) if version else "", outputs=[output],
                     client_timeout=timeout_s, timeout=max(1, int(timeout_s * 1e6)),
                 )
         except InferenceServerException as exc:
@@ -237,7 +247,8 @@ class Triton:
         if logits is None or logits.shape != (len(chunk), entry.num_classes):
             shape = None if logits is None else logits.shape
             raise RuntimeError(f"Triton returned logits of shape {shape} for {len(chunk)} images")
-        return logits
+        answered = result.get_response().model_version
+        return logits, int(answered) if answered.isdigit() else entry.resolve(version)
 
     async def close(self) -> None:
         for client in (self.client, *self._retired):

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,6 +37,8 @@ import yaml
 
 from cliplora import contract
 from export import publish
+from serve.settings import GatewaySettings
+from tests.serving import free_port, wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -161,12 +162,6 @@ def concrete(expr: str) -> str:
     return expr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------- Kubernetes
 
 @needs_kubectl
@@ -228,7 +223,10 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
     gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["grpc"]["port"] == 50051  # grpc.health.v1: SERVING iff Triton is ready
     assert "grpc" not in gateway["livenessProbe"]  # a Triton outage must not restart the gateways
-    assert gateway["args"][:4] == ["--triton-url", "triton-grpc:8001", "--triton-renew-s", "30"]
+    assert gateway["args"][:4] == ["--triton-url", "triton-grpc:8001", "--triton-renew-s", "10"]
+    # A terminating Triton serves on until every gateway has renewed its channel without it.
+    pause = int(triton["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pause > 10 + GatewaySettings().refresh_interval_s
     headless = [d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == "triton-grpc"]
     assert headless and headless[0]["spec"]["clusterIP"] == "None"  # one address per pod: round robin spreads calls
 
@@ -236,7 +234,6 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
 def _gateway_settings(args: list[str], env: dict[str, str]):
     """What `cliplora serve ARGS` in the container would run with (parsed by the real CLI)."""
     from cliplora.cli import build_parser
-    from serve.settings import GatewaySettings
 
     parsed = build_parser().parse_args(["serve", *args])
     assert parsed.triton_url is not None  # otherwise `cliplora serve` would start a local Triton
@@ -661,7 +658,6 @@ async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> N
     from cliplora.v1 import classifier_pb2 as pb
     from cliplora.v1 import classifier_pb2_grpc as pb_grpc
     from serve.server import GatewayServer
-    from serve.settings import GatewaySettings
     from tests import factories
 
     triton = stack["triton"]
@@ -682,10 +678,7 @@ async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> N
                                             repository=stack["repository"], health_interval_s=0.2))
     await gateway.start()
     try:
-        for _ in range(200):
-            if gateway.health.serving:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_health(gateway.port, "SERVING", timeout_s=30)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = pb_grpc.ClassifierStub(channel)
             reply = await stub.Classify(pb.ClassifyRequest(
@@ -707,7 +700,6 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
     from cliplora.v1 import classifier_pb2 as pb
     from cliplora.v1 import classifier_pb2_grpc as pb_grpc
     from serve.server import GatewayServer
-    from serve.settings import GatewaySettings
     from tests import factories
 
     triton = stack["triton"]
@@ -717,10 +709,7 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
     await gateway.start()
     prometheus = None
     try:
-        for _ in range(200):
-            if gateway.health.serving:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_health(gateway.port, "SERVING", timeout_s=30)
         image = stack["root"] / "traffic.jpg"
         factories.make_image(80, 60, seed=3).save(image)
         ok = pb.Image(encoded=image.read_bytes())
@@ -794,17 +783,13 @@ def _query(base: str, expr: str) -> dict:
 
 async def test_container_health_check_script(stack: dict) -> None:
     from serve.server import GatewayServer
-    from serve.settings import GatewaySettings
 
     script = DEPLOY / "docker" / "grpc_health_check.py"
     gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url=stack["triton"].grpc_url,
                                             health_interval_s=0.2))
     await gateway.start()
     try:
-        for _ in range(200):
-            if gateway.health.serving:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_health(gateway.port, "SERVING", timeout_s=30)
 
         async def check(target: str) -> int:
             process = await asyncio.create_subprocess_exec(sys.executable, str(script), target,

@@ -57,7 +57,7 @@ class FakeTriton:
         if self.fail:
             raise self.fail
         mean = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
-        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32)
+        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32), ENTRY.resolve(version)
 
     async def refresh(self):
         return {"m": ENTRY}

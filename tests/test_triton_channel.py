@@ -36,8 +36,7 @@ async def test_calls_are_spread_over_every_resolved_replica(repository) -> None:
             entry = (await triton.refresh())["base"]
             before = (_inferences(first, "base"), _inferences(second, "base"))
             batch = np.zeros((1, entry.image_size, entry.image_size, 3), dtype=np.uint8)
-            for _ in range(10):
-                await triton.infer(entry, 1, batch, timeout_s=30)
+            answered = {(await triton.infer(entry, i % 2, batch, timeout_s=30))[1] for i in range(20)}
             after = (_inferences(first, "base"), _inferences(second, "base"))
         finally:
             await triton.close()
@@ -46,7 +45,8 @@ async def test_calls_are_spread_over_every_resolved_replica(repository) -> None:
         if second is not None:
             second.cleanup()
     served = (after[0] - before[0], after[1] - before[1])
-    assert sum(served) == 10 and min(served) >= 3, served  # round robin: 5 and 5; pick-first would give 10 and 0
+    assert sum(served) == 20 and min(served) >= 6, served  # round robin: 10 and 10; pick-first: 20 and 0
+    assert answered == {1}  # version 0 (latest) is answered by, and reported as, the replica's latest
 
 
 async def test_renewal_waits_for_the_calls_on_the_old_channel(repository) -> None:
@@ -118,3 +118,32 @@ async def test_triton_url_from_the_environment_means_gateway_only(repository, tm
     text = log.read_text()
     assert "Triton (existing)" in text and server.grpc_url in text, text
     assert not (tmp_path / "logs" / "triton.log").exists()
+
+
+async def test_discovery_survives_a_failing_round_and_stop_always_finishes() -> None:
+    import asyncio
+
+    from serve.server import GatewayServer
+
+    gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url="127.0.0.1:1",
+                                            refresh_interval_s=0.05, health_interval_s=0.05))
+    await gateway.start()
+    rounds: list[int] = []
+
+    async def flaky_renewal() -> bool:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("a bug in one round")
+        return False
+
+    gateway.triton.renew_if_due = flaky_renewal
+    await asyncio.sleep(0.5)
+    assert len(rounds) >= 3  # the loop went on after the failure
+
+    async def broken_shutdown() -> None:
+        raise RuntimeError("health shutdown failed")
+
+    gateway.health.shutdown = broken_shutdown
+    with pytest.raises(RuntimeError, match="health shutdown failed"):
+        await gateway.stop(0)
+    await asyncio.wait_for(gateway.wait(), timeout=5)  # released anyway: no hang on exit
