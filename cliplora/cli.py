@@ -14,6 +14,29 @@ from cliplora.errors import CliploraError
 from cliplora.repository import DEFAULT_REPOSITORY
 
 
+def _add_gateway_access(parser: argparse.ArgumentParser) -> None:
+    """How a command reaches a gateway that wants a token and/or TLS (classify, evaluate)."""
+    parser.add_argument("--token-file", help="file holding the bearer token (or set CLIPLORA_TOKEN)")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect with TLS")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="client key (PEM), for mutual TLS")
+
+
+def _gateway_access(args: argparse.Namespace) -> dict[str, object]:
+    """Keyword arguments for `serve.client.classify_files` from `_add_gateway_access` flags."""
+    from cliplora.errors import NotFound, PermissionDenied
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise NotFound(f"--token-file not found: {args.token_file}") from None
+        except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+            raise PermissionDenied(f"cannot read --token-file {args.token_file}: {exc}") from None
+    return {"token": token, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
 def _export(args: argparse.Namespace) -> int:
     from cliplora.progress import Progress
     from export.pipeline import ExportOptions, run_export
@@ -104,11 +127,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cliplora.progress import Progress
 
     data = read_labelled_images(args.data)
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    access = _gateway_access(args) if args.target else {}
     progress = Progress(quiet=args.quiet)
     models = {
         name: evaluate_model(data, name, repository=Path(args.repository), target=args.target,
-                             version=args.version, token=token, progress=progress)
+                             version=args.version, access=access, progress=progress)
         for name in args.name
     }
     print(json.dumps({"data": data.source, "images": len(data), "models": models}, indent=2))
@@ -145,10 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from serve.client import classify_files
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
     results = classify_files(args.target, args.model, args.images, top_k=args.top_k, version=args.version,
-                             timeout_s=args.timeout, token=token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                             tls_key=args.tls_key)
+                             timeout_s=args.timeout, **_gateway_access(args))
     print(json.dumps(results, indent=2))
     return 0
 
@@ -227,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
     evaluate.add_argument("--version", type=int, help="model version (default: latest)")
     evaluate.add_argument("--target", help="gateway HOST:PORT: evaluate what is served, not the file")
-    evaluate.add_argument("--token-file", help="bearer token for the gateway (or set CLIPLORA_TOKEN)")
+    _add_gateway_access(evaluate)
     evaluate.add_argument("--quiet", action="store_true", help="no progress output")
     evaluate.set_defaults(func=_evaluate)
 
@@ -260,10 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--version", type=int, default=0, help="model version (default: latest)")
     classify.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
     classify.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
-    classify.add_argument("--token-file", help="file holding the bearer token (or set CLIPLORA_TOKEN)")
-    classify.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect with TLS")
-    classify.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
-    classify.add_argument("--tls-key", type=Path, help="client key (PEM), for mutual TLS")
+    _add_gateway_access(classify)
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(func=_classify)
 

@@ -118,8 +118,8 @@ def _read_csv(path: Path) -> list[LabelledImage]:
 def few_shot_split(data: LabelledImages, shots: int, seed: int) -> tuple[LabelledImages, LabelledImages]:
     """(N images per class drawn with `seed`, everything else) from `data`.
 
-    Every class needs more than `shots` images when the rest is the evaluation split,
-    at least `shots` otherwise; a class with too few images is named in the error.
+    Every class needs at least `shots` images (a class with fewer is named in the error);
+    a class with exactly `shots` has none left for the held-out split.
     """
     if shots < 1:
         raise InvalidArgument(f"--shots must be at least 1, got {shots}")

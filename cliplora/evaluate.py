@@ -11,7 +11,7 @@ both names in one call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ def _in_process(repository: Path, name: str, version: int | None) -> tuple[int, 
 
 
 def _through_gateway(
-    target: str, name: str, version: int | None, token: str | None
+    target: str, name: str, version: int | None, access: Mapping[str, Any]
 ) -> tuple[int | str, list[str], Callable]:
     """The gateway answers with every class (top_k 0), which also names them in order."""
     from serve.client import classify_files
@@ -67,7 +67,7 @@ def _through_gateway(
     labels: list[str] = []
 
     def top1(paths: Sequence[Path]) -> list[int]:
-        results = classify_files(target, name, list(paths), top_k=0, version=version or 0, token=token)
+        results = classify_files(target, name, list(paths), top_k=0, version=version or 0, **access)
         if not labels:
             ranked = results[0]["predictions"]
             labels.extend(p["label"] for p in sorted(ranked, key=lambda p: p["index"]))
@@ -83,13 +83,14 @@ def evaluate_model(
     repository: Path | None = None,
     target: str | None = None,
     version: int | None = None,
-    token: str | None = None,
+    access: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of one published model on `data`, in process or through the gateway at `target`."""
+    """Accuracy of one published model on `data`, in process or through the gateway at `target`
+    (`access`: token and TLS keyword arguments of `serve.client.classify_files`)."""
     progress = progress or Progress(quiet=True)
     if target:
-        answered_version, labels, top1 = _through_gateway(target, name, version, token)
+        answered_version, labels, top1 = _through_gateway(target, name, version, access or {})
         via = f"gateway {target}"
     else:
         if repository is None:

@@ -40,10 +40,10 @@ def _read_rgb(path: Path) -> Image.Image:
 
 
 class TrainingBatches:
-    """Batches of `batch_size` (fewer images than that: all of them), epoch after epoch.
+    """Batches of `batch_size`, epoch after epoch, each epoch ending with its short
+    remainder batch (``drop_last=False``, as the paper's loader); every batch is a step.
 
-    An epoch is a permutation of the images drawn from a generator seeded with `seed`;
-    a last partial batch is dropped when a full one exists, as the paper's loader does.
+    An epoch is a permutation of the images drawn from a generator seeded with `seed`.
     """
 
     def __init__(self, data: LabelledImages, batch_size: int, seed: int, transform: transforms.Compose) -> None:
@@ -57,12 +57,17 @@ class TrainingBatches:
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode")
 
     def _next_indices(self) -> list[int]:
-        if self.cursor + self.batch_size > len(self.order):
+        if self.cursor >= len(self.order):
             self.order = torch.randperm(len(self.paths), generator=self.generator).tolist()
             self.cursor = 0
         indices = self.order[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
         return indices
+
+    def check_images(self) -> None:
+        """Decode every image once, before training: a bad file stops the run at once,
+        named, instead of at some later step."""
+        list(self.pool.map(_read_rgb, self.paths))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images [B, 3, S, S] float, targets [B])."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from torch import nn
 
 import cliplora
 from cliplora.datasets import LabelledImages, few_shot_split, read_labelled_images
-from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound
+from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cliplora.evaluate import accuracy_report
 from cliplora.preprocess import preprocess_file
 from cliplora.progress import Progress
@@ -43,6 +44,7 @@ from export.head import class_embeddings, prompt_tokens, validate_classes, valid
 from export.onnx_graph import ClassifierGraph
 from finetune.batches import TrainingBatches, train_transform
 from finetune.lora_layers import (
+    AdaptedBlock,
     LoraSpec,
     apply_lora,
     lora_parameters,
@@ -174,9 +176,15 @@ def _prepare_output(options: FinetuneOptions) -> None:
 
 
 def _load_state(options: FinetuneOptions, train: LabelledImages) -> dict[str, Any]:
-    state = torch.load(options.output / "state.pt", map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise FailedPrecondition(f"{options.output / 'state.pt'} is not a cliplora training state")
+    path = options.output / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign or tampered files fail in many ways
+        raise FailedPrecondition(f"{path} cannot be read as a training state ({type(exc).__name__}: {exc})") from None
+    keys = {"format", "fingerprint", "step", "train", "lora", "optimizer", "scheduler", "scaler", "batches", "rng",
+            "losses", "zero_shot"}
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not keys <= set(state):
+        raise FailedPrecondition(f"{path} is not a cliplora training state ({STATE_FORMAT})")
     before, now = state["fingerprint"], options.fingerprint()
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
@@ -186,12 +194,160 @@ def _load_state(options: FinetuneOptions, train: LabelledImages) -> dict[str, An
     return state
 
 
-def _text_features(model: nn.Module, tokens: torch.Tensor, n_classes: int, trains_text: bool,
-                   fixed: torch.Tensor | None) -> torch.Tensor:
-    if trains_text:
-        return class_embeddings(model, tokens, n_classes)
-    assert fixed is not None
-    return fixed
+@dataclass
+class _Run:
+    """Everything a training run holds; `state()` / `restore()` make it resumable."""
+
+    options: FinetuneOptions
+    data: LabelledImages
+    train: LabelledImages
+    heldout: LabelledImages
+    templates: list[str]
+    base: BaseModel
+    adapted: list[AdaptedBlock]
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    batches: TrainingBatches
+    tokens: torch.Tensor
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    zero_shot: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base.model
+
+    @property
+    def branches(self) -> nn.ModuleList:
+        return nn.ModuleList([block.attention.branches for block in self.adapted])
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "fingerprint": self.options.fingerprint(), "step": self.step,
+            "train": [str(item.path) for item in self.train.items], "lora": self.branches.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "batches": self.batches.state(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "losses": self.losses, "zero_shot": self.zero_shot,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.branches.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state(state["batches"])
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.losses, self.zero_shot = int(state["step"]), list(state["losses"]), state["zero_shot"]
+
+    def save(self) -> None:
+        _save_torch(self.options.output / "state.pt", self.state())
+
+
+def _split(options: FinetuneOptions) -> tuple[LabelledImages, LabelledImages, LabelledImages]:
+    """(all data, the shots, the held-out set) as the options say."""
+    data = read_labelled_images(options.data)
+    validate_classes(data.classes, str(options.data))
+    train, heldout = few_shot_split(data, options.shots, options.seed)
+    if options.eval_data is not None:
+        heldout = read_labelled_images(options.eval_data)
+        unknown = sorted(set(heldout.classes) - set(data.classes))
+        if unknown:
+            raise InvalidArgument(f"--eval-data has classes the training data lacks: {unknown[:5]}")
+        heldout = LabelledImages(heldout.source, heldout.items, data.classes)
+    return data, train, heldout
+
+
+def _start(options: FinetuneOptions, progress: Progress) -> _Run:
+    """Data, model, adapter, optimiser: a fresh run at step 0 (saved) or the saved one."""
+    templates = validate_templates(options.templates)
+    data, train, heldout = _split(options)
+    _prepare_output(options)
+    state = _load_state(options, train) if options.resume else None
+    device = _device(options.device)
+    with progress.step(f"load {options.model}"):
+        base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)
+    if base.weights.kind == "random":
+        progress.warn("random base weights (--allow-random-weights): for tests and demos only")
+    torch.manual_seed(options.seed)  # LoRA initialisation, dropout, augmentation
+    adapted = apply_lora(base.model, options.lora)
+    base.model.to(device)
+    optimizer = torch.optim.AdamW(lora_parameters(adapted), lr=options.lr, betas=options.betas,
+                                  weight_decay=options.weight_decay)
+    run = _Run(
+        options, data, train, heldout, templates, base, adapted, device, optimizer,
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.total_iterations, eta_min=options.min_lr),
+        torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+        TrainingBatches(train, options.batch_size, options.seed, train_transform(base.image_size, base.mean, base.std)),
+        prompt_tokens(base.tokenizer, data.classes, templates).to(device),
+    )
+    with progress.step(f"checking {len(train)} training images"):
+        run.batches.check_images()
+    if state is not None:
+        run.restore(state)
+        progress.info(f"resuming at step {run.step} of {options.total_iterations}")
+        return run
+    train.write_csv(options.output / "train.csv")
+    if options.eval_data is None and len(heldout):
+        heldout.write_csv(options.output / "heldout.csv")
+    missing = sorted(set(data.classes) - {item.label for item in heldout.items})
+    if len(heldout) and missing:
+        progress.warn(f"no held-out images for {missing[:5]}: the accuracy leaves them out")
+    if len(heldout):
+        with progress.step(f"zero-shot accuracy on {len(heldout)} held-out images"):
+            run.zero_shot = torch_accuracy(run.model, base, run.tokens, heldout, device)
+        progress.info(f"zero-shot top-1 {run.zero_shot['top1']:.4f}")
+    run.save()  # from here on, --resume works whatever happens
+    return run
+
+
+def _train(run: _Run, progress: Progress, should_stop: Callable[[int], bool]) -> bool:
+    """Steps until the end (True) or until `should_stop` (False); saves the state on the way."""
+    options, model, total = run.options, run.model, run.options.total_iterations
+    trains_text, trains_vision = options.lora.adapts("text"), options.lora.adapts("vision")
+    n_classes, amp = len(run.data.classes), run.device.type == "cuda"
+    fixed_text = None
+    if not trains_text:
+        with torch.no_grad():
+            fixed_text = class_embeddings(model.eval(), run.tokens, n_classes)
+    with progress.bar("finetune", total, run.step) as update, torch.enable_grad():
+        while run.step < total:
+            model.train()
+            images, targets = run.batches.next()
+            images, targets = images.to(run.device, non_blocking=True), targets.to(run.device)
+            try:
+                with torch.autocast(run.device.type, dtype=torch.float16, enabled=amp):
+                    text = class_embeddings(model, run.tokens, n_classes) if trains_text else fixed_text
+                    with torch.set_grad_enabled(trains_vision):
+                        image_features = model.encode_image(images)
+                    image_features = F.normalize(image_features.float(), dim=-1)
+                    loss = F.cross_entropy(TRAIN_LOGIT_SCALE * image_features @ text.float().t(), targets)
+                if not torch.isfinite(loss):
+                    raise FailedPrecondition(
+                        f"the loss became {loss.item()} at step {run.step + 1}; start again with a lower --lr "
+                        f"in a new --output (--resume continues from the last saved step, same settings)")
+                run.optimizer.zero_grad(set_to_none=True)
+                run.scaler.scale(loss).backward()
+            except torch.OutOfMemoryError:
+                raise ResourceExhausted(
+                    f"out of {run.device.type} memory at batch size {len(images)}: lower --batch-size "
+                    "(in a new --output; --resume keeps the settings)") from None
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+            run.step += 1
+            run.losses.append(round(float(loss.item()), 6))
+            update(run.step, f"loss {run.losses[-1]:.4f}")
+            if run.step % options.save_every == 0 or run.step == total:
+                run.save()
+            if run.step < total and should_stop(run.step):
+                run.save()
+                return False
+    return True
 
 
 def run_finetune(
@@ -203,152 +359,63 @@ def run_finetune(
     saving the state so that ``--resume`` continues exactly there."""
     progress = progress or Progress(quiet=True)
     started = time.perf_counter()
-    templates = validate_templates(options.templates)
-    data = read_labelled_images(options.data)
-    validate_classes(data.classes, str(options.data))
-    train, heldout = few_shot_split(data, options.shots, options.seed)
-    if options.eval_data is not None:
-        heldout = read_labelled_images(options.eval_data)
-        unknown = sorted(set(heldout.classes) - set(data.classes))
-        if unknown:
-            raise InvalidArgument(f"--eval-data has classes the training data lacks: {unknown[:5]}")
-        heldout = LabelledImages(heldout.source, heldout.items, data.classes)
-    _prepare_output(options)
-    state = _load_state(options, train) if options.resume else None
-
-    device = _device(options.device)
-    with progress.step(f"load {options.model}"):
-        base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)
-    if base.weights.kind == "random":
-        progress.warn("random base weights (--allow-random-weights): for tests and demos only")
-    torch.manual_seed(options.seed)  # LoRA initialisation, dropout, augmentation
-    model = base.model
-    adapted = apply_lora(model, options.lora)
-    model.to(device)
-    branches = nn.ModuleList([block.attention.branches for block in adapted])
-    parameters = lora_parameters(adapted)
-    optimizer = torch.optim.AdamW(parameters, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay)
-    total = options.total_iterations
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=options.min_lr)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    tokens = prompt_tokens(base.tokenizer, data.classes, templates).to(device)
-    batches = TrainingBatches(train, options.batch_size, options.seed, train_transform(base.image_size, base.mean, base.std))
-    trains_text, trains_vision = options.lora.adapts("text"), options.lora.adapts("vision")
-
-    train.write_csv(options.output / "train.csv")
-    if options.eval_data is None and len(heldout):
-        heldout.write_csv(options.output / "heldout.csv")
-    if state is not None:
-        branches.load_state_dict(state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        batches.load_state(state["batches"])
-        torch.set_rng_state(state["rng"])
-        step, losses, zero_shot = int(state["step"]), list(state["losses"]), state["zero_shot"]
-        progress.info(f"resuming at step {step} of {total}")
-    else:
-        step, losses = 0, []
-        zero_shot = None
-        if len(heldout):
-            with progress.step(f"zero-shot accuracy on {len(heldout)} held-out images"):
-                zero_shot = torch_accuracy(model, base, tokens, heldout, device)
-            progress.info(f"zero-shot top-1 {zero_shot['top1']:.4f}")
-
-    def save_state() -> None:
-        _save_torch(options.output / "state.pt", {
-            "format": STATE_FORMAT, "fingerprint": options.fingerprint(), "step": step,
-            "train": [str(item.path) for item in train.items], "lora": branches.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "batches": batches.state(), "rng": torch.get_rng_state(),
-            "losses": losses, "zero_shot": zero_shot,
-        })
-
-    fixed_text = None
-    if not trains_text:
-        with torch.no_grad():
-            fixed_text = class_embeddings(model.eval(), tokens, len(data.classes))
+    run = _start(options, progress)
     loop_start = time.perf_counter()
-    stopped = False
     try:
-        with progress.bar("finetune", total, step) as update, torch.enable_grad():
-            while step < total:
-                model.train()
-                images, targets = batches.next()
-                images, targets = images.to(device, non_blocking=True), targets.to(device)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    text = _text_features(model, tokens, len(data.classes), trains_text, fixed_text)
-                    with torch.set_grad_enabled(trains_vision):
-                        image_features = model.encode_image(images)
-                    image_features = F.normalize(image_features.float(), dim=-1)
-                    loss = F.cross_entropy(TRAIN_LOGIT_SCALE * image_features @ text.float().t(), targets)
-                if not torch.isfinite(loss):
-                    raise FailedPrecondition(f"the loss became {loss.item()} at step {step + 1}; try a lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                losses.append(round(float(loss.item()), 6))
-                update(step, f"loss {losses[-1]:.4f}")
-                if step % options.save_every == 0 or step == total:
-                    save_state()
-                if step < total and should_stop(step):
-                    save_state()
-                    stopped = True
-                    break
+        finished = _train(run, progress, should_stop)
     finally:
-        batches.close()
-    training_seconds = time.perf_counter() - loop_start
-
-    run: dict[str, Any] = {
+        run.batches.close()
+    record: dict[str, Any] = {
         "cliplora_version": cliplora.__version__,
-        "options": options.fingerprint() | {"output": str(options.output), "device": str(device)},
-        "base": base.manifest(),
-        "data": {"source": data.source, "classes": list(data.classes), "train_images": len(train),
-                 "eval_source": heldout.source, "eval_images": len(heldout)},
-        "templates": templates,
-        "iterations": total,
-        "steps_done": step,
-        "training_seconds_this_session": round(training_seconds, 3),
-        "losses": losses,
-        "zero_shot": zero_shot,
+        "options": options.fingerprint() | {"output": str(options.output), "device": str(run.device)},
+        "base": run.base.manifest(),
+        "data": {"source": run.data.source, "classes": list(run.data.classes), "train_images": len(run.train),
+                 "eval_source": run.heldout.source, "eval_images": len(run.heldout)},
+        "templates": run.templates,
+        "iterations": options.total_iterations,
+        "steps_done": run.step,
+        "training_seconds_this_session": round(time.perf_counter() - loop_start, 3),
+        "losses": run.losses,
+        "zero_shot": run.zero_shot,
     }
-    if stopped:
-        progress.info(f"stopped after step {step} of {total}; continue with --resume")
-        _save_json(options.output / "run.json", run | {"status": "stopped"})
-        return FinetuneResult(options.output, None, step, run)
+    if not finished:
+        progress.info(f"stopped after step {run.step} of {options.total_iterations}; continue with --resume")
+        _save_json(options.output / "run.json", record | {"status": "stopped"})
+        return FinetuneResult(options.output, None, run.step, record)
+    return _finish(run, record, progress, started)
 
+
+def _finish(run: _Run, record: dict[str, Any], progress: Progress, started: float) -> FinetuneResult:
+    """The checkpoint, the class list, the final accuracy and run.json."""
+    options = run.options
     checkpoint_path = options.output / "lora.pt"
-    model.eval()
-    _save_torch(checkpoint_path, paper_checkpoint(adapted, options.lora))
-    (options.output / "classes.txt").write_text("".join(f"{c}\n" for c in data.classes), encoding="utf-8")
+    run.model.eval()
+    _save_torch(checkpoint_path, paper_checkpoint(run.adapted, options.lora))
+    (options.output / "classes.txt").write_text("".join(f"{c}\n" for c in run.data.classes), encoding="utf-8")
     accuracy = None
-    if len(heldout):
-        with progress.step(f"accuracy on {len(heldout)} held-out images"):
-            accuracy = torch_accuracy(model, base, tokens, heldout, device)
-        progress.info(f"top-1 {accuracy['top1']:.4f} (zero-shot {zero_shot['top1']:.4f})" if zero_shot
-                      else f"top-1 {accuracy['top1']:.4f}")
+    if len(run.heldout):
+        with progress.step(f"accuracy on {len(run.heldout)} held-out images"):
+            accuracy = torch_accuracy(run.model, run.base, run.tokens, run.heldout, run.device)
+        zero_shot = f" (zero-shot {run.zero_shot['top1']:.4f})" if run.zero_shot else ""
+        progress.info(f"top-1 {accuracy['top1']:.4f}{zero_shot}")
     else:
         progress.warn("no held-out images (every image was a shot and no --eval-data): accuracy not measured")
-    run |= {
+    record |= {
         "status": "done",
         "accuracy": accuracy,
         "checkpoint": {"path": str(checkpoint_path), "sha256": sha256_file(checkpoint_path)},
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "total_seconds_this_session": round(time.perf_counter() - started, 3),
-        "export": _export_command(options, templates),
+        "export": _export_command(options, run.templates),
     }
-    _save_json(options.output / "run.json", run)
-    return FinetuneResult(options.output, checkpoint_path, step, run)
+    _save_json(options.output / "run.json", record)
+    return FinetuneResult(options.output, checkpoint_path, run.step, record)
 
 
 def _export_command(options: FinetuneOptions, templates: list[str]) -> str:
     """The `cliplora export` call that publishes this adapter with the same classes and prompts."""
-    parts = ["cliplora export", f"--model {options.model}",
-             f"--pretrained {options.pretrained}" if options.pretrained else "--allow-random-weights",
-             f"--lora {options.output / 'lora.pt'}", f"--classes {options.output / 'classes.txt'}",
-             *(f"--template '{t}'" for t in templates), "--name NAME"]
-    return " ".join(parts)
+    words = ["cliplora", "export", "--model", options.model,
+             *(["--pretrained", options.pretrained] if options.pretrained else ["--allow-random-weights"]),
+             "--lora", str(options.output / "lora.pt"), "--classes", str(options.output / "classes.txt"),
+             *(w for t in templates for w in ("--template", t)), "--name", "NAME"]
+    return shlex.join(words)

@@ -127,6 +127,25 @@ def test_existing_output_and_changed_resume_are_refused(shapes, tmp_path, tiny_c
         run_finetune(_options(shapes, tmp_path / "run", tiny_config, iterations=2, resume=True, lr=1e-3))
 
 
+def test_a_run_that_fails_early_can_be_resumed_and_bad_images_stop_it_first(shapes, tmp_path, tiny_config) -> None:
+    from finetune.train import _load_state
+
+    blown = _options(shapes, tmp_path / "blown", tiny_config, lr=1e12, iterations=50)
+    with pytest.raises(FailedPrecondition, match="the loss became"):
+        run_finetune(blown)
+    state = _load_state(blown, few_shot_split(read_labelled_images(shapes), 8, 3)[0])
+    assert state["step"] == 0  # saved before the first step: --resume is possible
+    broken = tmp_path / "broken"
+    for folder in shapes.iterdir():
+        (broken / folder.name).mkdir(parents=True)
+        for image in folder.iterdir():
+            (broken / folder.name / image.name).write_bytes(image.read_bytes())
+    (broken / "red" / "000.png").write_bytes(b"not a png")
+    with pytest.raises(InvalidArgument, match="000.png"):
+        run_finetune(_options(broken, tmp_path / "b", tiny_config, shots=28, iterations=2))
+    assert not any((tmp_path / "b").iterdir())  # nothing written: the same --output works after a fix
+
+
 def test_lora_starts_at_the_base_model_and_only_lora_trains(tiny_config) -> None:
     base = load_base_model(str(tiny_config), None, allow_random_weights=True)
     images = torch.rand(2, 3, factories.IMAGE_SIZE, factories.IMAGE_SIZE)
@@ -203,7 +222,7 @@ def test_cli_finetune_then_evaluate(shapes, tmp_path, tiny_config) -> None:
     out = tmp_path / "out"
     trained = subprocess.run([*cli, "finetune", "--model", str(tiny_config), "--allow-random-weights",
                               "--data", str(shapes), "--shots", "2", "--iterations", "4", "--lr", "5e-3", "--output", str(out),
-                              "--params", "q", "v", "--position", "top2", "--encoder", "text"],
+                              "--params", "q", "v", "--position", "top2", "--encoder", "text", "--device", "cpu"],
                              capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr
     summary = json.loads(trained.stdout)

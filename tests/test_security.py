@@ -139,3 +139,13 @@ async def test_classify_cli_with_token_and_tls(pki: Path, tmp_path) -> None:
         assert allowed.returncode == 1 and b"NOT_FOUND" in err  # past authentication; no such model
     finally:
         await gateway.stop(1)
+
+
+def test_missing_token_file_is_not_found_before_any_call(tmp_path, capsys) -> None:
+    from cliplora.cli import main
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    code = main(["classify", "--target", "127.0.0.1:1", "--model", "m", "--token-file", str(tmp_path / "nope"),
+                 str(image)])
+    assert code == 1 and "NOT_FOUND: --token-file not found" in capsys.readouterr().err
