@@ -304,7 +304,9 @@ def test_model_repository_on_a_pvc(tmp_path: Path) -> None:
         assert {"mountPath": "/models", "name": "model-repository", "readOnly": True} in pod["containers"][0]["volumeMounts"]
         claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert claims == [{"claimName": "model-repository", "readOnly": True}]
-    assert deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--repository", "/models"]
+    base_gateway = by_kind(render(K8S / "overlays" / "gpu"), "Deployment")["gateway"]["spec"]["template"]["spec"]
+    args = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == [*base_gateway["containers"][0]["args"], "--repository", "/models"]  # appended, not copied
     env = deployments["triton"]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert env[0]["valueFrom"]["configMapKeyRef"]["name"] == repository[0]["metadata"]["name"]
     assert "PersistentVolumeClaim" in {d["kind"] for d in documents}
