@@ -140,6 +140,14 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             "templates": templates,
             "precision": options.precision,
             "target": options.target,
+            **({"gpu_serving": {
+                "engine": "TensorRT", "engine_precision": "fp16",
+                # What the FP16 engine may differ by from the verified ONNX file (the fp16
+                # rule of export/verify.py); the engine itself is built on the GPU server,
+                # so this export cannot check it: deploy/compose/smoke_test.sh does there.
+                "expected_tolerance_abs_logit": verify.tolerance("fp16", base.logit_scale),
+                "verified_here": False,
+            }} if options.target == "gpu" else {}),
             "tensors": {
                 "input": {"name": contract.INPUT_NAME, "dtype": contract.INPUT_WIRE_DTYPE, "shape": [-1, *spec.input_shape]},
                 "output": {"name": contract.OUTPUT_NAME, "dtype": contract.OUTPUT_WIRE_DTYPE, "shape": [-1, *spec.output_shape]},

@@ -637,6 +637,9 @@ def test_gpu_export_is_keyed_and_verified(stack: dict) -> None:
     for name in ("gpu", "gpu-base"):
         manifest = stack["exports"][name].manifest
         assert manifest["target"] == "gpu" and manifest["verification"]["passed"]
+        serving = manifest["gpu_serving"]  # what the FP16 engine may differ by, stated, not checked here
+        assert serving["engine_precision"] == "fp16" and serving["verified_here"] is False
+        assert serving["expected_tolerance_abs_logit"] == pytest.approx(5e-3 * manifest["base"]["logit_scale"])
         key = manifest["onnx"]["tensorrt_engine_key"]
         assert re.fullmatch(r"head_[0-9a-f]{16}", key)
         graph = onnx.load(str(stack["exports"][name].path / contract.MODEL_FILENAME)).graph

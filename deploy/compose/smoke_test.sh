@@ -35,14 +35,19 @@ PY
 
 .venv/bin/cliplora classify --target 127.0.0.1:50051 --model "$model" --top-k 0 "$image" > /tmp/cliplora-served.json
 .venv/bin/cliplora predict --repository "$repository" --name "$model" --top-k 0 "$image" > /tmp/cliplora-local.json
-.venv/bin/python - /tmp/cliplora-served.json /tmp/cliplora-local.json <<'PY'
-import json, sys
+.venv/bin/python - /tmp/cliplora-served.json /tmp/cliplora-local.json "$repository/$model" <<'PY'
+import json, pathlib, sys
 served, local = (json.load(open(p))[0]["predictions"] for p in sys.argv[1:3])
+versions = [v for v in pathlib.Path(sys.argv[3]).iterdir() if v.name.isdigit()]
+manifest = json.loads((max(versions, key=lambda v: int(v.name)) / "manifest.json").read_text())
+tolerance = manifest.get("gpu_serving", {}).get("expected_tolerance_abs_logit")
 by_index = {p["index"]: p["logit"] for p in local}
 delta = max(abs(p["logit"] - by_index[p["index"]]) for p in served)
 print(f"TensorRT FP16 (GPU) vs ONNX Runtime (CPU): max |dlogit| {delta:.4f}, top-1 {served[0]['label']} / {local[0]['label']}")
 margin = local[0]["logit"] - local[1]["logit"]
 assert served[0]["index"] == local[0]["index"] or margin < 2 * delta, "top-1 differs on a clear margin"
+if tolerance is not None:  # a --target gpu export states what its FP16 engine may differ by
+    assert delta <= tolerance, f"max |dlogit| {delta:.4f} over the manifest's fp16 tolerance {tolerance:.4f}"
 PY
 
 curl -fsS 'http://127.0.0.1:9090/api/v1/query?query=nv_gpu_utilization' | grep -q '"result":\[{' \
