@@ -8,7 +8,7 @@
 
 Kustomize cannot read files outside a kustomization's folder, and no generator of its
 makes a PrometheusRule, hence this script. ``--check`` exits 1 when a file is stale
-(tests/test_deploy.py runs it).
+(tests/test_deploy_k8s.py runs it).
 
     python deploy/k8s/generate.py [--check]
 """
