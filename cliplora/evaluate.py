@@ -40,22 +40,29 @@ def accuracy_report(targets: Sequence[int], predicted: Sequence[int], classes: S
             "per_class": per_class}
 
 
+def top1_in_batches(
+    paths: Sequence[Path], top1: Callable[[Sequence[Path]], list[int]], batch: int,
+    update: Callable[[int, str], None] = lambda done, status: None,
+) -> list[int]:
+    """`top1` over `paths`, `batch` at a time: the class index predicted for each image."""
+    predicted: list[int] = []
+    for start in range(0, len(paths), batch):
+        predicted.extend(top1(paths[start : start + batch]))
+        update(min(start + batch, len(paths)), "")
+    return predicted
+
+
 def _in_process(repository: Path, name: str, version: int | None) -> tuple[int, list[str], Callable]:
     from cliplora.preprocess import preprocess_file
-    from cliplora.repository import ModelRepository
-    from cliplora.runtime import create_session, run_logits
+    from cliplora.runtime import open_published, run_logits
 
-    repo = ModelRepository(repository)
-    found = repo.get(name, version)
-    labels = repo.labels(name)
-    session = create_session(found.model_path, precision=found.precision)
-    size = int(session.get_inputs()[0].shape[1])
+    model = open_published(repository, name, version)
 
     def top1(paths: Sequence[Path]) -> list[int]:
-        crops = np.stack([preprocess_file(p, size) for p in paths])
-        return [int(i) for i in run_logits(session, crops).argmax(axis=1)]
+        crops = np.stack([preprocess_file(p, model.image_size) for p in paths])
+        return [int(i) for i in run_logits(model.session, crops).argmax(axis=1)]
 
-    return found.version, labels, top1
+    return model.found.version, model.labels(), top1
 
 
 def _through_gateway(
@@ -89,6 +96,7 @@ def evaluate_model(
     """Accuracy of one published model on `data`, in process or through the gateway at `target`
     (`access`: token and TLS keyword arguments of `serve.client.classify_files`)."""
     progress = progress or Progress(quiet=True)
+    targets = None
     if target:
         answered_version, labels, top1 = _through_gateway(target, name, version, access or {})
         via = f"gateway {target}"
@@ -96,15 +104,13 @@ def evaluate_model(
         if repository is None:
             raise InvalidArgument("a --repository (or a gateway --target) is needed")
         answered_version, labels, top1 = _in_process(repository, name, version)
-        align_classes(data, labels)  # unknown labels fail before any inference
+        targets = align_classes(data, labels)  # unknown labels fail before any inference
         via = "onnxruntime"
-    predicted: list[int] = []
     paths = [item.path for item in data.items]
     with progress.bar(f"evaluate {name}", len(paths)) as update:
-        for start in range(0, len(paths), BATCH):
-            predicted.extend(top1(paths[start : start + BATCH]))
-            update(min(start + BATCH, len(paths)), "")
-    targets = align_classes(data, labels)
+        predicted = top1_in_batches(paths, top1, BATCH, update)
+    if targets is None:  # through the gateway, the labels are known after the first answer
+        targets = align_classes(data, labels)
     if len(labels) != len(set(labels)):
         raise FailedPrecondition(f"model {name} has repeated labels")
     return {"version": answered_version, "via": via, **accuracy_report(targets, predicted, labels)}

@@ -11,12 +11,15 @@ Triton beside a load generator) for a gain within noise.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from cliplora import contract
+from cliplora.errors import FailedPrecondition
+from cliplora.repository import ModelRepository, ModelVersion
 
 
 def create_session(
@@ -41,3 +44,33 @@ def create_session(
 def run_logits(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     """[N, S, S, 3] uint8 -> [N, C] fp32 logits."""
     return session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: images})[0]
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A published model version opened for inference in this process."""
+
+    repository: ModelRepository
+    found: ModelVersion
+    session: ort.InferenceSession
+
+    @property
+    def image_size(self) -> int:
+        return int(self.session.get_inputs()[0].shape[1])
+
+    def labels(self) -> list[str]:
+        """The model's labels, checked against the graph's number of classes."""
+        labels = self.repository.labels(self.found.name)
+        classes = self.session.get_outputs()[0].shape[1]
+        if classes != len(labels):
+            raise FailedPrecondition(f"{self.found.model_path} has {classes} outputs but labels.txt has {len(labels)} lines")
+        return labels
+
+
+def open_published(
+    repository: str | Path, name: str, version: int | None = None, *, threads: int = 0
+) -> PublishedModel:
+    """The given (or latest) version of a published model, as an ONNX Runtime session."""
+    repo = ModelRepository(repository)
+    found = repo.get(name, version)
+    return PublishedModel(repo, found, create_session(found.model_path, precision=found.precision, threads=threads))

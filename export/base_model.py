@@ -30,6 +30,7 @@ from open_clip.model import CLIP
 from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from export.checkpoint_io import is_torchscript_archive, load_tensors, load_torchscript_state_dict
 from export.hashing import sha256_file
+from export.merge import tower_blocks
 
 RANDOM_SEED = 0
 _TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -72,11 +73,11 @@ class BaseModel:
 
     @property
     def text_blocks(self) -> torch.nn.ModuleList:
-        return self.model.transformer.resblocks
+        return tower_blocks(self.model, "text")
 
     @property
     def vision_blocks(self) -> torch.nn.ModuleList:
-        return self.model.visual.transformer.resblocks
+        return tower_blocks(self.model, "vision")
 
     def manifest(self) -> dict[str, Any]:
         return {

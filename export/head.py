@@ -106,5 +106,10 @@ def class_text_matrix(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """T [D, C]: unit-norm class embeddings from `model`'s text encoder, as columns."""
-    tokens = prompt_tokens(tokenizer, classes, templates)
-    return class_embeddings(model, tokens, len(classes), batch_size=batch_size).t().contiguous()
+    return text_matrix(model, prompt_tokens(tokenizer, classes, templates), len(classes), batch_size=batch_size)
+
+
+@torch.no_grad()
+def text_matrix(model: nn.Module, tokens: torch.Tensor, n_classes: int, *, batch_size: int = 256) -> torch.Tensor:
+    """T [D, C] from prompt tokens already made (one tokenisation for several models)."""
+    return class_embeddings(model, tokens, n_classes, batch_size=batch_size).t().contiguous()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,12 @@ def block_indices(position: str, n_blocks: int) -> list[int]:
     raise InvalidArgument(f"unknown LoRA position {position!r}; known: {', '.join(POSITIONS)}")
 
 
+def adapted_blocks(encoder: str, position: str, tower_sizes: Mapping[Tower, int]) -> list[tuple[Tower, int]]:
+    """The (tower, block) pairs an adapter adapts, in ``layer_i`` order: the text tower's
+    blocks first, then the vision tower's, each by increasing index."""
+    return [(tower, i) for tower in ENCODERS[encoder] for i in block_indices(position, tower_sizes[tower])]
+
+
 def _metadata(raw: Any, path: Path) -> tuple[int, float, str, list[Target], str]:
     if not isinstance(raw, dict):
         raise InvalidArgument(f"LoRA checkpoint {path}: 'metadata' must be a dict")
@@ -96,10 +103,7 @@ def load_clip_lora_checkpoint(path: Path, *, text_blocks: int, vision_blocks: in
     if not isinstance(weights, dict):
         raise InvalidArgument(f"LoRA checkpoint {path}: 'weights' must be a dict of layer_i entries")
 
-    tower_sizes = {"text": text_blocks, "vision": vision_blocks}
-    blocks: list[tuple[Tower, int]] = [
-        (tower, i) for tower in ENCODERS[encoder] for i in block_indices(position, tower_sizes[tower])
-    ]
+    blocks = adapted_blocks(encoder, position, {"text": text_blocks, "vision": vision_blocks})
     expected_keys = [f"layer_{i}" for i in range(len(blocks))]
     if sorted(weights, key=str) != sorted(expected_keys):
         raise InvalidArgument(

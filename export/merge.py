@@ -18,9 +18,14 @@ from export.lora import LoraAdapter, LoraUpdate, Target, Tower
 _ROWS = {"q": 0, "k": 1, "v": 2}
 
 
+def tower_blocks(model: nn.Module, tower: Tower) -> nn.ModuleList:
+    """The residual blocks of `tower` in an open_clip CLIP."""
+    return model.transformer.resblocks if tower == "text" else model.visual.transformer.resblocks
+
+
 def attention_module(model: nn.Module, tower: Tower, block: int) -> nn.MultiheadAttention:
     """The attention module of `block` in `tower` of an open_clip CLIP."""
-    blocks = model.transformer.resblocks if tower == "text" else model.visual.transformer.resblocks
+    blocks = tower_blocks(model, tower)
     if not 0 <= block < len(blocks):
         raise InvalidArgument(f"the adapter targets {tower} block {block}, but the {tower} tower has {len(blocks)} blocks")
     return blocks[block].attn

@@ -100,9 +100,10 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
 
     n_prompts = len(classes) * len(templates)
     with progress.step(f"encoding {n_prompts} prompts with the adapted text encoder"):
-        text_matrix = head.class_text_matrix(merged, base.tokenizer, classes, templates)
-        reference_text = head.class_text_matrix(reference, base.tokenizer, classes, templates)
-        base_text = head.class_text_matrix(base.model, base.tokenizer, classes, templates) if adapter else None
+        tokens = head.prompt_tokens(base.tokenizer, classes, templates)
+        text_matrix = head.text_matrix(merged, tokens, len(classes))
+        reference_text = head.text_matrix(reference, tokens, len(classes))
+        base_text = head.text_matrix(base.model, tokens, len(classes)) if adapter else None
 
     exported_visual = reference.visual if options.unmerged else merged.visual
     graph = ClassifierGraph(exported_visual, text_matrix, base.logit_scale, base.mean, base.std, options.precision)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cliplora import contract
+from cliplora.atomic import write_text_atomically
 from cliplora.errors import FailedPrecondition, PermissionDenied
 from cliplora.repository import ModelRepository, validate_model_name
 from export.hashing import sha256_file
@@ -289,22 +290,16 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: str,
             folder.mkdir(exist_ok=True)
             shutil.move(str(staged_version), str(incoming))  # a copy when on another filesystem
             if created:
-                _write_atomically(folder / contract.LABELS_FILENAME, labels)
+                write_text_atomically(folder / contract.LABELS_FILENAME, labels)
             os.rename(incoming, folder / str(version))
             if created:
-                _write_atomically(folder / contract.CONFIG_FILENAME, config)
+                write_text_atomically(folder / contract.CONFIG_FILENAME, config)
         except BaseException as exc:
             shutil.rmtree(folder if created else incoming, ignore_errors=True)
             if isinstance(exc, OSError):
                 raise FailedPrecondition(f"could not publish {name} into {root}, nothing published: {exc}") from exc
             raise
     return version
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    temporary.write_text(text, encoding="utf-8")
-    os.rename(temporary, path)
 
 
 def _stamp_version(staged_version: Path, version: int) -> None:

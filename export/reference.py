@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.lora import LoraAdapter, Target
-from export.merge import attention_module, check_shapes, target_weight
+from export.lora import TOWERS, LoraAdapter, Target
+from export.merge import attention_module, check_shapes, target_weight, tower_blocks
 
 
 class LoraBranch(nn.Module):
@@ -95,8 +95,8 @@ class LoraAttention(nn.Module):
 def build_reference(model: nn.Module, adapter: LoraAdapter | None) -> nn.Module:
     """A copy of `model` with every attention replaced by `LoraAttention` (+ the adapter)."""
     reference = copy.deepcopy(model)
-    for blocks in (reference.transformer.resblocks, reference.visual.transformer.resblocks):
-        for block in blocks:
+    for tower in TOWERS:
+        for block in tower_blocks(reference, tower):
             block.attn = LoraAttention(block.attn)
     for update in adapter.updates if adapter else ():
         # Shapes are checked against the *base* projection, as in the merge.

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from cliplora.errors import InvalidArgument
-from export.lora import Target, Tower
-from export.lora_paper import ENCODERS, SAVED_NAME, block_indices
+from export.lora import TOWERS, Target, Tower
+from export.lora_paper import ENCODERS, SAVED_NAME, adapted_blocks
+from export.merge import tower_blocks
 from export.reference import LoraAttention
 
 
@@ -84,24 +85,19 @@ class AdaptedBlock:
     attention: LoraAttention
 
 
-def _towers(model: nn.Module) -> dict[Tower, nn.ModuleList]:
-    return {"text": model.transformer.resblocks, "vision": model.visual.transformer.resblocks}
-
-
 def apply_lora(model: nn.Module, spec: LoraSpec) -> list[AdaptedBlock]:
     """Freeze `model` and put trainable LoRA attention in the blocks `spec` names, in place."""
     model.requires_grad_(False)
     adapted: list[AdaptedBlock] = []
-    towers = _towers(model)
-    for tower in ENCODERS[spec.encoder]:
-        blocks = towers[tower]
-        for index in block_indices(spec.position, len(blocks)):
-            attention = LoraAttention(blocks[index].attn)
-            d = attention.width
-            for target in spec.ordered_params:
-                attention.add_branch(target, TrainableLoraBranch(d, d, spec.r, spec.alpha, spec.dropout))
-            blocks[index].attn = attention
-            adapted.append(AdaptedBlock(tower, index, attention))
+    sizes = {tower: len(tower_blocks(model, tower)) for tower in TOWERS}
+    for tower, index in adapted_blocks(spec.encoder, spec.position, sizes):
+        block = tower_blocks(model, tower)[index]
+        attention = LoraAttention(block.attn)
+        d = attention.width
+        for target in spec.ordered_params:
+            attention.add_branch(target, TrainableLoraBranch(d, d, spec.r, spec.alpha, spec.dropout))
+        block.attn = attention
+        adapted.append(AdaptedBlock(tower, index, attention))
     return adapted
 
 

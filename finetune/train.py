@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,15 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import cliplora
+from cliplora.atomic import write_atomically, write_text_atomically
 from cliplora.datasets import LabelledImages, few_shot_split, read_labelled_images
 from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from cliplora.evaluate import accuracy_report
+from cliplora.evaluate import accuracy_report, top1_in_batches
 from cliplora.preprocess import preprocess_file
 from cliplora.progress import Progress
 from export.base_model import BaseModel, load_base_model
 from export.hashing import sha256_file
 from export.head import class_embeddings, prompt_tokens, validate_classes, validate_templates
 from export.onnx_graph import ClassifierGraph
+from export.publish import render_labels
 from finetune.batches import TrainingBatches, train_transform
 from finetune.lora_layers import (
     AdaptedBlock,
@@ -122,21 +123,12 @@ def _device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _save_json(path: Path, record: dict[str, Any]) -> None:
-    _write_atomically(path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
 def _save_torch(path: Path, obj: Any) -> None:
-    _write_atomically(path, lambda p: torch.save(obj, p))
+    write_atomically(path, lambda temporary: torch.save(obj, temporary))
 
 
 @torch.no_grad()
@@ -152,12 +144,12 @@ def torch_accuracy(
     model.eval()
     text = class_embeddings(model, tokens.to(device), len(data.classes)).t()
     graph = ClassifierGraph(model.visual, text, base.logit_scale, base.mean, base.std).to(device)
-    predicted: list[int] = []
-    paths = [item.path for item in data.items]
-    for start in range(0, len(paths), EVAL_BATCH):
-        crops = np.stack([preprocess_file(p, base.image_size) for p in paths[start : start + EVAL_BATCH]])
-        logits = graph(torch.from_numpy(crops).to(device))
-        predicted.extend(int(i) for i in logits.argmax(dim=1).cpu())
+
+    def top1(paths: Sequence[Path]) -> list[int]:
+        crops = np.stack([preprocess_file(p, base.image_size) for p in paths])
+        return [int(i) for i in graph(torch.from_numpy(crops).to(device)).argmax(dim=1).cpu()]
+
+    predicted = top1_in_batches([item.path for item in data.items], top1, EVAL_BATCH)
     return accuracy_report(data.indices(), predicted, data.classes)
 
 
@@ -258,7 +250,7 @@ def _split(options: FinetuneOptions) -> tuple[LabelledImages, LabelledImages, La
         unknown = sorted(set(heldout.classes) - set(data.classes))
         if unknown:
             raise InvalidArgument(f"--eval-data has classes the training data lacks: {unknown[:5]}")
-        heldout = LabelledImages(heldout.source, heldout.items, data.classes)
+        heldout = data.subset(heldout.items, heldout.source)
     return data, train, heldout
 
 
@@ -315,8 +307,8 @@ def _train(run: _Run, progress: Progress, should_stop: Callable[[int], bool]) ->
         with torch.no_grad():
             fixed_text = class_embeddings(model.eval(), run.tokens, n_classes)
     with progress.bar("finetune", total, run.step) as update, torch.enable_grad():
+        model.train()
         while run.step < total:
-            model.train()
             images, targets = run.batches.next()
             images, targets = images.to(run.device, non_blocking=True), targets.to(run.device)
             try:
@@ -391,7 +383,7 @@ def _finish(run: _Run, record: dict[str, Any], progress: Progress, started: floa
     checkpoint_path = options.output / "lora.pt"
     run.model.eval()
     _save_torch(checkpoint_path, paper_checkpoint(run.adapted, options.lora))
-    (options.output / "classes.txt").write_text("".join(f"{c}\n" for c in run.data.classes), encoding="utf-8")
+    write_text_atomically(options.output / "classes.txt", render_labels(list(run.data.classes)))
     accuracy = None
     if len(run.heldout):
         with progress.step(f"accuracy on {len(run.heldout)} held-out images"):

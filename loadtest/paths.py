@@ -25,8 +25,7 @@ import tritonclient.grpc as triton_grpc
 
 from cliplora import contract
 from cliplora.preprocess import preprocess_bytes
-from cliplora.repository import ModelRepository
-from cliplora.runtime import create_session, run_logits
+from cliplora.runtime import open_published, run_logits
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from loadtest.cli import generated_images
@@ -50,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     jpeg = generated_images(1)[0]  # the load tester's first 640x480 JPEG
-    found = ModelRepository(args.repository).get(args.model)
-    session = create_session(found.model_path, precision=found.precision)
-    size = int(session.get_inputs()[0].shape[1])
-    crop = preprocess_bytes(jpeg, size)[None]
+    published = open_published(args.repository, args.model)
+    session = published.session
+    crop = preprocess_bytes(jpeg, published.image_size)[None]
 
     channel = grpc.insecure_channel(args.gateway)
     gateway = pb_grpc.ClassifierStub(channel)
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         run_logits(session, crop)
 
     def preprocess() -> None:
-        preprocess_bytes(jpeg, size)
+        preprocess_bytes(jpeg, published.image_size)
 
     paths = {"gateway": via_gateway, "triton": via_triton, "ort": in_process, "preprocess": preprocess}
     samples: dict[str, list[float]] = {name: [] for name in paths}

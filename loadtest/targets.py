@@ -16,8 +16,7 @@ import numpy as np
 
 from cliplora import contract
 from cliplora.preprocess import preprocess_bytes
-from cliplora.repository import ModelRepository
-from cliplora.runtime import create_session, run_logits
+from cliplora.runtime import open_published, run_logits
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -139,13 +138,10 @@ class InProcessTarget:
 
     async def start(self, models: list[str]) -> None:
         self.pool = ThreadPoolExecutor(self.workers)
-        repo = ModelRepository(self.repository)
         for model in models:
-            found = repo.get(model)
-            session = create_session(found.model_path, precision=found.precision, threads=self.threads)
-            size = int(session.get_inputs()[0].shape[1])
-            crops = [preprocess_bytes(data, size) for data in self.images]
-            self._sessions[model] = session
+            published = open_published(self.repository, model, threads=self.threads)
+            crops = [preprocess_bytes(data, published.image_size) for data in self.images]
+            self._sessions[model] = published.session
             self._batches[model] = [np.stack(chosen) for chosen in rotating_batches(crops, self.batch)]
 
     async def send(self, model: str, item: int) -> None:

@@ -22,6 +22,7 @@ from cliplora.repository import ModelRepository
 from export.base_model import resolve_model_config
 from export.lora_paper import block_indices
 from export.pipeline import ExportOptions, run_export
+from export.publish import render_labels
 
 CLASSES = ["abyssinian", "bengal", "birman", "bombay", "british_shorthair", "egyptian_mau", "maine_coon",
            "persian", "ragdoll", "russian_blue"]
@@ -66,7 +67,7 @@ def export_demo_models(repository: Path) -> bool:
                       "They serve and can be load-tested, but classify nothing meaningfully.")
     with tempfile.TemporaryDirectory(prefix="cliplora-demo-") as work:
         classes = Path(work) / "classes.txt"
-        classes.write_text("".join(f"{c}\n" for c in CLASSES))
+        classes.write_text(render_labels(CLASSES), encoding="utf-8")
         adapter = synthetic_adapter(model, Path(work) / "lora_demo.pt")
         for name, lora in ((BASE_NAME, "none"), (LORA_NAME, str(adapter))):
             progress.info(f"exporting demo model {name} ...")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_inputs:
         folder = Path(args.write_inputs)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
+        (folder / "classes.txt").write_text(render_labels(CLASSES), encoding="utf-8")
         synthetic_adapter(os.environ.get("CLIPLORA_DEMO_MODEL", "ViT-B-16"), folder / "lora_demo.pt")
         return 0
 
