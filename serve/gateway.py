@@ -45,6 +45,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.pool = pool
         self.in_flight = 0
         self.accepted = 0  # requests admitted past the concurrency limit, ever
+        self._repository = ModelRepository(settings.repository) if settings.repository is not None else None
+        # (name, version) -> (manifest file's mtime, manifest): read again only when the file changes
+        self._manifests: dict[tuple[str, int], tuple[int, dict]] = {}
 
     async def _handle(self, method: str, context: grpc.aio.ServicerContext,
                       work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
@@ -168,10 +171,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     def manifest_of(self, entry: ModelEntry) -> dict | None:
         """The latest version's manifest, when the gateway can read the repository."""
-        if self.settings.repository is None:
+        if self._repository is None:
             return None
+        key = (entry.name, entry.versions[-1])
         try:
-            return ModelRepository(self.settings.repository).get(entry.name, entry.versions[-1]).manifest()
+            found = self._repository.get(*key)
+            changed = found.manifest_path.stat().st_mtime_ns
+            cached = self._manifests.get(key)
+            if cached is None or cached[0] != changed:
+                self._manifests[key] = cached = (changed, found.manifest())
+            return cached[1]
         except Exception as exc:  # provenance is optional: never fail a call for it
             log.debug("no manifest for %s: %s", entry.name, exc)
             return None

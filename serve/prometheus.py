@@ -5,13 +5,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from cliplora.errors import Unavailable
-from serve.processes import stop_process
+from serve.processes import stop_process, wait_http_ok
 
 SCRAPE_INTERVAL = "5s"
 
@@ -56,16 +53,11 @@ class LocalPrometheus:
                 [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self._work / 'data'}",
                  f"--web.listen-address={self.host}:{self.port}", "--storage.tsdb.retention.time=2d"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise Unavailable(f"prometheus exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.2)
+        outcome = wait_http_ok(self.process, f"{self.url}/-/ready", timeout_s)
+        if outcome == "ready":
+            return self
+        if outcome == "exited":
+            raise Unavailable(f"prometheus exited with {self.process.returncode}; see {self.log_path}")
         self.stop()
         raise Unavailable(f"prometheus not ready after {timeout_s:.0f} s; see {self.log_path}")
 

@@ -69,7 +69,7 @@ class ModelEntry:
         return version
 
 
-def _entry_from_config(name: str, versions: list[int], config: dict[str, Any]) -> tuple[int, int, int]:
+def _entry_from_config(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
     inputs = {i["name"]: i for i in config.get("input", [])}
     outputs = {o["name"]: o for o in config.get("output", [])}
     if contract.INPUT_NAME not in inputs or contract.OUTPUT_NAME not in outputs:
@@ -95,7 +95,6 @@ class Triton:
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
         self._refresh_lock = asyncio.Lock()
         self._background: set[asyncio.Task[object]] = set()
-        self.last_refresh = 0.0
         self.on_refresh: list[Callable[[dict[str, ModelEntry]], None]] = []
 
     def _connect(self) -> triton_aio.InferenceServerClient:
@@ -161,7 +160,6 @@ class Triton:
             if set(found) != set(self._models):
                 log.info("models now served: %s", ", ".join(f"{n} {list(e.versions)}" for n, e in found.items()) or "none")
             self._models = found
-            self.last_refresh = time.monotonic()
             for callback in self.on_refresh:
                 callback(self.models)
             return self.models
@@ -170,7 +168,7 @@ class Triton:
         async with self._channel() as client:
             response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
         config = response.get("config", response)
-        size, classes, max_batch = _entry_from_config(name, versions, config)
+        size, classes, max_batch = _entry_from_config(name, config)
         labels = await self._labels_of(name, versions[-1], size, classes)
         return ModelEntry(name, tuple(versions), size, classes, max_batch, labels)
 

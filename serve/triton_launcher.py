@@ -18,14 +18,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from cliplora.errors import FailedPrecondition, NotFound, Unavailable
-from serve.processes import stop_process
+from serve.processes import http_ok, stop_process, wait_http_ok
 
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "onnxruntime" / "model.py"
 
@@ -130,20 +127,15 @@ class LocalTriton:
         return self
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"{self.http_url}/v2/health/ready")
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise FailedPrecondition(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
-            if self.is_ready():
-                return
-            time.sleep(0.2)
+        assert self.process is not None, "start() first"
+        outcome = wait_http_ok(self.process, f"{self.http_url}/v2/health/ready", timeout_s)
+        if outcome == "ready":
+            return
+        if outcome == "exited":
+            raise FailedPrecondition(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
         self.stop()
         raise Unavailable(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
