@@ -25,6 +25,14 @@ def tiny_base(tiny_config: Path):
     return load_base_model(str(tiny_config), None, allow_random_weights=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Path:
+    """`base` and `lora` published once for every serving test (tests add, never keep, models)."""
+    from tests.serving import publish_tiny_models
+
+    return publish_tiny_models(tmp_path_factory.mktemp("tiny-repository"), tiny_config)
+
+
 @pytest.fixture()
 def classes_file(tmp_path: Path) -> Path:
     return factories.write_classes(tmp_path / "classes.txt")

@@ -3,6 +3,7 @@ the dashboard's queries, and the facts they are checked against."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -51,9 +52,16 @@ needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installe
 # ---------------------------------------------------------------- helpers
 
 def render(target: str | Path) -> list[dict]:
-    done = subprocess.run([KUBECTL, "kustomize", str(target)], capture_output=True, text=True, timeout=60)
+    """kustomize's output for `target`, as fresh documents (tests may change them)."""
+    return [d for d in yaml.safe_load_all(_kustomize(str(target))) if d]
+
+
+@functools.cache
+def _kustomize(target: str) -> str:
+    """One kubectl run per folder per session: the overlays are rendered by many tests."""
+    done = subprocess.run([KUBECTL, "kustomize", target], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
+    return done.stdout
 
 
 def validate(document: dict) -> None:

@@ -53,6 +53,17 @@ def write_config(folder: Path, name: str = "tiny-clip", **overrides: object) -> 
     return path
 
 
+def projection(model: torch.nn.Module, tower: str, block: int, target: str) -> torch.Tensor:
+    """The weight a LoRA target changes, sliced here by hand (not by the code under test)."""
+    blocks = model.transformer.resblocks if tower == "text" else model.visual.transformer.resblocks
+    attn = blocks[block].attn
+    if target == "o":
+        return attn.out_proj.weight.detach()
+    d = attn.embed_dim
+    i = "qkv".index(target)
+    return attn.in_proj_weight.detach()[i * d : (i + 1) * d]
+
+
 def width(tower: str) -> int:
     return TEXT_WIDTH if tower == "text" else VISION_WIDTH
 

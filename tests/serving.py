@@ -61,11 +61,16 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def encoded(image, fmt: str = "PNG") -> bytes:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+def metrics_text(url_or_port: str | int) -> str:
+    """A /metrics page: the gateway's on this port, or the page at this URL."""
+    url = url_or_port if isinstance(url_or_port, str) else f"http://127.0.0.1:{url_or_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
 
 
 def triton_ports() -> TritonPorts:
@@ -145,10 +150,7 @@ async def wait_for_health(port: int, status: str, timeout_s: float, poll_s: floa
     returns the seconds it took, fails the test after `timeout_s`."""
     started = time.monotonic()
     while True:
-        try:
-            now = await health(port)
-        except grpc.aio.AioRpcError:
-            now = "UNREACHABLE"
+        now = await _health_or_none(port) or "UNREACHABLE"
         elapsed = time.monotonic() - started
         if now == status:
             return elapsed
@@ -166,8 +168,8 @@ async def in_process_gateway(triton_url: str, repository: Path | None = None, *,
                              **overrides: object) -> AsyncIterator[tuple[GatewayServer, pb_grpc.ClassifierStub]]:
     """A gateway in this event loop (free ports, 0.2 s health probes) and a stub on it;
     both closed on the way out, whatever the test did."""
-    options = {"health_interval_s": 0.2, **overrides}
-    settings = GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton_url, repository=repository, **options)
+    options = {"health_interval_s": 0.2, "metrics_port": 0, **overrides}
+    settings = GatewaySettings(grpc_port=0, triton_url=triton_url, repository=repository, **options)
     gateway = GatewayServer(settings)
     await gateway.start()
     channel, stub = classifier_stub(gateway.port)
@@ -206,9 +208,7 @@ class GatewayProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples called `name` whose labels include `labels`, from /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+        return sum(sample.value for family in text_string_to_metric_families(metrics_text(self.metrics_port)) for sample in family.samples
                    if sample.name == name and labels.items() <= sample.labels.items())
 
     def log_tail(self, lines: int = 30) -> str:
@@ -216,16 +216,18 @@ class GatewayProcess:
 
 
 @asynccontextmanager
-async def gateway_process(triton_url: str, log_dir: Path, *flags: str,
-                          metrics: bool = False) -> AsyncIterator[GatewayProcess]:
-    """Start the gateway as its own OS process, wait until SERVING, stop it on the way out
-    (SIGTERM, then SIGKILL) unless the test already did."""
+async def gateway_process(triton_url: str | None, log_dir: Path, *flags: str, metrics: bool = False,
+                          env: dict[str, str] | None = None) -> AsyncIterator[GatewayProcess]:
+    """Start `cliplora serve` as its own OS process (given `triton_url`, the gateway alone),
+    wait until SERVING, stop it on the way out (SIGTERM, then SIGKILL) unless the test
+    already did. `env` replaces the child's environment."""
     port, metrics_port = free_port(), free_port() if metrics else -1
     log_path = log_dir / f"gateway-{port}.log"
-    command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--triton-url", triton_url,
+    command = [str(Path(sys.executable).with_name("cliplora")), "serve",
+               *(["--triton-url", triton_url] if triton_url else []),
                "--grpc-port", str(port), "--metrics-port", str(metrics_port), *flags]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     gateway = GatewayProcess(process, port, metrics_port, log_path)
     try:
         started = time.monotonic()

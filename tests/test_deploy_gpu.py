@@ -36,7 +36,7 @@ from tests.deploy_checks import (
     recording_rules,
     scraped_names,
 )
-from tests.serving import free_port, wait_for_health
+from tests.serving import CLASSES, free_port, in_process_gateway, triton_ports
 
 # ---------------------------------------------------------------- `--target gpu`
 
@@ -91,14 +91,11 @@ def test_export_cli_takes_target(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the live stack
 
-CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterator[dict]:
     """A `--target gpu` export and a portable base export, served by the local Triton."""
     from export.pipeline import ExportOptions, run_export
-    from serve.triton_launcher import LocalTriton, TritonPorts
+    from serve.triton_launcher import LocalTriton
     from tests import factories
 
     root = tmp_path_factory.mktemp("deploy")
@@ -111,7 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterat
         "gpu": run_export(ExportOptions(lora=str(lora), name="gpu", target="gpu", **common)),
         "gpu-base": run_export(ExportOptions(lora="none", name="gpu-base", target="gpu", **common)),
     }
-    triton = LocalTriton(root / "repo", ports=TritonPorts(free_port(), free_port(), free_port()))
+    triton = LocalTriton(root / "repo", ports=triton_ports())
     triton.start()
     try:
         yield {"root": root, "repository": root / "repo", "triton": triton, "exports": results}
@@ -146,12 +143,9 @@ def test_gpu_export_is_keyed_and_verified(stack: dict) -> None:
 async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> None:
     """Triton parses the GPU blocks (they come back in its view of the config), runs the
     warm-up, and the model answers through the gateway exactly as `predict` does."""
-    import grpc
 
     from cliplora.predict import predict_files
     from cliplora.v1 import classifier_pb2 as pb
-    from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-    from serve.server import GatewayServer
     from tests import factories
 
     triton = stack["triton"]
@@ -168,22 +162,14 @@ async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> N
         path = stack["root"] / f"image{i}.png"
         factories.make_image(*size, seed=20 + i).save(path)
         images.append(path)
-    gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton.grpc_url,
-                                            repository=stack["repository"], health_interval_s=0.2))
-    await gateway.start()
-    try:
-        await wait_for_health(gateway.port, "SERVING", timeout_s=30)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            stub = pb_grpc.ClassifierStub(channel)
-            reply = await stub.Classify(pb.ClassifyRequest(
-                model="gpu", top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images]), timeout=30)
-        expected = predict_files(stack["repository"], "gpu", images, top_k=0)
-        for result, local in zip(reply.results, expected, strict=True):
-            assert [p.index for p in result.predictions] == [p["index"] for p in local["predictions"]]
-            np.testing.assert_allclose([p.logit for p in result.predictions],
-                                       [p["logit"] for p in local["predictions"]], atol=1e-5, rtol=0)
-    finally:
-        await gateway.stop(1)
+    async with in_process_gateway(triton.grpc_url, stack["repository"]) as (_gateway, stub):
+        reply = await stub.Classify(pb.ClassifyRequest(
+            model="gpu", top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images]), timeout=30)
+    expected = predict_files(stack["repository"], "gpu", images, top_k=0)
+    for result, local in zip(reply.results, expected, strict=True):
+        assert [p.index for p in result.predictions] == [p["index"] for p in local["predictions"]]
+        np.testing.assert_allclose([p.logit for p in result.predictions],
+                                   [p["logit"] for p in local["predictions"]], atol=1e-5, rtol=0)
 
 
 async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> None:
@@ -192,75 +178,66 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
     import grpc
 
     from cliplora.v1 import classifier_pb2 as pb
-    from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-    from serve.server import GatewayServer
     from tests import factories
 
     triton = stack["triton"]
-    gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton.grpc_url,
-                                            repository=stack["repository"], health_interval_s=0.2,
-                                            max_images=4))
-    await gateway.start()
     prometheus = None
     try:
-        await wait_for_health(gateway.port, "SERVING", timeout_s=30)
-        image = stack["root"] / "traffic.jpg"
-        factories.make_image(80, 60, seed=3).save(image)
-        ok = pb.Image(encoded=image.read_bytes())
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            stub = pb_grpc.ClassifierStub(channel)
+        async with in_process_gateway(triton.grpc_url, stack["repository"], max_images=4) as (gateway, stub):
+            image = stack["root"] / "traffic.jpg"
+            factories.make_image(80, 60, seed=3).save(image)
+            ok = pb.Image(encoded=image.read_bytes())
             for model in ("base", "gpu"):
                 await stub.Classify(pb.ClassifyRequest(model=model, images=[ok]), timeout=30)
             with pytest.raises(grpc.aio.AioRpcError):  # an error, so that the error series exist
                 await stub.Classify(pb.ClassifyRequest(model="missing", images=[ok]), timeout=30)
 
-        def scrape(url: str) -> set[str]:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return scraped_names(response.read().decode())
+            def scrape(url: str) -> set[str]:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    return scraped_names(response.read().decode())
 
-        exported = scrape(f"http://127.0.0.1:{gateway.metrics_port}/metrics") | scrape(triton.metrics_url)
-        allowed = exported | recording_rules() | GPU_METRICS
-        queries = dashboard_queries() + [("prometheus-adapter", q) for q in adapter_queries()]
-        for title, expr in queries:
-            missing = metric_names(concrete(expr)) - allowed
-            assert not missing, f"{title}: {sorted(missing)} are not exported (query: {expr})"
-        assert GPU_METRICS.isdisjoint(exported)  # this Triton has no GPU: the allowlist is needed, and only for these
+            exported = scrape(f"http://127.0.0.1:{gateway.metrics_port}/metrics") | scrape(triton.metrics_url)
+            allowed = exported | recording_rules() | GPU_METRICS
+            queries = dashboard_queries() + [("prometheus-adapter", q) for q in adapter_queries()]
+            for title, expr in queries:
+                missing = metric_names(concrete(expr)) - allowed
+                assert not missing, f"{title}: {sorted(missing)} are not exported (query: {expr})"
+            assert GPU_METRICS.isdisjoint(exported)  # this Triton has no GPU: the allowlist is needed, and only for these
 
-        # Every query also parses and evaluates in a real Prometheus that loads our rules.
-        from serve.prometheus import LocalPrometheus
+            # Every query also parses and evaluates in a real Prometheus that loads our rules.
+            from serve.prometheus import LocalPrometheus
 
-        if not LocalPrometheus.available():
-            pytest.skip("prometheus not installed (make test installs it): queries checked by name only")
-        config = textwrap.dedent(f"""\
-            global:
-              scrape_interval: 1s
-              evaluation_interval: 1s
-            rule_files: ['{DEPLOY / "prometheus" / "rules.yml"}']
-            scrape_configs:
-              - job_name: cliplora-gateway
-                static_configs: [{{targets: ['127.0.0.1:{gateway.metrics_port}']}}]
-              - job_name: triton
-                static_configs: [{{targets: ['127.0.0.1:{triton.ports.metrics}']}}]
-            """)
-        prometheus = LocalPrometheus(config, port=free_port()).start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # wait for the first scrape of both targets
-            result = _query(prometheus.url, "count(up == 1)")
-            if result["data"]["result"] and result["data"]["result"][0]["value"][1] == "2":
-                break
-            await asyncio.sleep(0.5)
-        else:
-            pytest.fail("Prometheus did not scrape the gateway and Triton")
-        for title, expr in queries:
-            result = _query(prometheus.url, concrete(expr))
-            assert result["status"] == "success", (title, result)
-        # The scraped names are the ones Prometheus stores (no renaming on the way).
-        stored = set(_get(f"{prometheus.url}/api/v1/label/__name__/values")["data"])
-        assert {"cliplora_gateway_model_info", "nv_inference_queue_duration_us"} <= stored
+            if not LocalPrometheus.available():
+                pytest.skip("prometheus not installed (make test installs it): queries checked by name only")
+            config = textwrap.dedent(f"""\
+                global:
+                  scrape_interval: 1s
+                  evaluation_interval: 1s
+                rule_files: ['{DEPLOY / "prometheus" / "rules.yml"}']
+                scrape_configs:
+                  - job_name: cliplora-gateway
+                    static_configs: [{{targets: ['127.0.0.1:{gateway.metrics_port}']}}]
+                  - job_name: triton
+                    static_configs: [{{targets: ['127.0.0.1:{triton.ports.metrics}']}}]
+                """)
+            prometheus = LocalPrometheus(config, port=free_port()).start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # wait for the first scrape of both targets
+                result = _query(prometheus.url, "count(up == 1)")
+                if result["data"]["result"] and result["data"]["result"][0]["value"][1] == "2":
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                pytest.fail("Prometheus did not scrape the gateway and Triton")
+            for title, expr in queries:
+                result = _query(prometheus.url, concrete(expr))
+                assert result["status"] == "success", (title, result)
+            # The scraped names are the ones Prometheus stores (no renaming on the way).
+            stored = set(_get(f"{prometheus.url}/api/v1/label/__name__/values")["data"])
+            assert {"cliplora_gateway_model_info", "nv_inference_queue_duration_us"} <= stored
     finally:
         if prometheus is not None:
             prometheus.cleanup()
-        await gateway.stop(1)
 
 
 def _get(url: str) -> dict:
@@ -279,11 +256,7 @@ async def test_container_health_check_script(stack: dict) -> None:
     from serve.server import GatewayServer
 
     script = DEPLOY / "docker" / "grpc_health_check.py"
-    gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url=stack["triton"].grpc_url,
-                                            health_interval_s=0.2))
-    await gateway.start()
-    try:
-        await wait_for_health(gateway.port, "SERVING", timeout_s=30)
+    async with in_process_gateway(stack["triton"].grpc_url, metrics_port=-1) as (gateway, _stub):
 
         async def check(target: str) -> int:
             process = await asyncio.create_subprocess_exec(sys.executable, str(script), target,
@@ -294,8 +267,6 @@ async def test_container_health_check_script(stack: dict) -> None:
 
         assert await check(f"127.0.0.1:{gateway.port}") == 0
         assert await check(f"127.0.0.1:{free_port()}") == 1  # nothing listening
-    finally:
-        await gateway.stop(1)
     # Triton unreachable: the gateway answers NOT_SERVING, and the check fails.
     lonely = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url=f"127.0.0.1:{free_port()}",
                                            health_interval_s=0.2))

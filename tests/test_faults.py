@@ -10,6 +10,7 @@ the grace period), so the tests hold on a busy 2-core machine.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import statistics
 import time
@@ -32,7 +33,6 @@ from tests.serving import (
     encoded,
     gateway_process,
     health,
-    publish_tiny_models,
     smooth_png,
     triton_ports,
     wait_for_health,
@@ -42,9 +42,11 @@ SLOW_S = 8.0  # the `slow` model's time per batch: well past every slack below, 
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_config) -> Path:
-    """`base`, `lora`, and `slow` (SLOW_S per batch, the labels of `base`)."""
-    repository = publish_tiny_models(tmp_path_factory.mktemp("faults"), tiny_config)
+def repository(tmp_path_factory, tiny_repository) -> Path:
+    """`base`, `lora`, and `slow` (SLOW_S per batch, the labels of `base`): a copy of the
+    shared repository, which other tests expect to hold exactly `base` and `lora`."""
+    repository = tmp_path_factory.mktemp("faults") / "repo"
+    shutil.copytree(tiny_repository, repository)
     add_slow_model(repository, SLOW_S)
     return repository
 
@@ -223,11 +225,16 @@ IN_FLIGHT = 6
 EXIT_SLACK_S = 4.0  # past the drain: releasing Triton's channel, the metrics server, the interpreter
 
 
-async def _calls_in_flight(gateway: GatewayProcess, stub: pb_grpc.ClassifierStub) -> list[asyncio.Task[Outcome]]:
-    """IN_FLIGHT calls on the slow model, returned once the gateway holds every one of them."""
+async def _sigterm_with_calls_in_flight(
+    gateway: GatewayProcess, stub: pb_grpc.ClassifierStub
+) -> tuple[list[asyncio.Task[Outcome]], float]:
+    """IN_FLIGHT calls on the slow model; once the gateway holds every one of them, SIGTERM.
+    Returns the calls and when the signal went."""
     calls = [asyncio.create_task(timed_call(stub, small_request("slow"), 60)) for _ in range(IN_FLIGHT)]
     await _until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == IN_FLIGHT, 10, "calls arriving")
-    return calls
+    signalled = time.monotonic()
+    gateway.process.send_signal(signal.SIGTERM)
+    return calls, signalled
 
 
 async def _exit_status(gateway: GatewayProcess, timeout_s: float) -> int:
@@ -241,9 +248,7 @@ async def test_sigterm_under_load_drains_refuses_new_calls_and_exits_zero(triton
     async with gateway_process(triton.grpc_url, tmp_path, "--grace-s", str(grace_s), metrics=True) as gateway:
         channel, stub = classifier_stub(gateway.port)
         async with channel:
-            calls = await _calls_in_flight(gateway, stub)
-            signalled = time.monotonic()
-            gateway.process.send_signal(signal.SIGTERM)
+            calls, signalled = await _sigterm_with_calls_in_flight(gateway, stub)
             await wait_for_health(gateway.port, "UNREACHABLE", timeout_s=5)
             fresh_channel, fresh_stub = classifier_stub(gateway.port)
             async with fresh_channel:
@@ -267,9 +272,7 @@ async def test_sigterm_grace_period_bounds_the_drain(triton, tmp_path) -> None:
     async with gateway_process(triton.grpc_url, tmp_path, "--grace-s", str(grace_s), metrics=True) as gateway:
         channel, stub = classifier_stub(gateway.port)
         async with channel:
-            calls = await _calls_in_flight(gateway, stub)
-            signalled = time.monotonic()
-            gateway.process.send_signal(signal.SIGTERM)
+            calls, signalled = await _sigterm_with_calls_in_flight(gateway, stub)
             status = await _exit_status(gateway, 30)
             exited_after = time.monotonic() - signalled
             outcomes = await asyncio.gather(*calls)

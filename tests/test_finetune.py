@@ -248,10 +248,8 @@ def test_cli_finetune_then_evaluate(shapes, tmp_path, tiny_config) -> None:
 
 
 async def test_evaluate_through_the_gateway_equals_in_process(trained, tmp_path, tiny_config) -> None:
-    from serve.server import GatewayServer
-    from serve.settings import GatewaySettings
-    from serve.triton_launcher import LocalTriton, TritonPorts
-    from tests.serving import free_port
+    from serve.triton_launcher import LocalTriton
+    from tests.serving import in_process_gateway, triton_ports
 
     repository = tmp_path / "repo"
     run_export(ExportOptions(model=str(tiny_config), pretrained=None, lora=str(trained.checkpoint),
@@ -259,15 +257,10 @@ async def test_evaluate_through_the_gateway_equals_in_process(trained, tmp_path,
                              allow_random_weights=True, probes=2))
     heldout = read_labelled_images(trained.output / "heldout.csv")
     local = evaluate_model(heldout, "shapes", repository=repository)
-    triton = LocalTriton(repository, ports=TritonPorts(free_port(), free_port(), free_port())).start()
+    triton = LocalTriton(repository, ports=triton_ports()).start()
     try:
-        gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url=triton.grpc_url,
-                                                repository=repository, health_interval_s=0.2))
-        await gateway.start()
-        try:
+        async with in_process_gateway(triton.grpc_url, repository, metrics_port=-1) as (gateway, _stub):
             served = await asyncio.to_thread(evaluate_model, heldout, "shapes", target=f"127.0.0.1:{gateway.port}")
-        finally:
-            await gateway.stop(grace=1)
     finally:
         triton.cleanup()
     assert served["via"].startswith("gateway") and local["via"] == "onnxruntime"

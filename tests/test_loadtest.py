@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,6 @@ from loadtest.report import build_report, write_report
 from loadtest.runner import run_load
 from loadtest.stats import ratios, summary_ms
 from loadtest.targets import RequestFailed
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeTarget:
@@ -116,25 +112,22 @@ def test_generated_images_are_jpegs() -> None:
     assert len(images) == 4 and all(i[:2] == b"\xff\xd8" for i in images)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make test installs it)")
-def test_alert_and_recording_rules_with_promtool() -> None:
-    folder = ROOT / "deploy" / "prometheus"
-    for command in (["promtool", "check", "config", "prometheus.yml"], ["promtool", "test", "rules", "rules_test.yml"]):
-        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make test installs it)")
-async def test_verdict_from_scraped_data(tmp_path, tiny_config) -> None:
+async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
     """Triton + gateway + a real Prometheus: the report's server side comes from scrapes."""
     from serve.prometheus import LocalPrometheus, render_config
     from serve.server import GatewayServer
     from serve.settings import GatewaySettings
-    from serve.triton_launcher import LocalTriton, TritonPorts
-    from tests.serving import free_port, publish_tiny_models
+    from serve.triton_launcher import LocalTriton
+    from tests.serving import (
+        free_port,
+        metrics_text,
+        triton_ports,
+        wait_for_health,
+    )
 
-    repository = publish_tiny_models(tmp_path, tiny_config)
-    triton = LocalTriton(repository, ports=TritonPorts(free_port(), free_port(), free_port()))
+    repository = tiny_repository
+    triton = LocalTriton(repository, ports=triton_ports())
     gateway = prometheus = None
     try:
         await asyncio.get_running_loop().run_in_executor(None, triton.start)
@@ -145,8 +138,7 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_config) -> None:
                                                    f"127.0.0.1:{triton.ports.metrics}", interval="1s"),
                                      port=free_port())
         prometheus.start()
-        while not gateway.health.serving:
-            await asyncio.sleep(0.1)
+        await wait_for_health(gateway.port, "SERVING", timeout_s=60)
 
         # The load comes from another process, as it would: this one serves the gateway.
         command = [str(Path(sys.executable).with_name("cliplora")), "loadtest", "--target", f"127.0.0.1:{gateway.port}",
@@ -174,8 +166,7 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_config) -> None:
         assert verdict["computed"] and "triton_compute_ms_per_inference_ratio" in verdict
         assert report["verdict"]["passed"] == verdict["within_bound"]
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        text = metrics_text(gateway.metrics_port)
         assert 'cliplora_gateway_model_info{base_model="tiny-clip",base_weights="random",lora="none",model="base"} 1.0' in text
         assert 'lora="clip-lora",model="lora"' in text
     finally:

@@ -123,15 +123,9 @@ def test_peft_maps_hf_projections_onto_open_clip_slices(tmp_path, tiny_base, use
     for tower, block, target in modules:
         hf = f"base_model.model.{'text_model' if tower == 'text' else 'vision_model'}.encoder.layers.{block}.self_attn.{factories.HF_PROJ[target]}"
         delta = tensors[f"{hf}.lora_B.weight"] @ tensors[f"{hf}.lora_A.weight"] * scale
-        blocks = merged.transformer.resblocks if tower == "text" else merged.visual.transformer.resblocks
-        base_blocks = tiny_base.model.transformer.resblocks if tower == "text" else tiny_base.model.visual.transformer.resblocks
-        if target == "o":
-            got, base_w = blocks[block].attn.out_proj.weight, base_blocks[block].attn.out_proj.weight
-        else:
-            d = factories.width(tower)
-            rows = slice("qkv".index(target) * d, ("qkv".index(target) + 1) * d)
-            got, base_w = blocks[block].attn.in_proj_weight[rows], base_blocks[block].attn.in_proj_weight[rows]
-        torch.testing.assert_close(got.detach(), base_w.detach() + delta, rtol=0, atol=1e-6)
+        got = factories.projection(merged, tower, block, target)
+        base_w = factories.projection(tiny_base.model, tower, block, target)
+        torch.testing.assert_close(got, base_w + delta, rtol=0, atol=1e-6)
 
 
 def test_peft_rank_and_alpha_patterns(tmp_path) -> None:

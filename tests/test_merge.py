@@ -35,14 +35,11 @@ def _load(tmp_path: Path, base, **kwargs):
     return load_adapter(str(path), len(base.text_blocks), len(base.vision_blocks))
 
 
-def _projection(model, tower: str, block: int, target: str) -> torch.Tensor:
-    blocks = model.transformer.resblocks if tower == "text" else model.visual.transformer.resblocks
-    attn = blocks[block].attn
-    if target == "o":
-        return attn.out_proj.weight.detach()
-    d = attn.embed_dim
-    i = "qkv".index(target)
-    return attn.in_proj_weight.detach()[i * d : (i + 1) * d]
+def _adapter_from(tmp_path: Path, raw: dict, name: str):
+    """`raw` saved as a paper checkpoint and read back (for the 12-block tiny model)."""
+    path = tmp_path / name
+    torch.save(raw, path)
+    return load_adapter(str(path), 12, 12)
 
 
 @pytest.mark.parametrize("position", sorted(factories.PAPER_POSITIONS))
@@ -68,8 +65,8 @@ def test_merged_weights_are_w_plus_alpha_over_sqrt_r_b_a(tmp_path, tiny_base, en
         for target in params:
             entry = raw["weights"][f"layer_{index}"][factories.SAVED[target]]
             delta = entry["w_lora_B"] @ entry["w_lora_A"]
-            base_w = _projection(tiny_base.model, tower, block, target)
-            merged_w = _projection(merged, tower, block, target)
+            base_w = factories.projection(tiny_base.model, tower, block, target)
+            merged_w = factories.projection(merged, tower, block, target)
             expected = base_w + alpha / math.sqrt(r) * delta
             torch.testing.assert_close(merged_w, expected, rtol=0, atol=1e-6)
             # The check can fail: the alpha/r convention (PEFT's) gives other weights unless r == 1.
@@ -79,7 +76,7 @@ def test_merged_weights_are_w_plus_alpha_over_sqrt_r_b_a(tmp_path, tiny_base, en
     untouched = [(t, b) for t in ("text", "vision") for b in range(12) if (t, b) not in blocks]
     for tower, block in untouched:
         for target in "qkvo":
-            assert torch.equal(_projection(merged, tower, block, target), _projection(tiny_base.model, tower, block, target))
+            assert torch.equal(factories.projection(merged, tower, block, target), factories.projection(tiny_base.model, tower, block, target))
 
 
 @pytest.mark.parametrize("encoder,params,position,r,alpha", COMBINATIONS[:5])
@@ -118,9 +115,7 @@ def test_swapped_layer_order_is_caught(tmp_path, tiny_base) -> None:
     raw = factories.paper_checkpoint(encoder="both", position="top1")
     layers = raw["weights"]
     raw["weights"] = {"layer_0": layers["layer_1"], "layer_1": layers["layer_0"]}
-    path = tmp_path / "swapped.pt"
-    torch.save(raw, path)
-    adapter = load_adapter(str(path), 12, 12)
+    adapter = _adapter_from(tmp_path, raw, "swapped.pt")
     with pytest.raises(InvalidArgument, match=r"text block 11 q.*\[64, 64\]"):
         merge_adapter(tiny_base.model, adapter)
 
@@ -128,9 +123,7 @@ def test_swapped_layer_order_is_caught(tmp_path, tiny_base) -> None:
 def test_shape_mismatch_names_the_layer(tmp_path, tiny_base) -> None:
     raw = factories.paper_checkpoint(encoder="vision", position="top3", params=("q", "k"))
     raw["weights"]["layer_1"]["k_proj"]["w_lora_A"] = torch.randn(2, 80)
-    path = tmp_path / "bad.pt"
-    torch.save(raw, path)
-    adapter = load_adapter(str(path), 12, 12)
+    adapter = _adapter_from(tmp_path, raw, "bad.pt")
     with pytest.raises(InvalidArgument, match=r"vision block 10 k.*A \(2, 80\)"):
         merge_adapter(tiny_base.model, adapter)
 
@@ -138,8 +131,6 @@ def test_shape_mismatch_names_the_layer(tmp_path, tiny_base) -> None:
 def test_non_finite_merge_is_refused(tmp_path, tiny_base) -> None:
     raw = factories.paper_checkpoint(encoder="text", position="top1", params=("v",))
     raw["weights"]["layer_0"]["v_proj"]["w_lora_B"][0, 0] = float("inf")
-    path = tmp_path / "inf.pt"
-    torch.save(raw, path)
-    adapter = load_adapter(str(path), 12, 12)
+    adapter = _adapter_from(tmp_path, raw, "inf.pt")
     with pytest.raises(FailedPrecondition, match="text block 11 v.*non-finite"):
         merge_adapter(tiny_base.model, adapter)

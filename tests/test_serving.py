@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -26,15 +25,15 @@ from tests.serving import (
     free_port,
     health,
     in_process_gateway,
+    metrics_text,
     png_header,
-    publish_tiny_models,
     triton_ports,
 )
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_config) -> Path:
-    return publish_tiny_models(tmp_path_factory.mktemp("serving"), tiny_config)
+def repository(tiny_repository) -> Path:
+    return tiny_repository
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +82,7 @@ async def test_list_models_and_metrics(triton, repository) -> None:
         assert list(lora.versions) == [1] and lora.num_classes == len(CLASSES) and lora.image_size == 32
         assert lora.lora_format == "clip-lora" and json.loads(lora.lora_json)["scaling"] == "alpha/sqrt(r)"
         assert by_name["base"].lora_format == "none" and lora.weights == "random"
-        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        text = metrics_text(gateway.metrics_port)
         assert 'cliplora_gateway_request_duration_seconds_count{code="OK",method="ListModels"' in text
         assert "cliplora_gateway_triton_ready 1.0" in text
 

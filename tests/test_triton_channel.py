@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -12,64 +11,61 @@ import pytest
 from serve.settings import GatewaySettings
 from serve.triton import Triton
 from serve.triton_launcher import LocalTriton
-from tests.serving import publish_tiny_models, triton_ports
+from tests.serving import gateway_process, metrics_text, triton_ports
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_config) -> Path:
-    return publish_tiny_models(tmp_path_factory.mktemp("channel"), tiny_config)
+def repository(tiny_repository) -> Path:
+    return tiny_repository
+
+
+@pytest.fixture(scope="module")
+def triton(repository):
+    with LocalTriton(repository, ports=triton_ports()) as server:
+        yield server
 
 
 def _inferences(server: LocalTriton, model: str) -> int:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    text = metrics_text(server.metrics_url)
     counts = re.findall(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)', text, re.M)
     return int(counts[0]) if counts else 0
 
 
-async def test_calls_are_spread_over_every_resolved_replica(repository) -> None:
+async def test_calls_are_spread_over_every_resolved_replica(repository, triton) -> None:
     """Two Tritons behind one target (as a headless Service resolves to each pod)."""
-    first, second = LocalTriton(repository, ports=triton_ports()).start(), None
-    try:
-        second = LocalTriton(repository, ports=triton_ports()).start()
-        triton = Triton(f"ipv4:127.0.0.1:{first.ports.grpc},127.0.0.1:{second.ports.grpc}")
+    first = triton
+    with LocalTriton(repository, ports=triton_ports()) as second:
+        client = Triton(f"ipv4:127.0.0.1:{first.ports.grpc},127.0.0.1:{second.ports.grpc}")
         try:
-            entry = (await triton.refresh())["base"]
+            entry = (await client.refresh())["base"]
             before = (_inferences(first, "base"), _inferences(second, "base"))
             batch = np.zeros((1, entry.image_size, entry.image_size, 3), dtype=np.uint8)
-            answered = {(await triton.infer(entry, i % 2, batch, timeout_s=30))[1] for i in range(20)}
+            answered = {(await client.infer(entry, i % 2, batch, timeout_s=30))[1] for i in range(20)}
             after = (_inferences(first, "base"), _inferences(second, "base"))
         finally:
-            await triton.close()
-    finally:
-        first.cleanup()
-        if second is not None:
-            second.cleanup()
+            await client.close()
     served = (after[0] - before[0], after[1] - before[1])
     assert sum(served) == 20 and min(served) >= 6, served  # round robin: 10 and 10; pick-first: 20 and 0
     assert answered == {1}  # version 0 (latest) is answered by, and reported as, the replica's latest
 
 
-async def test_renewal_waits_for_the_calls_on_the_old_channel(repository) -> None:
-    server = LocalTriton(repository, ports=triton_ports()).start()
+async def test_renewal_waits_for_the_calls_on_the_old_channel(triton) -> None:
+    client = Triton(triton.grpc_url, renew_s=1e-6)
     try:
-        triton = Triton(server.grpc_url, renew_s=1e-6)
-        try:
-            assert await triton.ready()
-            old = triton.client
-            async with triton._channel() as in_use:  # a call in flight across the renewal
-                assert await triton.renew_if_due()
-                assert triton.client is not old and old in triton._retired
-                assert await in_use.is_server_ready()  # the old channel still works for it
-            assert old not in triton._retired and not triton._calls
-            with pytest.raises(Exception):  # noqa: B017 - closed: any call fails
-                await old.is_server_ready(client_timeout=2)
-            assert await triton.ready()  # the new channel serves
-            idle = triton.client
-            assert await triton.renew_if_due() and triton.client is not idle  # an idle one closes at once
-        finally:
-            await triton.close()
+        assert await client.ready()
+        old = client.client
+        async with client._channel() as in_use:  # a call in flight across the renewal
+            assert await client.renew_if_due()
+            assert client.client is not old and old in client._retired
+            assert await in_use.is_server_ready()  # the old channel still works for it
+        assert old not in client._retired and not client._calls
+        with pytest.raises(Exception):  # noqa: B017 - closed: any call fails
+            await old.is_server_ready(client_timeout=2)
+        assert await client.ready()  # the new channel serves
+        idle = client.client
+        assert await client.renew_if_due() and client.client is not idle  # an idle one closes at once
     finally:
-        server.cleanup()
+        await client.close()
     never = Triton("127.0.0.1:1")
     assert not await never.renew_if_due()  # renew_s 0: never
     await never.close()
@@ -81,42 +77,15 @@ def test_renew_setting() -> None:
         GatewaySettings(triton_renew_s=-1)
 
 
-async def test_triton_url_from_the_environment_means_gateway_only(repository, tmp_path) -> None:
+async def test_triton_url_from_the_environment_means_gateway_only(triton, tmp_path) -> None:
     """CLIPLORA_TRITON_URL alone (as containers set it) must not start a local Triton."""
-    import asyncio
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from tests.serving import free_port, health
-
-    server = LocalTriton(repository, ports=triton_ports()).start()
-    port = free_port()
-    log = tmp_path / "serve.log"
-    try:
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [str(Path(sys.executable).with_name("cliplora")), "serve", "--grpc-port", str(port),
-                 "--metrics-port", "-1", "--log-dir", str(tmp_path / "logs")],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "CLIPLORA_TRITON_URL": server.grpc_url})
-        try:
-            started, status = time.monotonic(), None
-            while status != "SERVING" and time.monotonic() - started < 60 and process.poll() is None:
-                await asyncio.sleep(0.2)
-                try:
-                    status = await health(port)
-                except Exception:  # noqa: BLE001 - not listening yet
-                    status = None
-            assert status == "SERVING", log.read_text()
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
-    finally:
-        server.cleanup()
-    text = log.read_text()
-    assert "Triton (existing)" in text and server.grpc_url in text, text
+    env = {**os.environ, "CLIPLORA_TRITON_URL": triton.grpc_url}
+    async with gateway_process(None, tmp_path, "--log-dir", str(tmp_path / "logs"), env=env) as gateway:
+        pass  # SERVING, through the Triton named in the environment
+    text = gateway.log_path.read_text()
+    assert "Triton (existing)" in text and triton.grpc_url in text, text
     assert not (tmp_path / "logs" / "triton.log").exists()
 
 
