@@ -118,8 +118,8 @@ async def _run(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loadtest.report import render_markdown
+    from loadtest.report import PLOT_FILENAME, render_markdown
 
     report = asyncio.run(_run(args))
-    print(render_markdown(report).replace("![latency CDF](latency.png)", f"(plot: {Path(args.report) / 'latency.png'})"))
+    print(render_markdown(report, plot=f"(plot: {Path(args.report) / PLOT_FILENAME})"))
     return 0

@@ -57,7 +57,11 @@ def _fmt(value: float, digits: int = 1) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+PLOT_FILENAME = "latency.png"
+
+
+def render_markdown(report: dict[str, Any], plot: str = f"![latency CDF]({PLOT_FILENAME})") -> str:
+    """report.md; `plot` is the line that shows the plot (an image link beside the file)."""
     run = report["run"]
     load = f"concurrency {run['concurrency']}" if run["mode"] == "closed" else f"open loop at {run['rate_rps']} req/s"
     lines = [
@@ -98,7 +102,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for key, v in verdict["comparisons"].items():
             shown = ", ".join(f"{k.removesuffix('_ratio')} ×{val:.3f}" for k, val in v.items() if k.endswith("_ratio"))
             lines.append(f"- {key}: {shown or 'no server-side data'} → {'within' if v['within_bound'] else 'OUTSIDE'}")
-    lines += ["", "![latency CDF](latency.png)", ""]
+    lines += ["", plot, ""]
     return "\n".join(lines)
 
 
@@ -127,7 +131,7 @@ def write_report(report: dict[str, Any], result: RunResult, folder: Path) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
     (folder / "report.md").write_text(render_markdown(report))
-    plot_cdf(result, folder / "latency.png")
+    plot_cdf(result, folder / PLOT_FILENAME)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -100,12 +100,14 @@ class TritonTarget:
     async def start(self, models: list[str]) -> None:
         import tritonclient.grpc.aio as triton_aio
 
+        from serve.triton import model_shape
+
         self._aio = triton_aio
         self.client = triton_aio.InferenceServerClient(self.address)
         for model in models:
             config = await self.client.get_model_config(model, as_json=True)
-            dims = config["config"]["input"][0]["dims"]
-            crops = [preprocess_bytes(data, int(dims[0])) for data in self.images]
+            size, _classes, _max_batch = model_shape(model, config["config"])
+            crops = [preprocess_bytes(data, size) for data in self.images]
             self._batches[model] = [np.stack(chosen) for chosen in rotating_batches(crops, self.batch)]
 
     async def send(self, model: str, item: int) -> None:

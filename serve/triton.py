@@ -69,7 +69,9 @@ class ModelEntry:
         return version
 
 
-def _entry_from_config(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
+def model_shape(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    """(image size, classes, max batch size) from a model's Triton config, checked against
+    the tensor contract; `ValueError` for a model that does not follow it."""
     inputs = {i["name"]: i for i in config.get("input", [])}
     outputs = {o["name"]: o for o in config.get("output", [])}
     if contract.INPUT_NAME not in inputs or contract.OUTPUT_NAME not in outputs:
@@ -168,7 +170,7 @@ class Triton:
         async with self._channel() as client:
             response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
         config = response.get("config", response)
-        size, classes, max_batch = _entry_from_config(name, config)
+        size, classes, max_batch = model_shape(name, config)
         labels = await self._labels_of(name, versions[-1], size, classes)
         return ModelEntry(name, tuple(versions), size, classes, max_batch, labels)
 
