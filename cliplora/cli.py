@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import astuple
 from pathlib import Path
 
 from cliplora.errors import CliploraError
@@ -260,18 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.set_defaults(func=_predict)
 
+    from serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
+    from serve.settings import GatewaySettings, add_arguments
+    from serve.triton_launcher import TritonPorts
+
     serve = sub.add_parser("serve", help="run Triton, the gRPC gateway and Prometheus (when installed) locally")
     serve.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
-    serve.add_argument("--grpc-port", type=int, default=50051)
-    serve.add_argument("--metrics-port", type=int, default=9400)
+    serve.add_argument("--grpc-port", type=int, default=GatewaySettings.grpc_port)
+    serve.add_argument("--metrics-port", type=int, default=GatewaySettings.metrics_port)
     serve.add_argument("--triton-url", help="HOST:PORT of an existing Triton (gRPC); then only the gateway starts")
     serve.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
     serve.add_argument("--log-dir", default="logs", help="Triton and Prometheus logs (default logs/)")
-    serve.add_argument("--triton-ports", default="8000,8001,8002", metavar="HTTP,GRPC,METRICS",
-                       help="ports of the local Triton (default 8000,8001,8002)")
-    serve.add_argument("--prometheus-port", type=int, default=9090, help="local Prometheus port (default 9090)")
-    from serve.settings import add_arguments
-
+    triton_ports = ",".join(str(port) for port in astuple(TritonPorts()))
+    serve.add_argument("--triton-ports", default=triton_ports, metavar="HTTP,GRPC,METRICS",
+                       help=f"ports of the local Triton (default {triton_ports})")
+    serve.add_argument("--prometheus-port", type=int, default=PROMETHEUS_PORT,
+                       help=f"local Prometheus port (default {PROMETHEUS_PORT})")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 

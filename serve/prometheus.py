@@ -11,6 +11,7 @@ from cliplora.errors import Unavailable
 from serve.processes import stop_process, wait_http_ok
 
 SCRAPE_INTERVAL = "5s"
+DEFAULT_PORT = 9090
 
 
 def render_config(gateway_metrics: str, triton_metrics: str | None, interval: str = SCRAPE_INTERVAL) -> str:
@@ -26,7 +27,8 @@ def render_config(gateway_metrics: str, triton_metrics: str | None, interval: st
 
 
 class LocalPrometheus:
-    def __init__(self, config: str, *, host: str = "127.0.0.1", port: int = 9090, log_path: Path | None = None) -> None:
+    def __init__(self, config: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 log_path: Path | None = None) -> None:
         self.binary = shutil.which("prometheus")
         self.host = host
         self.port = port

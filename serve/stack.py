@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cliplora.repository import ModelRepository
+from serve.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
 from serve.prometheus import LocalPrometheus, render_config
 from serve.server import serve_until_signalled
 from serve.settings import GatewaySettings
@@ -28,7 +29,7 @@ def run_stack(
     *,
     start_triton: bool,
     triton_ports: TritonPorts = TritonPorts(),
-    prometheus_port: int = 9090,
+    prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
 ) -> None:
     """Blocks until Ctrl-C / SIGTERM; stops everything it started."""
     triton: LocalTriton | None = None
