@@ -56,11 +56,17 @@ async def soak(args: argparse.Namespace, gateway_pid: int) -> dict:
     target = "127.0.0.1:50051"
     await _wait_serving(target)
     images = generated_images()
-    probe = GatewayTarget(target, images)
-    await probe.start([args.model])
-    capacity_run = await run_load(probe, [args.model], concurrency=2, duration_s=args.probe_seconds, warmup_s=5,
+    gateway = GatewayTarget(target, images)  # one channel for the capacity probe and the soak
+    await gateway.start([args.model])
+    try:
+        return await _probe_and_soak(args, gateway, gateway_pid)
+    finally:
+        await gateway.close()
+
+
+async def _probe_and_soak(args: argparse.Namespace, gateway: GatewayTarget, gateway_pid: int) -> dict:
+    capacity_run = await run_load(gateway, [args.model], concurrency=2, duration_s=args.probe_seconds, warmup_s=5,
                                   progress=False)
-    await probe.close()
     capacity = len(capacity_run.latencies(args.model)) / capacity_run.measured_seconds
     rate = args.fraction * capacity
     print(f"capacity {capacity:.2f} req/s; soaking at {rate:.2f} req/s for {args.minutes} min", file=sys.stderr)
@@ -74,13 +80,10 @@ async def soak(args: argparse.Namespace, gateway_pid: int) -> dict:
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     sampler = asyncio.create_task(sample())
-    load = GatewayTarget(target, images)
-    await load.start([args.model])
     try:
-        result = await run_load(load, [args.model], rate=rate, duration_s=args.minutes * 60, warmup_s=0)
+        result = await run_load(gateway, [args.model], rate=rate, duration_s=args.minutes * 60, warmup_s=0)
     finally:
         sampler.cancel()
-        await load.close()
     samples.append((time.monotonic() - started, rss_mib(gateway_pid)))
     ok = result.latencies(args.model)
     rss = [r for _, r in samples]
