@@ -52,6 +52,17 @@ def synthetic_adapter(model: str, path: Path, seed: int = SEED) -> Path:
     return path
 
 
+def demo_model() -> str:
+    return os.environ.get("CLIPLORA_DEMO_MODEL", "ViT-B-16")
+
+
+def write_inputs(folder: Path, model: str) -> tuple[Path, Path]:
+    """The demo's export inputs in `folder`: (classes.txt, lora_demo.pt)."""
+    classes = folder / "classes.txt"
+    classes.write_text(render_labels(CLASSES), encoding="utf-8")
+    return classes, synthetic_adapter(model, folder / "lora_demo.pt")
+
+
 def export_demo_models(repository: Path) -> bool:
     """Export both demo models unless the repository already has models; True if exported."""
     existing = ModelRepository(repository).model_names()
@@ -59,16 +70,14 @@ def export_demo_models(repository: Path) -> bool:
         print(f"model repository {repository} already has models ({', '.join(existing)}); not exporting demo models",
               file=sys.stderr)
         return False
-    model = os.environ.get("CLIPLORA_DEMO_MODEL", "ViT-B-16")
+    model = demo_model()
     pretrained = os.environ.get("CLIPLORA_DEMO_PRETRAINED") or None
     progress = Progress()
     if pretrained is None:
         progress.warn("CLIPLORA_DEMO_PRETRAINED is not set: the demo models get deterministic RANDOM weights. "
                       "They serve and can be load-tested, but classify nothing meaningfully.")
     with tempfile.TemporaryDirectory(prefix="cliplora-demo-") as work:
-        classes = Path(work) / "classes.txt"
-        classes.write_text(render_labels(CLASSES), encoding="utf-8")
-        adapter = synthetic_adapter(model, Path(work) / "lora_demo.pt")
+        classes, adapter = write_inputs(Path(work), model)
         for name, lora in ((BASE_NAME, "none"), (LORA_NAME, str(adapter))):
             progress.info(f"exporting demo model {name} ...")
             run_export(ExportOptions(model=model, pretrained=pretrained, lora=lora, classes=classes,
@@ -88,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_inputs:
         folder = Path(args.write_inputs)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "classes.txt").write_text(render_labels(CLASSES), encoding="utf-8")
-        synthetic_adapter(os.environ.get("CLIPLORA_DEMO_MODEL", "ViT-B-16"), folder / "lora_demo.pt")
+        write_inputs(folder, demo_model())
         return 0
 
     try:
