@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test serve clean proto prometheus soak fuzz
+.PHONY: install test lint serve clean proto prometheus soak fuzz
 
 install: $(STAMP)
 
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[serve,loadtest,test]'
 	touch $(STAMP)
 
+# The whole suite; it includes the layer contracts (lint-imports on the built wheel,
+# tests/test_packaging.py) after ruff.
 test: install prometheus
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# Only the static checks: ruff, the wheel's single namespace and the import layers.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests/test_packaging.py
 
 # Debian's Prometheus (for the local stack and its tests), when missing and apt-get can run.
 prometheus:
@@ -29,14 +37,14 @@ prometheus:
 # Demo models (ViT-B-16, random weights unless CLIPLORA_DEMO_PRETRAINED is set) when the
 # repository has none, then Triton + gateway + Prometheus (when installed) until Ctrl-C.
 serve: install prometheus
-	$(PY) -m serve.demo --repository model_repository
+	$(PY) -m cliplora.demo --repository model_repository
 	$(VENV)/bin/cliplora serve --repository model_repository
 
 # Not part of `make test`: ~80% of measured capacity for 10 minutes on the demo models,
 # errors and gateway memory over time (report in bench/soak/).
 soak: install
-	$(PY) -m serve.demo --repository model_repository
-	$(PY) -m loadtest.soak --repository model_repository --model pets-base --minutes 10 --report bench/soak
+	$(PY) -m cliplora.demo --repository model_repository
+	$(PY) -m cliplora.loadtest.soak --repository model_repository --model pets-base --minutes 10 --report bench/soak
 
 # Not part of `make test`: coverage-guided fuzzing of image decoding (atheris/libFuzzer,
 # tests/fuzz_atheris.py), FUZZ_RUNS inputs. The corpus grows in bench/fuzz/corpus (the next

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import astuple
 from pathlib import Path
 
-from cliplora.errors import CliploraError
-from cliplora.repository import DEFAULT_REPOSITORY
+from cliplora.core.errors import CliploraError
+from cliplora.core.repository import DEFAULT_REPOSITORY
 
 
 def _add_gateway_access(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,8 @@ def _add_gateway_access(parser: argparse.ArgumentParser) -> None:
 
 
 def _gateway_access(args: argparse.Namespace) -> dict[str, object]:
-    """Keyword arguments for `serve.client.classify_files` from `_add_gateway_access` flags."""
-    from cliplora.errors import NotFound, PermissionDenied
+    """Keyword arguments for `cliplora.core.client.classify_files` from `_add_gateway_access` flags."""
+    from cliplora.core.errors import NotFound, PermissionDenied
 
     token = None
     if args.token_file:
@@ -39,8 +39,8 @@ def _gateway_access(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cliplora.progress import Progress
-    from export.pipeline import ExportOptions, run_export
+    from cliplora.core.progress import Progress
+    from cliplora.export.pipeline import ExportOptions, run_export
 
     options = ExportOptions(
         model=args.model,
@@ -62,8 +62,8 @@ def _export(args: argparse.Namespace) -> int:
         "name": result.name,
         "version": result.version,
         "path": str(result.path),
-        "verification": result.manifest["verification"],
-        "export_seconds": result.manifest["export_seconds"],
+        "verification": result.manifest.verification.model_dump(mode="json"),
+        "export_seconds": result.manifest.export_seconds,
     }
     print(json.dumps(summary, indent=2))
     return 0
@@ -72,9 +72,9 @@ def _export(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     import signal
 
-    from cliplora.progress import Progress
-    from finetune.lora_layers import LoraSpec
-    from finetune.train import FinetuneOptions, run_finetune
+    from cliplora.core.progress import Progress
+    from cliplora.finetune.lora_layers import LoraSpec
+    from cliplora.finetune.train import FinetuneOptions, run_finetune
 
     options = FinetuneOptions(
         model=args.model,
@@ -111,9 +111,9 @@ def _finetune(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
     run = result.run
     summary = {"output": str(result.output), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-               "steps_done": result.steps_done, "iterations": run["iterations"],
-               "zero_shot_top1": (run["zero_shot"] or {}).get("top1"),
-               "top1": (run.get("accuracy") or {}).get("top1"), "export": run.get("export")}
+               "steps_done": result.steps_done, "iterations": run.iterations,
+               "zero_shot_top1": run.zero_shot.top1 if run.zero_shot else None,
+               "top1": run.accuracy.top1 if run.accuracy else None, "export": run.export}
     print(json.dumps(summary, indent=2))
     if result.checkpoint is None:
         print(f"cliplora finetune: CANCELLED: stopped after step {result.steps_done}; "
@@ -123,9 +123,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cliplora.datasets import read_labelled_images
+    from cliplora.core.datasets import read_labelled_images
+    from cliplora.core.progress import Progress
     from cliplora.evaluate import evaluate_model
-    from cliplora.progress import Progress
 
     data = read_labelled_images(args.data)
     access = _gateway_access(args) if args.target else {}
@@ -150,9 +150,9 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from serve.settings import ENV_PREFIX, GatewaySettings
-    from serve.stack import run_stack
-    from serve.triton_launcher import TritonPorts
+    from cliplora.serve.settings import ENV_PREFIX, GatewaySettings
+    from cliplora.serve.stack import run_stack
+    from cliplora.serve.triton_launcher import TritonPorts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in vars(args).items() if v is not None}
@@ -167,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from serve.client import classify_files
+    from cliplora.core.client import classify_files
 
     results = classify_files(args.target, args.model, args.images, top_k=args.top_k, version=args.version,
                              timeout_s=args.timeout, **_gateway_access(args))
@@ -176,7 +176,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from loadtest.cli import run
+    from cliplora.loadtest.cli import run
 
     return run(args)
 
@@ -261,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.set_defaults(func=_predict)
 
-    from serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
-    from serve.settings import GatewaySettings, add_arguments
-    from serve.triton_launcher import TritonPorts
+    from cliplora.serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
+    from cliplora.serve.settings import GatewaySettings, add_arguments
+    from cliplora.serve.triton_launcher import TritonPorts
 
     serve = sub.add_parser("serve", help="run Triton, the gRPC gateway and Prometheus (when installed) locally")
     serve.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.set_defaults(func=_classify)
 
     loadtest = sub.add_parser("loadtest", help="interleaved load test with a report (and Prometheus figures)")
-    from loadtest.cli import add_arguments as add_loadtest_arguments
+    from cliplora.loadtest.cli import add_arguments as add_loadtest_arguments
 
     add_loadtest_arguments(loadtest)
     loadtest.set_defaults(func=_loadtest)

@@ -6,7 +6,7 @@ the accuracy of what is actually served can be compared with what training repor
 The zero-shot comparison is the base model published with ``--lora none``: evaluate
 both names in one call.
 
-`accuracy_report` is the one definition of the figures, shared with `cliplora finetune`.
+The figures are `cliplora.core.accuracy`'s, the definition `cliplora finetune` reports too.
 """
 
 from __future__ import annotations
@@ -17,44 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from cliplora.datasets import LabelledImages, align_classes
-from cliplora.errors import FailedPrecondition, InvalidArgument
-from cliplora.progress import Progress
+from cliplora.core.accuracy import accuracy_report, top1_in_batches
+from cliplora.core.datasets import LabelledImages, align_classes
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.progress import Progress
 
 BATCH = 16
 
 
-def accuracy_report(targets: Sequence[int], predicted: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
-    """Top-1 over all images and per class (classes without images are left out)."""
-    targets_array, predicted_array = np.asarray(targets), np.asarray(predicted)
-    if targets_array.shape != predicted_array.shape or not len(targets_array):
-        raise InvalidArgument("accuracy needs one prediction per labelled image, and at least one image")
-    correct = targets_array == predicted_array
-    per_class = {}
-    for index, name in enumerate(classes):
-        members = targets_array == index
-        if members.any():
-            hits = int(correct[members].sum())
-            per_class[name] = {"images": int(members.sum()), "correct": hits, "top1": hits / int(members.sum())}
-    return {"images": len(targets_array), "correct": int(correct.sum()), "top1": float(correct.mean()),
-            "per_class": per_class}
-
-
-def top1_in_batches(
-    paths: Sequence[Path], top1: Callable[[Sequence[Path]], list[int]], batch: int,
-    update: Callable[[int, str], None] = lambda done, status: None,
-) -> list[int]:
-    """`top1` over `paths`, `batch` at a time: the class index predicted for each image."""
-    predicted: list[int] = []
-    for start in range(0, len(paths), batch):
-        predicted.extend(top1(paths[start : start + batch]))
-        update(min(start + batch, len(paths)), "")
-    return predicted
-
-
 def _in_process(repository: Path, name: str, version: int | None) -> tuple[int, list[str], Callable]:
-    from cliplora.preprocess import preprocess_file
-    from cliplora.runtime import open_published, run_logits
+    from cliplora.core.preprocess import preprocess_file
+    from cliplora.core.runtime import open_published, run_logits
 
     model = open_published(repository, name, version)
 
@@ -69,7 +42,7 @@ def _through_gateway(
     target: str, name: str, version: int | None, access: Mapping[str, Any]
 ) -> tuple[int | str, list[str], Callable]:
     """The gateway answers with every class (top_k 0), which also names them in order."""
-    from serve.client import classify_files
+    from cliplora.core.client import classify_files
 
     labels: list[str] = []
 
@@ -94,7 +67,7 @@ def evaluate_model(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Accuracy of one published model on `data`, in process or through the gateway at `target`
-    (`access`: token and TLS keyword arguments of `serve.client.classify_files`)."""
+    (`access`: token and TLS keyword arguments of `cliplora.core.client.classify_files`)."""
     progress = progress or Progress(quiet=True)
     targets = None
     if target:

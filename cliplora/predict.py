@@ -1,7 +1,7 @@
 """`cliplora predict`: a published model, in process, with ONNX Runtime.
 
-Same preprocessing as the gateway (`cliplora.preprocess`), same output format
-(`cliplora.predictions`): what Triton would answer, without Triton.
+Same preprocessing as the gateway (`cliplora.core.preprocess`), same output format
+(`cliplora.core.predictions`): what Triton would answer, without Triton.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from cliplora.errors import InvalidArgument
-from cliplora.predictions import rank, result_json, validate_top_k
-from cliplora.preprocess import preprocess_file
-from cliplora.runtime import open_published, run_logits
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.predictions import rank, result_json, validate_top_k
+from cliplora.core.preprocess import preprocess_file
+from cliplora.core.runtime import open_published, run_logits
 
 BATCH = 16
 

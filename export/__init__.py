@@ -1,8 +1,8 @@
-"""Export: merge a CLIP-LoRA adapter into CLIP and publish a verified ONNX classifier.
+"""`cliplora.export`: merge a CLIP-LoRA adapter into CLIP and publish a verified ONNX classifier.
 
-Stages, each its own module: `base_model` (open_clip + weights), `lora` /
-`lora_paper` / `lora_peft` (adapter formats), `merge` (W' = W + s·B·A), `reference`
-(the unmerged, independent PyTorch reference), `head` (class text embeddings),
-`onnx_graph` (one uint8 -> logits graph), `verify`, `publish`, and `pipeline`,
-which runs them in order.
+`pipeline` runs the stage in order with the model library (`cliplora.model`: base model,
+adapters, merge, reference, head, graph); `verify` compares the exported graph with the
+unmerged reference; `model_config` writes the Triton ``config.pbtxt`` from its protobuf;
+`engine_key` keys the TensorRT engine cache to the weights; `publish` moves a verified
+version into the repository atomically.
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -15,23 +14,36 @@ import onnxruntime
 import torch
 
 import cliplora
-from cliplora import contract
-from cliplora.errors import FailedPrecondition, InvalidArgument
-from cliplora.progress import Progress
-from cliplora.repository import validate_model_name
-from cliplora.runtime import create_session, run_logits
-from export import head, publish, verify
-from export.base_model import load_base_model
-from export.hashing import sha256_file
-from export.lora import load_adapter
-from export.merge import merge_adapter
-from export.onnx_graph import EXPORTER, OPSET, PRECISIONS, ClassifierGraph, export_onnx
-from export.reference import build_reference
+from cliplora.core import contract
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.hashing import sha256_file
+from cliplora.core.manifest import (
+    EnvironmentRecord,
+    GpuServingRecord,
+    Manifest,
+    MergeRecord,
+    NoLoraRecord,
+    OnnxRecord,
+    TensorRecord,
+    TensorsRecord,
+)
+from cliplora.core.progress import Progress
+from cliplora.core.repository import render_labels, validate_model_name
+from cliplora.core.runtime import create_session, run_logits
+from cliplora.export import publish, verify
+from cliplora.export.engine_key import stamp_engine_key
+from cliplora.export.model_config import TARGETS, model_config
+from cliplora.model import head
+from cliplora.model.base_model import load_base_model
+from cliplora.model.graph import EXPORTER, OPSET, PRECISIONS, ClassifierGraph, export_onnx
+from cliplora.model.lora import load_adapter
+from cliplora.model.merge import merge_adapter
+from cliplora.model.reference import build_reference
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Everything `cliplora export` takes (DESIGN.md §2)."""
+    """Everything `cliplora export` takes (the README's "Export" table)."""
 
     model: str
     pretrained: str | None
@@ -51,8 +63,8 @@ class ExportOptions:
         validate_model_name(self.name)
         if self.precision not in PRECISIONS:
             raise InvalidArgument(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.target not in publish.TARGETS:
-            raise InvalidArgument(f"--target must be one of {', '.join(publish.TARGETS)}, got {self.target!r}")
+        if self.target not in TARGETS:
+            raise InvalidArgument(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not 1 <= self.max_batch_size <= 1024:
             raise InvalidArgument(f"max batch size must be 1..1024, got {self.max_batch_size}")
         if self.probes < 1:
@@ -64,7 +76,7 @@ class ExportResult:
     name: str
     version: int
     path: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: Manifest = field(repr=False)
 
 
 @torch.no_grad()  # a scope, not the process-wide switch: callers (finetune, tests) train afterwards
@@ -74,7 +86,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
     started = time.perf_counter()
     classes = head.read_classes(options.classes)
     templates = head.validate_templates(options.templates)
-    labels = publish.render_labels(classes)
+    labels = render_labels(classes)
     publish.preflight(options.repository, options.name, labels)
 
     with progress.step(f"loading base model {options.model}"):
@@ -84,7 +96,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
     progress.info(f"activation {'QuickGELU' if base.quick_gelu else 'GELU'}, image size {base.image_size}, "
                   f"logit scale {base.logit_scale:.4g}")
     spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(classes))
-    config = publish.render_config(options.name, spec, options.precision, options.max_batch_size, options.target)
+    config = model_config(options.name, spec, options.precision, options.max_batch_size, options.target)
     publish.check_compatible(options.repository, options.name, config, labels)
 
     with progress.step(f"reading adapter {options.lora}"):
@@ -105,6 +117,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         reference_text = head.text_matrix(reference, tokens, len(classes))
         base_text = head.text_matrix(base.model, tokens, len(classes)) if adapter else None
 
+    merge_mode = "unmerged" if options.unmerged else ("merged" if adapter else "base")
     exported_visual = reference.visual if options.unmerged else merged.visual
     graph = ClassifierGraph(exported_visual, text_matrix, base.logit_scale, base.mean, base.std, options.precision)
     with publish.staging_area() as staging:
@@ -116,7 +129,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         engine_key = None
         if options.target == "gpu":
             with progress.step("keying the TensorRT engine cache to these weights"):
-                engine_key = publish.stamp_engine_key(onnx_path)
+                engine_key = stamp_engine_key(onnx_path)
 
         with progress.step(f"verifying against the unmerged PyTorch reference ({options.probes} probe images)"):
             verification = _verify(options, base, merged, reference, text_matrix, reference_text, base_text, onnx_path)
@@ -128,48 +141,50 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             f"{verification.onnx_vs_reference.top1_agreement:.0%}"
         )
 
-        manifest = {
-            "cliplora_version": cliplora.__version__,
-            "name": options.name,
-            "version": None,  # stamped under the publish lock
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "base": base.manifest(),
-            "lora": adapter.manifest() if adapter else {"format": "none"},
-            "merge": {"mode": "unmerged" if options.unmerged else ("merged" if adapter else "base"),
-                      **(merge_report.manifest() if merge_report else {})},
-            "classes": classes,
-            "templates": templates,
-            "precision": options.precision,
-            "target": options.target,
-            **({"gpu_serving": {
-                "engine": "TensorRT", "engine_precision": "fp16",
+        manifest = Manifest(
+            schema_version=Manifest.schema_versions[-1],
+            cliplora_version=cliplora.__version__,
+            name=options.name,
+            version=None,  # stamped under the publish lock
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            base=base.record(),
+            lora=adapter.record() if adapter else NoLoraRecord(format="none"),
+            merge=(merge_report.record(merge_mode) if merge_report else MergeRecord(mode=merge_mode)),
+            classes=classes,
+            templates=templates,
+            precision=options.precision,
+            target=options.target,
+            **({"gpu_serving": GpuServingRecord(
+                engine="TensorRT", engine_precision="fp16",
                 # What the FP16 engine may differ by from the verified ONNX file (the fp16
                 # rule of export/verify.py); the engine itself is built on the GPU server,
                 # so this export cannot check it: deploy/compose/smoke_test.sh does there.
-                "expected_tolerance_abs_logit": verify.tolerance("fp16", base.logit_scale),
-                "verified_here": False,
-            }} if options.target == "gpu" else {}),
-            "tensors": {
-                "input": {"name": contract.INPUT_NAME, "dtype": contract.INPUT_WIRE_DTYPE, "shape": [-1, *spec.input_shape]},
-                "output": {"name": contract.OUTPUT_NAME, "dtype": contract.OUTPUT_WIRE_DTYPE, "shape": [-1, *spec.output_shape]},
-            },
-            "onnx": {
-                "sha256": sha256_file(onnx_path),
-                "bytes": onnx_path.stat().st_size,
-                "opset": OPSET,
-                "exporter": EXPORTER,
-                "onnxruntime_version": onnxruntime.__version__,
+                expected_tolerance_abs_logit=verify.tolerance("fp16", base.logit_scale),
+                verified_here=False,
+            )} if options.target == "gpu" else {}),
+            tensors=TensorsRecord(
+                input=TensorRecord(name=contract.INPUT_NAME, dtype=contract.INPUT_WIRE_DTYPE,
+                                   shape=[-1, *spec.input_shape]),
+                output=TensorRecord(name=contract.OUTPUT_NAME, dtype=contract.OUTPUT_WIRE_DTYPE,
+                                    shape=[-1, *spec.output_shape]),
+            ),
+            onnx=OnnxRecord(
+                sha256=sha256_file(onnx_path),
+                bytes=onnx_path.stat().st_size,
+                opset=OPSET,
+                exporter=EXPORTER,
+                onnxruntime_version=onnxruntime.__version__,
                 **({"tensorrt_engine_key": engine_key} if engine_key else {}),
-            },
-            "verification": verification.manifest(),
-            "environment": {"python": platform.python_version(), "torch": torch.__version__},
-            "export_seconds": round(time.perf_counter() - started, 2),
-        }
-        (staged / contract.MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            ),
+            verification=verification.record(),
+            environment=EnvironmentRecord(python=platform.python_version(), torch=torch.__version__),
+            export_seconds=round(time.perf_counter() - started, 2),
+        )
+        (staged / contract.MANIFEST_FILENAME).write_text(manifest.to_json(), encoding="utf-8")
         with progress.step(f"publishing {options.name} to {options.repository}"):
             version = publish.publish_version(options.repository, options.name, staged, config=config, labels=labels)
-    manifest["version"] = version
-    return ExportResult(options.name, version, options.repository / options.name / str(version), manifest)
+    return ExportResult(options.name, version, options.repository / options.name / str(version),
+                        manifest.model_copy(update={"version": version}))
 
 
 def _verify(

@@ -1,7 +1,7 @@
 """Verification: the exported graph against the independent, unmerged reference.
 
 Probe images (deterministic, varied in size, aspect and mode) go two separate ways:
-- product path: `cliplora.preprocess` (uint8 crop) -> ONNX Runtime -> logits;
+- product path: `cliplora.core.preprocess` (uint8 crop) -> ONNX Runtime -> logits;
 - reference path: open_clip's own eval transform -> the unmerged `reference` model ->
   normalised features -> ``logit_scale · f @ T_ref``, where T_ref comes from the
   reference's own (unmerged) text encoder.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import open_clip
@@ -31,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cliplora.preprocess import clip_crop
+from cliplora.core.manifest import ComparisonRecord, VerificationRecord
+from cliplora.core.preprocess import clip_crop
 
 FP32_TOLERANCE = 1e-3
 FP16_COSINE_TOLERANCE = 5e-3
@@ -87,8 +87,8 @@ class Comparison:
     max_abs_logit: float
     top1_agreement: float
 
-    def manifest(self) -> dict[str, float]:
-        return {"max_abs_logit": self.max_abs_logit, "top1_agreement": self.top1_agreement}
+    def record(self) -> ComparisonRecord:
+        return ComparisonRecord(max_abs_logit=self.max_abs_logit, top1_agreement=self.top1_agreement)
 
 
 def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
@@ -140,18 +140,18 @@ class Verification:
             )
         return problems
 
-    def manifest(self) -> dict[str, Any]:
-        def opt(c: Comparison | None) -> dict[str, float] | None:
-            return c.manifest() if c else None
+    def record(self) -> VerificationRecord:
+        def opt(c: Comparison | None) -> ComparisonRecord | None:
+            return c.record() if c else None
 
-        return {
-            "probes": self.probes,
-            "precision": self.precision,
-            "tolerance_abs_logit": self.tolerance,
-            "onnx_vs_reference": self.onnx_vs_reference.manifest(),
-            "merged_torch_vs_reference": opt(self.merged_torch_vs_reference),
-            "onnx_vs_base": opt(self.onnx_vs_base),
-            "merged_vs_base": opt(self.merged_vs_base),
-            "top1_consistent": self.top1_consistent,
-            "passed": not self.failures,
-        }
+        return VerificationRecord(
+            probes=self.probes,
+            precision=self.precision,
+            tolerance_abs_logit=self.tolerance,
+            onnx_vs_reference=self.onnx_vs_reference.record(),
+            merged_torch_vs_reference=opt(self.merged_torch_vs_reference),
+            onnx_vs_base=opt(self.onnx_vs_base),
+            merged_vs_base=opt(self.merged_vs_base),
+            top1_consistent=self.top1_consistent,
+            passed=not self.failures,
+        )

@@ -1,1 +1,1 @@
-"""Few-shot CLIP-LoRA training (the paper's recipe) that writes adapters `export` reads."""
+"""`cliplora.finetune`: few-shot CLIP-LoRA training (the paper's recipe) that writes adapters `export` reads."""

@@ -20,8 +20,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from cliplora.datasets import LabelledImages
-from cliplora.preprocess import read_image_file
+from cliplora.core.datasets import LabelledImages
+from cliplora.core.preprocess import read_image_file
 
 CROP_SCALE = (0.08, 1.0)
 

@@ -4,7 +4,7 @@ For trying `cliplora finetune` → `export` → `serve` → `evaluate` end to en
 downloading a data set, and for the tests. Each image is a noisy grey background with
 one disc or square of the class colour (jittered), at a random place and size.
 
-    python -m finetune.demo_data demo-data/shapes --per-class 40
+    python -m cliplora.finetune.demo_data demo-data/shapes --per-class 40
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cliplora.errors import InvalidArgument
-from export.lora import TOWERS, Target, Tower
-from export.lora_paper import ENCODERS, SAVED_NAME, adapted_blocks
-from export.merge import tower_blocks
-from export.reference import LoraAttention
+from cliplora.core.errors import InvalidArgument
+from cliplora.model.lora import TOWERS, Target, Tower
+from cliplora.model.lora_paper import ENCODERS, SAVED_NAME, adapted_blocks
+from cliplora.model.merge import tower_blocks
+from cliplora.model.reference import LoraAttention
 
 
 class TrainableLoraBranch(nn.Module):

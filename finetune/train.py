@@ -32,24 +32,30 @@ import torch.nn.functional as F
 from torch import nn
 
 import cliplora
-from cliplora.atomic import write_atomically, write_text_atomically
-from cliplora.datasets import LabelledImages, few_shot_split, read_labelled_images
-from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from cliplora.evaluate import accuracy_report, top1_in_batches
-from cliplora.preprocess import preprocess_file
-from cliplora.progress import Progress
-from export.base_model import BaseModel, load_base_model
-from export.hashing import sha256_file
-from export.head import class_embeddings, prompt_tokens, validate_classes, validate_templates
-from export.onnx_graph import ClassifierGraph
-from export.publish import render_labels
-from finetune.batches import TrainingBatches, train_transform
-from finetune.lora_layers import (
+from cliplora.core.accuracy import accuracy_report, top1_in_batches
+from cliplora.core.atomic import write_atomically, write_text_atomically
+from cliplora.core.datasets import LabelledImages, few_shot_split, read_labelled_images
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from cliplora.core.hashing import sha256_file
+from cliplora.core.preprocess import preprocess_file
+from cliplora.core.progress import Progress
+from cliplora.core.repository import render_labels
+from cliplora.core.run_record import DataRecord, RunRecord
+from cliplora.finetune.batches import TrainingBatches, train_transform
+from cliplora.finetune.lora_layers import (
     AdaptedBlock,
     LoraSpec,
     apply_lora,
     lora_parameters,
     paper_checkpoint,
+)
+from cliplora.model.base_model import BaseModel, load_base_model
+from cliplora.model.graph import ClassifierGraph
+from cliplora.model.head import (
+    class_embeddings,
+    prompt_tokens,
+    validate_classes,
+    validate_templates,
 )
 
 TRAIN_LOGIT_SCALE = 100.0  # the paper's code: 100 × cosine similarity, not the model's own scale
@@ -112,7 +118,7 @@ class FinetuneResult:
     output: Path
     checkpoint: Path | None  # None when the run was stopped before the end
     steps_done: int
-    run: dict[str, Any]
+    run: RunRecord
 
 
 def _device(requested: str) -> torch.device:
@@ -123,8 +129,8 @@ def _device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def _save_json(path: Path, record: dict[str, Any]) -> None:
-    write_text_atomically(path, json.dumps(record, indent=2) + "\n")
+def _save_record(path: Path, record: RunRecord) -> None:
+    write_text_atomically(path, record.to_json())
 
 
 def _save_torch(path: Path, obj: Any) -> None:
@@ -137,7 +143,7 @@ def torch_accuracy(
 ) -> dict[str, Any]:
     """Top-1 of the (adapted) PyTorch model, with exactly the exported graph's computation.
 
-    Images go through `cliplora.preprocess` to the uint8 crop and then through the
+    Images go through `cliplora.core.preprocess` to the uint8 crop and then through the
     same `ClassifierGraph` the exporter writes to ONNX, so the figure is comparable with
     `cliplora evaluate` of the published model.
     """
@@ -357,27 +363,29 @@ def run_finetune(
         finished = _train(run, progress, should_stop)
     finally:
         run.batches.close()
-    record: dict[str, Any] = {
-        "cliplora_version": cliplora.__version__,
-        "options": options.fingerprint() | {"output": str(options.output), "device": str(run.device)},
-        "base": run.base.manifest(),
-        "data": {"source": run.data.source, "classes": list(run.data.classes), "train_images": len(run.train),
-                 "eval_source": run.heldout.source, "eval_images": len(run.heldout)},
-        "templates": run.templates,
-        "iterations": options.total_iterations,
-        "steps_done": run.step,
-        "training_seconds_this_session": round(time.perf_counter() - loop_start, 3),
-        "losses": run.losses,
-        "zero_shot": run.zero_shot,
-    }
+    record = RunRecord(
+        schema_version=RunRecord.schema_versions[-1],
+        cliplora_version=cliplora.__version__,
+        options=options.fingerprint() | {"output": str(options.output), "device": str(run.device)},
+        base=run.base.record(),
+        data=DataRecord(source=run.data.source, classes=list(run.data.classes), train_images=len(run.train),
+                        eval_source=run.heldout.source, eval_images=len(run.heldout)),
+        templates=run.templates,
+        iterations=options.total_iterations,
+        steps_done=run.step,
+        training_seconds_this_session=round(time.perf_counter() - loop_start, 3),
+        losses=run.losses,
+        zero_shot=run.zero_shot,
+        status="done" if finished else "stopped",
+    )
     if not finished:
         progress.info(f"stopped after step {run.step} of {options.total_iterations}; continue with --resume")
-        _save_json(options.output / "run.json", record | {"status": "stopped"})
+        _save_record(options.output / "run.json", record)
         return FinetuneResult(options.output, None, run.step, record)
     return _finish(run, record, progress, started)
 
 
-def _finish(run: _Run, record: dict[str, Any], progress: Progress, started: float) -> FinetuneResult:
+def _finish(run: _Run, record: RunRecord, progress: Progress, started: float) -> FinetuneResult:
     """The checkpoint, the class list, the final accuracy and run.json."""
     options = run.options
     checkpoint_path = options.output / "lora.pt"
@@ -392,15 +400,14 @@ def _finish(run: _Run, record: dict[str, Any], progress: Progress, started: floa
         progress.info(f"top-1 {accuracy['top1']:.4f}{zero_shot}")
     else:
         progress.warn("no held-out images (every image was a shot and no --eval-data): accuracy not measured")
-    record |= {
-        "status": "done",
+    record = RunRecord.from_dict(record.to_dict() | {
         "accuracy": accuracy,
         "checkpoint": {"path": str(checkpoint_path), "sha256": sha256_file(checkpoint_path)},
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "total_seconds_this_session": round(time.perf_counter() - started, 3),
         "export": _export_command(options, run.templates),
-    }
-    _save_json(options.output / "run.json", record)
+    }, "run.json")
+    _save_record(options.output / "run.json", record)
     return FinetuneResult(options.output, checkpoint_path, run.step, record)
 
 

@@ -1,1 +1,1 @@
-"""Load tests and latency comparisons (the loadtest issue builds `cliplora loadtest` here)."""
+"""`cliplora.loadtest`: interleaved load tests, statistics and reports proving "no overhead"."""

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cliplora.errors import InvalidArgument, NotFound, Unavailable
-from cliplora.repository import validate_model_name
+from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
+from cliplora.core.repository import validate_model_name
 
 if TYPE_CHECKING:
-    from loadtest.targets import Target
+    from cliplora.loadtest.targets import Target
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -71,7 +71,7 @@ def folder_images(folder: Path) -> list[bytes]:
 
 
 def _target(args: argparse.Namespace, images: list[bytes]) -> Target:
-    from loadtest.targets import GatewayTarget, InProcessTarget, TritonTarget
+    from cliplora.loadtest.targets import GatewayTarget, InProcessTarget, TritonTarget
 
     if args.in_process:
         return InProcessTarget(Path(args.in_process), images, batch=args.batch, workers=args.concurrency)
@@ -83,9 +83,9 @@ def _target(args: argparse.Namespace, images: list[bytes]) -> Target:
 
 
 async def _run(args: argparse.Namespace) -> dict:
-    from loadtest import prom
-    from loadtest.report import build_report, write_report
-    from loadtest.runner import run_load
+    from cliplora.loadtest import prom
+    from cliplora.loadtest.report import build_report, write_report
+    from cliplora.loadtest.runner import run_load
 
     models = [validate_model_name(m.strip()) for m in args.models.split(",") if m.strip()]
     if not models:
@@ -118,7 +118,7 @@ async def _run(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loadtest.report import PLOT_FILENAME, render_markdown
+    from cliplora.loadtest.report import PLOT_FILENAME, render_markdown
 
     report = asyncio.run(_run(args))
     print(render_markdown(report, plot=f"(plot: {Path(args.report) / PLOT_FILENAME})"))

@@ -1,6 +1,6 @@
 """Baseline: a minimal PyTorch-eager gRPC server with the same API (what a user would write).
 
-    python -m loadtest.eager_server --model ViT-B-16 --lora lora.pt --classes classes.txt \
+    python -m cliplora.loadtest.eager_server --model ViT-B-16 --lora lora.pt --classes classes.txt \
         --name pets-lora --port 50061 [--pretrained W | --allow-random-weights]
 
 open_clip's own preprocessing (PIL -> torchvision transform), the adapter merged in
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cliplora.predictions import rank
+from cliplora.core.predictions import rank
+from cliplora.model import head
+from cliplora.model.base_model import load_base_model
+from cliplora.model.lora import load_adapter
+from cliplora.model.merge import merge_adapter
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from export import head
-from export.base_model import load_base_model
-from export.lora import load_adapter
-from export.merge import merge_adapter
 
 
 class EagerClassifier(pb_grpc.ClassifierServicer):

@@ -1,6 +1,6 @@
 """One image, three paths, interleaved: gateway vs Triton direct vs in-process ONNX Runtime.
 
-    python -m loadtest.paths --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 \
+    python -m cliplora.loadtest.paths --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 \
         --repository model_repository --model pets-lora --requests 50
 
 Each round sends the same JPEG once through every path, one after another (sequential,
@@ -23,12 +23,12 @@ import time
 import grpc
 import tritonclient.grpc as triton_grpc
 
-from cliplora import contract
-from cliplora.preprocess import preprocess_bytes
-from cliplora.runtime import open_published, run_logits
+from cliplora.core import contract
+from cliplora.core.preprocess import preprocess_bytes
+from cliplora.core.runtime import open_published, run_logits
+from cliplora.loadtest.cli import generated_images
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from loadtest.cli import generated_images
 
 
 def _summary(samples: list[float]) -> dict[str, float]:

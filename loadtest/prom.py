@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from cliplora.errors import Unavailable
+from cliplora.core.errors import Unavailable
 
 GATEWAY = "cliplora_gateway_request_duration_seconds"
 

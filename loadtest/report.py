@@ -1,4 +1,4 @@
-"""report.json (DESIGN.md §5, contract), report.md and latency.png for one run."""
+"""report.json (a contract: the README's "Load tests"), report.md and latency.png for one run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.runner import RunResult
-from loadtest.stats import ratios, summary_ms
+from cliplora.loadtest.runner import RunResult
+from cliplora.loadtest.stats import ratios, summary_ms
 
 
 def build_report(result: RunResult, *, target: str, seed: int = 0) -> dict[str, Any]:

@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 
 # 0. Inputs: the demo adapter and classes; an --unmerged export of the same adapter; a copy
 #    of the base model without dynamic batching. (Triton picks both up by polling.)
-$PY -m serve.demo --write-inputs "$OUT/inputs"
+$PY -m cliplora.demo --write-inputs "$OUT/inputs"
 if [ ! -d model_repository/pets-lora-unmerged ]; then
   $CL export --model ViT-B-16 --lora "$OUT/inputs/lora_demo.pt" --classes "$OUT/inputs/classes.txt" \
     --template "a photo of a {}, a type of pet." --name pets-lora-unmerged --unmerged \
@@ -34,7 +34,7 @@ $CL loadtest --target 127.0.0.1:50051 --models pets-base --concurrency 2 --durat
 $CL loadtest --target 127.0.0.1:50051 --models pets-base --concurrency 2 --duration 40 --raw --report "$OUT/stack-raw" --quiet
 $CL loadtest --target 127.0.0.1:8001 --direct-triton --models pets-base --concurrency 2 --duration 40 --report "$OUT/triton" --quiet
 $CL loadtest --in-process model_repository --models pets-base --concurrency 1 --duration 40 --report "$OUT/ort" --quiet
-$PY -m loadtest.paths --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 --model pets-base --requests 30 > "$OUT/paths.json"
+$PY -m cliplora.loadtest.paths --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 --model pets-base --requests 30 > "$OUT/paths.json"
 
 # 3. Concurrency 1/2/4/8 through the full stack.
 for c in 1 2 4 8; do
@@ -46,7 +46,7 @@ $CL loadtest --target 127.0.0.1:50051 --models pets-base,pets-base-nobatch --con
   --report "$OUT/batching" --quiet
 
 # 5. The hand-written PyTorch-eager server (same API), alone on the machine's cores as far as possible.
-$PY -m loadtest.eager_server --model ViT-B-16 --lora none --classes "$OUT/inputs/classes.txt" \
+$PY -m cliplora.loadtest.eager_server --model ViT-B-16 --lora none --classes "$OUT/inputs/classes.txt" \
   --template "a photo of a {}, a type of pet." --name pets-base --port 50061 --allow-random-weights --workers 2 \
   > "$OUT/eager.log" 2>&1 &
 EAGER=$!

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loadtest.targets import RequestFailed, Target
+from cliplora.loadtest.targets import RequestFailed, Target
 
 MAX_OUTSTANDING = 10_000  # open loop: beyond this many unanswered requests, new ones count as dropped
 

@@ -1,6 +1,6 @@
 """`make soak`: hold ~80% of measured capacity for minutes; report errors and gateway RSS.
 
-    python -m loadtest.soak --repository model_repository --model pets-base --minutes 10 --report bench/soak
+    python -m cliplora.loadtest.soak --repository model_repository --model pets-base --minutes 10 --report bench/soak
 
 Starts `cliplora serve` (Triton + gateway) on its default ports, measures capacity with
 a short closed-loop run (concurrency 2), then sends an open-loop load at
@@ -23,10 +23,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.cli import generated_images
-from loadtest.runner import run_load
-from loadtest.stats import summary_ms
-from loadtest.targets import GatewayTarget
+from cliplora.loadtest.cli import generated_images
+from cliplora.loadtest.runner import run_load
+from cliplora.loadtest.stats import summary_ms
+from cliplora.loadtest.targets import GatewayTarget
 
 SAMPLE_EVERY_S = 5.0
 

@@ -14,9 +14,9 @@ from typing import Protocol, TypeVar
 import grpc
 import numpy as np
 
-from cliplora import contract
-from cliplora.preprocess import preprocess_bytes
-from cliplora.runtime import open_published, run_logits
+from cliplora.core import contract
+from cliplora.core.preprocess import preprocess_bytes
+from cliplora.core.runtime import open_published, run_logits
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -57,7 +57,7 @@ class GatewayTarget:
         self._requests: dict[str, list[pb.ClassifyRequest]] = {}
 
     async def start(self, models: list[str]) -> None:
-        from serve.client import token_metadata
+        from cliplora.core.client import token_metadata
 
         self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_send_message_length", 1 << 28)])
         self.stub = pb_grpc.ClassifierStub(self.channel)
@@ -100,13 +100,11 @@ class TritonTarget:
     async def start(self, models: list[str]) -> None:
         import tritonclient.grpc.aio as triton_aio
 
-        from serve.triton import model_shape
-
         self._aio = triton_aio
         self.client = triton_aio.InferenceServerClient(self.address)
         for model in models:
             config = await self.client.get_model_config(model, as_json=True)
-            size, _classes, _max_batch = model_shape(model, config["config"])
+            size, _classes, _max_batch = contract.model_shape(model, config["config"])
             crops = [preprocess_bytes(data, size) for data in self.images]
             self._batches[model] = [np.stack(chosen) for chosen in rotating_batches(crops, self.batch)]
 

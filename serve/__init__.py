@@ -1,9 +1,9 @@
-"""Serve: the local Triton stack and the asyncio gRPC classification gateway.
+"""`cliplora.serve`: the local Triton stack and the asyncio gRPC classification gateway.
 
 `triton_backend/` is the small Python-based ``onnxruntime`` backend that lets the
 ``tritonserver`` binary of the nvidia-pytriton wheel serve the exported ONNX models on
 CPU; `triton_launcher` starts that server; `gateway` answers ``cliplora.v1.Classifier``
 calls by way of `triton` (one long-lived client, model discovery); `errors` maps
-domain errors to status codes; `metrics` and `health` report; `server` wires them;
-`stack` is `cliplora serve`.
+domain errors to status codes; `metrics` and `health` report; `security` checks TLS
+and tokens; `server` wires them; `stack` is `cliplora serve`.
 """

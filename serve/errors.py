@@ -1,4 +1,4 @@
-"""The one error -> gRPC status mapping (DESIGN.md §4).
+"""The one error -> gRPC status mapping (the README's error table).
 
 | fault | status |
 |---|---|
@@ -9,7 +9,7 @@
 | the caller's deadline passed | DEADLINE_EXCEEDED |
 | anything else | INTERNAL, details only in the log |
 
-Domain errors (`cliplora.errors`) carry their code's name; Triton client errors are
+Domain errors (`cliplora.core.errors`) carry their code's name; Triton client errors are
 translated here; every other exception is a bug and becomes INTERNAL with an id the
 log also shows.
 """
@@ -22,7 +22,7 @@ import uuid
 import grpc
 from tritonclient.utils import InferenceServerException
 
-from cliplora.errors import (
+from cliplora.core.errors import (
     CliploraError,
     DeadlineExceeded,
     NotFound,

@@ -20,17 +20,18 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from cliplora import contract
-from cliplora.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from cliplora.predictions import rank, validate_top_k
-from cliplora.preprocess import preprocess_bytes
-from cliplora.repository import ModelRepository, validate_model_name
+from cliplora.core import contract
+from cliplora.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from cliplora.core.manifest import Manifest
+from cliplora.core.predictions import rank, validate_top_k
+from cliplora.core.preprocess import preprocess_bytes
+from cliplora.core.repository import ModelRepository, validate_model_name
+from cliplora.serve.errors import to_status
+from cliplora.serve.metrics import UNKNOWN, GatewayMetrics
+from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.triton import ModelEntry, Triton, check_raw_size
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from serve.errors import to_status
-from serve.metrics import UNKNOWN, GatewayMetrics
-from serve.settings import GatewaySettings
-from serve.triton import ModelEntry, Triton, check_raw_size
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
@@ -47,7 +48,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.accepted = 0  # requests admitted past the concurrency limit, ever
         self._repository = ModelRepository(settings.repository) if settings.repository is not None else None
         # (name, version) -> (manifest file's mtime, manifest): read again only when the file changes
-        self._manifests: dict[tuple[str, int], tuple[int, dict]] = {}
+        self._manifests: dict[tuple[str, int], tuple[int, Manifest]] = {}
 
     async def _handle(self, method: str, context: grpc.aio.ServicerContext,
                       work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
@@ -157,7 +158,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 check_raw_size(raw.width, raw.height, entry)
                 expected = raw.width * raw.height * contract.CHANNELS
                 if len(raw.rgb) != expected:
-                    raise InvalidArgument(f"image {index}: raw RGB needs {expected} bytes, got {len(raw.rgb)}")
+                    raise InvalidArgument(f"raw RGB needs {expected} bytes, got {len(raw.rgb)}")
                 return np.frombuffer(raw.rgb, dtype=np.uint8).reshape(raw.height, raw.width, contract.CHANNELS)
             return preprocess_bytes(image.encoded, entry.image_size, max_pixels=self.settings.max_pixels)
         except InvalidArgument as exc:
@@ -169,7 +170,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         models = await self.triton.refresh()
         return pb.ListModelsResponse(models=[self._model_info(entry) for entry in models.values()])
 
-    def manifest_of(self, entry: ModelEntry) -> dict | None:
+    def manifest_of(self, entry: ModelEntry) -> Manifest | None:
         """The latest version's manifest, when the gateway can read the repository."""
         if self._repository is None:
             return None
@@ -189,24 +190,21 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         """``cliplora_gateway_model_info``: what pairs a LoRA model with its base in the alert rules."""
         self.metrics.model_info.clear()
         for entry in models.values():
-            manifest = self.manifest_of(entry) or {}
-            base = manifest.get("base", {})
-            weights = base.get("weights", {})
-            self.metrics.model_info.labels(
-                entry.name, str(base.get("model", "")), str(weights.get("sha256") or weights.get("source", ""))[:16],
-                str(manifest.get("lora", {}).get("format", "unknown")),
-            ).set(1)
+            manifest = self.manifest_of(entry)
+            if manifest is None:
+                self.metrics.model_info.labels(entry.name, "", "", "unknown").set(1)
+            else:
+                self.metrics.model_info.labels(entry.name, manifest.base.model, manifest.base_weights_id,
+                                               manifest.lora.format).set(1)
 
     def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
         info = pb.ModelInfo(name=entry.name, versions=list(entry.versions), num_classes=entry.num_classes,
                             image_size=entry.image_size)
         manifest = self.manifest_of(entry)
         if manifest is not None:
-            base = manifest.get("base", {})
-            lora = manifest.get("lora", {})
-            info.base_model = str(base.get("model", ""))
-            info.weights = str(base.get("weights", {}).get("source", ""))
-            info.lora_format = str(lora.get("format", ""))
-            info.lora_json = json.dumps(lora, sort_keys=True)
-            info.precision = str(manifest.get("precision", ""))
+            info.base_model = manifest.base.model
+            info.weights = manifest.base.weights.source
+            info.lora_format = manifest.lora.format
+            info.lora_json = json.dumps(manifest.lora.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+            info.precision = manifest.precision
         return info

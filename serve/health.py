@@ -11,8 +11,8 @@ import logging
 
 from grpc_health.v1 import health, health_pb2
 
-from serve.metrics import GatewayMetrics
-from serve.triton import Triton
+from cliplora.serve.metrics import GatewayMetrics
+from cliplora.serve.triton import Triton
 
 log = logging.getLogger(__name__)
 SERVICE = "cliplora.v1.Classifier"

@@ -7,8 +7,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cliplora.errors import Unavailable
-from serve.processes import stop_process, wait_http_ok
+from cliplora.core.errors import Unavailable
+from cliplora.serve.processes import stop_process, wait_http_ok
 
 SCRAPE_INTERVAL = "5s"
 DEFAULT_PORT = 9090

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from cliplora.errors import InvalidArgument, NotFound
+from cliplora.core.errors import InvalidArgument, NotFound
 
 TOKENS_ENV = "CLIPLORA_AUTH_TOKENS"
 OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
@@ -81,17 +81,3 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     except FileNotFoundError as exc:
         raise NotFound(f"TLS file not found: {exc.filename}") from None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
-
-
-def client_channel(target: str, *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
-                   options: list[tuple[str, int]] | None = None, aio: bool = False):
-    """A channel to the gateway: TLS when `ca` is given (client certificate with cert/key)."""
-    module = grpc.aio if aio else grpc
-    if ca is None:
-        return module.insecure_channel(target, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(),
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
-    return module.secure_channel(target, credentials, options=options)

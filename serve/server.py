@@ -11,14 +11,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cliplora.serve.gateway import ClassifierService
+from cliplora.serve.health import TritonHealth
+from cliplora.serve.metrics import GatewayMetrics
+from cliplora.serve.security import BearerTokenInterceptor, load_tokens, server_credentials
+from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.triton import Triton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from serve.gateway import ClassifierService
-from serve.health import TritonHealth
-from serve.metrics import GatewayMetrics
-from serve.security import BearerTokenInterceptor, load_tokens, server_credentials
-from serve.settings import GatewaySettings
-from serve.triton import Triton
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class GatewayServer:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.triton: Triton | None = None
+        self.health: TritonHealth | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -98,6 +99,10 @@ class GatewayServer:
         self._stopping.set()
         grace_s = self.settings.grace_s if grace is None else grace
 
+        async def stop_health() -> None:
+            if self.health is not None:
+                await self.health.shutdown()
+
         async def stop_server() -> None:
             if self.server is not None:
                 await self.server.stop(grace_s)
@@ -113,7 +118,7 @@ class GatewayServer:
 
         # Every step runs even if one before it failed: the process must not hang on exit.
         failure: Exception | None = None
-        for step in (self.health.shutdown, stop_server, stop_tasks, close_triton):
+        for step in (stop_health, stop_server, stop_tasks, close_triton):
             try:
                 await step()
             except Exception as exc:

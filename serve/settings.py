@@ -13,8 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cliplora.errors import InvalidArgument
-from cliplora.preprocess import DEFAULT_MAX_PIXELS
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.preprocess import DEFAULT_MAX_PIXELS
 
 ENV_PREFIX = "CLIPLORA_"
 

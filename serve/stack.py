@@ -8,12 +8,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from cliplora.repository import ModelRepository
-from serve.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
-from serve.prometheus import LocalPrometheus, render_config
-from serve.server import serve_until_signalled
-from serve.settings import GatewaySettings
-from serve.triton_launcher import LocalTriton, TritonPorts
+from cliplora.core.repository import ModelRepository
+from cliplora.serve.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
+from cliplora.serve.prometheus import LocalPrometheus, render_config
+from cliplora.serve.server import serve_until_signalled
+from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.triton_launcher import LocalTriton, TritonPorts
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from cliplora import contract
-from cliplora.errors import InvalidArgument, NotFound, Unavailable
-from serve.errors import from_triton
+from cliplora.core import contract
+from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
+from cliplora.serve.errors import from_triton
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 5.0
@@ -67,20 +67,6 @@ class ModelEntry:
         if version not in self.versions:
             raise NotFound(f"model {self.name!r} has no ready version {version} (ready: {list(self.versions)})")
         return version
-
-
-def model_shape(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
-    """(image size, classes, max batch size) from a model's Triton config, checked against
-    the tensor contract; `ValueError` for a model that does not follow it."""
-    inputs = {i["name"]: i for i in config.get("input", [])}
-    outputs = {o["name"]: o for o in config.get("output", [])}
-    if contract.INPUT_NAME not in inputs or contract.OUTPUT_NAME not in outputs:
-        raise ValueError(f"model {name} does not follow the cliplora tensor contract")
-    dims = [int(d) for d in inputs[contract.INPUT_NAME]["dims"]]
-    classes = [int(d) for d in outputs[contract.OUTPUT_NAME]["dims"]]
-    if len(dims) != 3 or dims[0] != dims[1] or dims[2] != contract.CHANNELS or len(classes) != 1:
-        raise ValueError(f"model {name} has input dims {dims} and output dims {classes}")
-    return dims[0], classes[0], int(config.get("max_batch_size", 0))
 
 
 class Triton:
@@ -170,7 +156,7 @@ class Triton:
         async with self._channel() as client:
             response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
         config = response.get("config", response)
-        size, classes, max_batch = model_shape(name, config)
+        size, classes, max_batch = contract.model_shape(name, config)
         labels = await self._labels_of(name, versions[-1], size, classes)
         return ModelEntry(name, tuple(versions), size, classes, max_batch, labels)
 

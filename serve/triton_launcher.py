@@ -1,6 +1,6 @@
 """Start and stop the ``tritonserver`` of the nvidia-pytriton wheel for the local stack.
 
-Recipe (DESIGN.md §4, verified here): a backend directory of our own holds the
+Recipe (verified on this project's machines; docs/architecture.md, "Local Triton"): a backend directory of our own holds the
 wheel's ``python`` backend folder with the stub for this Python copied into it
 (symlinks are refused: "escapes backend directory") and our ``onnxruntime/model.py``;
 ``LD_LIBRARY_PATH`` gets the wheel's ``nvidia_pytriton.libs``; ``PATH`` starts with
@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliplora.errors import FailedPrecondition, NotFound, Unavailable
-from serve.processes import http_ok, stop_process, wait_http_ok
+from cliplora.core.errors import FailedPrecondition, NotFound, Unavailable
+from cliplora.serve.processes import http_ok, stop_process, wait_http_ok
 
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "onnxruntime" / "model.py"
 

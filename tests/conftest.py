@@ -13,6 +13,13 @@ def _deterministic() -> None:
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Each test draws its random tensors from the same seed, whatever ran before it
+    (loading a model no longer reseeds the process: cliplora.model.base_model)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return factories.write_config(tmp_path_factory.mktemp("configs"))
@@ -20,7 +27,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_config: Path):
-    from export.base_model import load_base_model
+    from cliplora.model.base_model import load_base_model
 
     return load_base_model(str(tiny_config), None, allow_random_weights=True)
 

@@ -179,7 +179,7 @@ def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Ima
 
 
 def write_shapes_dataset(root: Path, per_class: int, seed: int = 0) -> Path:
-    """The coloured-shapes task of `finetune.demo_data`: one sub-folder per colour."""
-    from finetune.demo_data import write_shapes
+    """The coloured-shapes task of `cliplora.finetune.demo_data`: one sub-folder per colour."""
+    from cliplora.finetune.demo_data import write_shapes
 
     return write_shapes(root, per_class, seed=seed)

@@ -3,7 +3,7 @@
 Not part of `make test`. tests/test_fuzz.py throws hypothesis's structured mutations
 (truncations, bit flips, lying headers) at the decoder; libFuzzer instead grows a corpus
 from the inputs that reach new lines of Pillow's Python image plugins and of
-`cliplora.preprocess`, starting from one small valid image per format.
+`cliplora.core.preprocess`, starting from one small valid image per format.
 
 The rule is the one tests/test_fuzz.py checks: every input ends in a uint8
 [size, size, 3] crop or in `InvalidArgument` (INVALID_ARGUMENT at the gateway). Any other
@@ -26,8 +26,8 @@ import atheris
 with atheris.instrument_imports(include=["PIL", "cliplora"]):
     import PIL.Image
 
-    from cliplora.errors import InvalidArgument
-    from cliplora.preprocess import clip_crop, decode_image
+    from cliplora.core.errors import InvalidArgument
+    from cliplora.core.preprocess import clip_crop, decode_image
 
     PIL.Image.init()  # imports every format plugin now, inside the instrumentation
 

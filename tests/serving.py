@@ -23,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from cliplora.export.pipeline import ExportOptions, run_export
+from cliplora.serve.processes import stop_process
+from cliplora.serve.server import GatewayServer
+from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.triton_launcher import TritonPorts
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from export.pipeline import ExportOptions, run_export
-from serve.processes import stop_process
-from serve.server import GatewayServer
-from serve.settings import GatewaySettings
-from serve.triton_launcher import TritonPorts
 from tests import factories
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]

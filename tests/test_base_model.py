@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound
-from export.base_model import load_base_model
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from cliplora.model.base_model import load_base_model
 from tests import factories
 
 
@@ -29,7 +29,7 @@ def test_no_weights_without_the_flag_is_a_clear_error(tiny_config) -> None:
 def test_random_weights_are_deterministic_and_recorded(tiny_config, tiny_base) -> None:
     again = load_base_model(str(tiny_config), None, allow_random_weights=True)
     assert _same_weights(again.model, tiny_base.model)
-    record = tiny_base.manifest()["weights"]
+    record = tiny_base.record().model_dump()["weights"]
     assert record["kind"] == "random" and "random weights" in record["warning"]
 
 
@@ -137,8 +137,21 @@ def test_malicious_base_weights_are_refused(tmp_path, tiny_config) -> None:
 
 
 def test_base_model_manifest_records_preprocessing(tiny_base) -> None:
-    record = tiny_base.manifest()
+    record = tiny_base.record().model_dump()
     assert record["activation"] == "quick_gelu"
     assert record["preprocess"]["image_size"] == factories.IMAGE_SIZE
     assert record["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
     assert record["model"] == "tiny-clip"
+
+
+def test_loading_leaves_the_callers_random_state_and_logging(tiny_config) -> None:
+    """Random weights are seeded inside the loader; the caller's RNG and logging are as they were."""
+    import logging
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    first = load_base_model(str(tiny_config), None, allow_random_weights=True)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert logging.root.manager.disable == logging.NOTSET and not logging.getLogger().filters
+    torch.manual_seed(99)  # another caller state: the same random weights
+    assert _same_weights(load_base_model(str(tiny_config), None, allow_random_weights=True).model, first.model)

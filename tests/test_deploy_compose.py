@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from export import publish
+from cliplora.export import model_config
 from tests.deploy_checks import (
     BIN,
     DEPLOY,
@@ -73,7 +73,7 @@ def test_compose_file_is_valid_and_names_only_existing_files() -> None:
     device = triton["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "127.0.0.1:8002:8002" in triton["ports"] and "--metrics-port=8002" in triton["command"]
-    assert ("trt-cache", publish.TRT_CACHE_ROOT, []) in _volumes(triton)
+    assert ("trt-cache", model_config.TRT_CACHE_ROOT, []) in _volumes(triton)
     assert [_host_path(s) for s, t, m in _volumes(triton) if t == "/models"] == [ROOT / "model_repository"]
     assert services["gateway"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert services["gateway"]["read_only"] is True and services["gateway"]["cap_drop"] == ["ALL"]
@@ -205,7 +205,7 @@ def test_the_gateway_needs_no_torch() -> None:
         before = set(sys.modules)
         from cliplora.cli import build_parser
         build_parser().parse_args(["serve", "--triton-url", "triton:8001"])
-        import serve.server, serve.stack, serve.gateway
+        import cliplora.serve.server, cliplora.serve.stack, cliplora.serve.gateway
         owners = importlib.metadata.packages_distributions()
         top = {m.split(".")[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)
         print(json.dumps(sorted({d for m in top for d in owners.get(m, [])})))

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cliplora import contract
-from export import publish
-from serve.settings import GatewaySettings
+from cliplora.core import contract
+from cliplora.export import model_config
+from cliplora.serve.settings import GatewaySettings
 from tests.deploy_checks import (
     DEPLOY,
     GPU_METRICS,
@@ -49,13 +49,13 @@ def _parse_config(text: str):
 
 def test_gpu_config_is_a_valid_triton_config() -> None:
     spec = contract.TensorSpec(image_size=224, num_classes=10)
-    config = _parse_config(publish.render_config("pets", spec, "fp32", 32, target="gpu"))
+    config = _parse_config(model_config.render_config("pets", spec, "fp32", 32, target="gpu"))
     assert config.instance_group[0].kind == 0  # KIND_AUTO: still portable
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     params = dict(accelerator.parameters)
     assert accelerator.name == "tensorrt" and set(params) <= TRT_ACCELERATOR_PARAMETERS
     assert params["precision_mode"] == "FP16" and params["trt_engine_cache_enable"] == "1"
-    assert params["trt_engine_cache_path"] == f"{publish.TRT_CACHE_ROOT}/pets"
+    assert params["trt_engine_cache_path"] == f"{model_config.TRT_CACHE_ROOT}/pets"
     batches = []
     for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
         match = re.fullmatch(rf"{contract.INPUT_NAME}:(\d+)x224x224x3", params[key])
@@ -67,12 +67,12 @@ def test_gpu_config_is_a_valid_triton_config() -> None:
     sample = warmups[32].inputs[contract.INPUT_NAME]
     assert list(sample.dims) == [224, 224, 3] and sample.zero_data
     # The portable default is unchanged: no accelerator in fp32, the old one in fp16.
-    portable = _parse_config(publish.render_config("pets", spec, "fp32", 32))
+    portable = _parse_config(model_config.render_config("pets", spec, "fp32", 32))
     assert not portable.HasField("optimization") and not portable.model_warmup
-    fp16 = dict(_parse_config(publish.render_config("pets", spec, "fp16", 32)).optimization
+    fp16 = dict(_parse_config(model_config.render_config("pets", spec, "fp16", 32)).optimization
                 .execution_accelerators.gpu_execution_accelerator[0].parameters)
     assert fp16 == {"precision_mode": "FP16", "max_workspace_size_bytes": "2147483648"}
-    one = _parse_config(publish.render_config("pets", spec, "fp32", 1, target="gpu"))
+    one = _parse_config(model_config.render_config("pets", spec, "fp32", 1, target="gpu"))
     assert [w.batch_size for w in one.model_warmup] == [1]
 
 
@@ -94,8 +94,8 @@ def test_export_cli_takes_target(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterator[dict]:
     """A `--target gpu` export and a portable base export, served by the local Triton."""
-    from export.pipeline import ExportOptions, run_export
-    from serve.triton_launcher import LocalTriton
+    from cliplora.export.pipeline import ExportOptions, run_export
+    from cliplora.serve.triton_launcher import LocalTriton
     from tests import factories
 
     root = tmp_path_factory.mktemp("deploy")
@@ -122,21 +122,21 @@ def test_gpu_export_is_keyed_and_verified(stack: dict) -> None:
     keys = set()
     for name in ("gpu", "gpu-base"):
         manifest = stack["exports"][name].manifest
-        assert manifest["target"] == "gpu" and manifest["verification"]["passed"]
-        serving = manifest["gpu_serving"]  # what the FP16 engine may differ by, stated, not checked here
-        assert serving["engine_precision"] == "fp16" and serving["verified_here"] is False
-        assert serving["expected_tolerance_abs_logit"] == pytest.approx(5e-3 * manifest["base"]["logit_scale"])
-        key = manifest["onnx"]["tensorrt_engine_key"]
+        assert manifest.target == "gpu" and manifest.verification.passed
+        serving = manifest.gpu_serving  # what the FP16 engine may differ by, stated, not checked here
+        assert serving.engine_precision == "fp16" and serving.verified_here is False
+        assert serving.expected_tolerance_abs_logit == pytest.approx(5e-3 * manifest.base.logit_scale)
+        key = manifest.onnx.tensorrt_engine_key
         assert re.fullmatch(r"head_[0-9a-f]{16}", key)
         graph = onnx.load(str(stack["exports"][name].path / contract.MODEL_FILENAME)).graph
         assert key in {t.name for t in graph.initializer} and "head" not in {t.name for t in graph.initializer}
         keys.add(key)
     # Same architecture, other weights: other engine-cache keys (a shared key would serve one's engine for both).
     assert len(keys) == 2
-    assert stack["exports"]["base"].manifest["target"] == "portable"
-    assert "tensorrt_engine_key" not in stack["exports"]["base"].manifest["onnx"]
+    assert stack["exports"]["base"].manifest.target == "portable"
+    assert "tensorrt_engine_key" not in stack["exports"]["base"].manifest.to_dict()["onnx"]
     config = (stack["repository"] / "gpu" / contract.CONFIG_FILENAME).read_text()
-    assert config == publish.render_config("gpu", contract.TensorSpec(32, len(CLASSES)), "fp32",
+    assert config == model_config.render_config("gpu", contract.TensorSpec(32, len(CLASSES)), "fp32",
                                            contract.DEFAULT_MAX_BATCH_SIZE, target="gpu")
 
 
@@ -205,7 +205,7 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
             assert GPU_METRICS.isdisjoint(exported)  # this Triton has no GPU: the allowlist is needed, and only for these
 
             # Every query also parses and evaluates in a real Prometheus that loads our rules.
-            from serve.prometheus import LocalPrometheus
+            from cliplora.serve.prometheus import LocalPrometheus
 
             if not LocalPrometheus.available():
                 pytest.skip("prometheus not installed (make test installs it): queries checked by name only")
@@ -253,7 +253,7 @@ def _query(base: str, expr: str) -> dict:
 
 
 async def test_container_health_check_script(stack: dict) -> None:
-    from serve.server import GatewayServer
+    from cliplora.serve.server import GatewayServer
 
     script = DEPLOY / "docker" / "grpc_health_check.py"
     async with in_process_gateway(stack["triton"].grpc_url, metrics_port=-1) as (gateway, _stub):

@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
-from export import publish
-from serve.settings import GatewaySettings
+from cliplora.export import model_config
+from cliplora.serve.settings import GatewaySettings
 from tests.deploy_checks import (
     CRD_SCHEMAS,
     DEPLOY,
@@ -91,7 +91,7 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert "--model-control-mode=explicit" in triton["args"] and "--load-model=*" in triton["args"]
     mounts = {m["mountPath"] for m in triton["volumeMounts"]}
-    assert publish.TRT_CACHE_ROOT in mounts and "/tmp" in mounts  # the engine cache of `--target gpu`
+    assert model_config.TRT_CACHE_ROOT in mounts and "/tmp" in mounts  # the engine cache of `--target gpu`
     gateway = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["grpc"]["port"] == 50051  # grpc.health.v1: SERVING iff Triton is ready
     assert "grpc" not in gateway["livenessProbe"]  # a Triton outage must not restart the gateways

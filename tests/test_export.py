@@ -12,15 +12,22 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from tritonclient.grpc import model_config_pb2
 
-from cliplora import contract
-from cliplora.errors import CliploraError, FailedPrecondition, InvalidArgument, PermissionDenied
-from cliplora.runtime import create_session, run_logits
-from export import head, verify
-from export.lora import load_adapter
-from export.merge import merge_adapter
-from export.pipeline import ExportOptions, run_export
-from export.reference import build_reference
+from cliplora.core import contract
+from cliplora.core.errors import (
+    CliploraError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+)
+from cliplora.core.runtime import create_session, run_logits
+from cliplora.export import model_config, verify
+from cliplora.export.pipeline import ExportOptions, run_export
+from cliplora.model import head
+from cliplora.model.lora import load_adapter
+from cliplora.model.merge import merge_adapter
+from cliplora.model.reference import build_reference
 from tests import factories
 from tests.conftest import tree_snapshot
 
@@ -120,7 +127,7 @@ def test_wrong_scaling_would_fail_verification(tmp_path, tiny_base, paper_lora) 
 def test_peft_adapter_exports(tmp_path, tiny_config, classes_file) -> None:
     folder = factories.write_peft_adapter(tmp_path / "peft", use_rslora=True)
     result = run_export(_options(tmp_path, tiny_config, classes_file, str(folder), name="peft"))
-    manifest = result.manifest
+    manifest = result.manifest.to_dict()
     assert manifest["lora"]["format"] == "peft" and manifest["lora"]["scaling"] == "lora_alpha/sqrt(r)"
     assert manifest["verification"]["passed"]
 
@@ -129,15 +136,15 @@ def test_base_export_and_versions(tmp_path, tiny_config, classes_file) -> None:
     first = run_export(_options(tmp_path, tiny_config, classes_file, "none", name="base"))
     second = run_export(_options(tmp_path, tiny_config, classes_file, "none", name="base"))
     assert (first.version, second.version) == (1, 2)
-    assert first.manifest["lora"] == {"format": "none"} and first.manifest["merge"]["mode"] == "base"
-    assert first.manifest["verification"]["onnx_vs_base"] is None
+    assert first.manifest.to_dict()["lora"] == {"format": "none"} and first.manifest.to_dict()["merge"]["mode"] == "base"
+    assert first.manifest.to_dict()["verification"]["onnx_vs_base"] is None
     assert sorted(p.name for p in (tmp_path / "repo" / "base").iterdir()) == ["1", "2", "config.pbtxt", "labels.txt"]
     # Triton takes every folder in the root for a model: only models may be there.
     assert [p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()] == ["base"]
 
 
 def test_failure_while_publishing_a_new_model_leaves_nothing(tmp_path, tiny_config, classes_file, monkeypatch) -> None:
-    from export import publish
+    from cliplora.export import publish
 
     def broken_rename(src, dst):
         raise OSError("disk full")
@@ -151,7 +158,7 @@ def test_failure_while_publishing_a_new_model_leaves_nothing(tmp_path, tiny_conf
 def test_unmerged_export_keeps_branches_and_agrees(tmp_path, tiny_config, classes_file, paper_lora) -> None:
     merged = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, name="merged"))
     unmerged = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, name="unmerged", unmerged=True))
-    assert unmerged.manifest["merge"]["mode"] == "unmerged"
+    assert unmerged.manifest.to_dict()["merge"]["mode"] == "unmerged"
 
     def matmuls(path: Path) -> int:
         return sum(n.op_type in ("MatMul", "Gemm") for n in onnx.load(str(path / "model.onnx")).graph.node)
@@ -168,25 +175,28 @@ def test_unmerged_export_keeps_branches_and_agrees(tmp_path, tiny_config, classe
 
 def test_fp16_export_verifies_within_its_tolerance(tmp_path, tiny_config, classes_file, paper_lora) -> None:
     result = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, name="half", precision="fp16"))
-    check = result.manifest["verification"]
+    check = result.manifest.to_dict()["verification"]
     assert check["precision"] == "fp16" and check["passed"]
     assert check["tolerance_abs_logit"] == pytest.approx(verify.FP16_COSINE_TOLERANCE / 0.07, rel=1e-4)
     assert 0 < check["onnx_vs_reference"]["max_abs_logit"] <= check["tolerance_abs_logit"]
     graph = onnx.load(str(result.path / "model.onnx"))
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
-    config = (tmp_path / "repo" / "half" / "config.pbtxt").read_text()
-    assert 'name: "tensorrt"' in config and '"FP16"' in config
+    config = model_config.parse_config((tmp_path / "repo" / "half" / "config.pbtxt").read_text())
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
 
 
 def test_config_pbtxt(tmp_path, tiny_config, classes_file) -> None:
     run_export(_options(tmp_path, tiny_config, classes_file, "none"))
-    config = (tmp_path / "repo" / "tiny" / "config.pbtxt").read_text()
-    for line in ('platform: "onnxruntime_onnx"', "max_batch_size: 32", "data_type: TYPE_UINT8",
-                 "dims: [ 32, 32, 3 ]", "data_type: TYPE_FP32", "dims: [ 4 ]", 'label_filename: "labels.txt"',
-                 "dynamic_batching {"):
-        assert line in config
-    assert "instance_group [" in config and "count: 1" in config  # one instance per GPU, or one on the CPU
-    assert "kind" not in config and "KIND_" not in config and "tensorrt" not in config
+    config = model_config.parse_config((tmp_path / "repo" / "tiny" / "config.pbtxt").read_text())
+    assert config.name == "tiny" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+    (image,), (logits,) = config.input, config.output
+    assert (image.name, model_config_pb2.DataType.Name(image.data_type), list(image.dims)) == ("image", "TYPE_UINT8", [32, 32, 3])
+    assert (logits.name, model_config_pb2.DataType.Name(logits.data_type), list(logits.dims)) == ("logits", "TYPE_FP32", [4])
+    assert logits.label_filename == "labels.txt" and config.HasField("dynamic_batching")
+    (group,) = config.instance_group  # one instance per GPU, or one on the CPU
+    assert group.count == 1 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
+    assert not config.HasField("optimization")  # no TensorRT for an fp32 portable model
 
 
 # --- failures leave the repository untouched -------------------------------------------------

@@ -22,9 +22,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cliplora.serve.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from serve.triton_launcher import LocalTriton
 from tests import factories
 from tests.serving import (
     GatewayProcess,

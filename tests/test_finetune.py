@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliplora.datasets import few_shot_split, read_labelled_images
-from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound
-from cliplora.evaluate import accuracy_report, evaluate_model
-from export.base_model import load_base_model
-from export.lora_paper import load_clip_lora_checkpoint
-from export.pipeline import ExportOptions, run_export
-from finetune.lora_layers import LoraSpec, TrainableLoraBranch, apply_lora, lora_parameters
-from finetune.train import FinetuneOptions, run_finetune
+from cliplora.core.accuracy import accuracy_report
+from cliplora.core.datasets import few_shot_split, read_labelled_images
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from cliplora.evaluate import evaluate_model
+from cliplora.export.pipeline import ExportOptions, run_export
+from cliplora.finetune.lora_layers import LoraSpec, TrainableLoraBranch, apply_lora, lora_parameters
+from cliplora.finetune.train import FinetuneOptions, run_finetune
+from cliplora.model.base_model import load_base_model
+from cliplora.model.lora_paper import load_clip_lora_checkpoint
 from tests import factories
 
 FAST = dict(lr=5e-3, batch_size=16)  # a random tiny CLIP needs a larger step than 2e-4 to learn in 40 steps
@@ -109,7 +110,7 @@ def test_same_seed_same_adapter_and_resume_continues_exactly(shapes, tmp_path, t
     reference = tensors(first)
     for result in (again, resumed):
         assert all(torch.equal(x, y) for x, y in zip(reference, tensors(result), strict=True))
-    assert resumed.run["losses"] == first.run["losses"]
+    assert resumed.run.losses == first.run.losses
     assert not all(torch.equal(x, y) for x, y in zip(reference, tensors(other_seed), strict=True))
 
 
@@ -128,7 +129,7 @@ def test_existing_output_and_changed_resume_are_refused(shapes, tmp_path, tiny_c
 
 
 def test_a_run_that_fails_early_can_be_resumed_and_bad_images_stop_it_first(shapes, tmp_path, tiny_config) -> None:
-    from finetune.train import _load_state
+    from cliplora.finetune.train import _load_state
 
     blown = _options(shapes, tmp_path / "blown", tiny_config, lr=1e12, iterations=50)
     with pytest.raises(FailedPrecondition, match="the loss became"):
@@ -248,7 +249,7 @@ def test_cli_finetune_then_evaluate(shapes, tmp_path, tiny_config) -> None:
 
 
 async def test_evaluate_through_the_gateway_equals_in_process(trained, tmp_path, tiny_config) -> None:
-    from serve.triton_launcher import LocalTriton
+    from cliplora.serve.triton_launcher import LocalTriton
     from tests.serving import in_process_gateway, triton_ports
 
     repository = tmp_path / "repo"

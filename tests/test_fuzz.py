@@ -8,12 +8,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cliplora.errors import InvalidArgument
-from cliplora.preprocess import clip_crop, decode_image
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.preprocess import clip_crop, decode_image
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
+from tests.fakes import Aborted, FakeContext, service
 from tests.serving import encoded, png_header
-from tests.test_gateway_unit import Aborted, FakeContext, service
 
 SEEDS = [encoded(factories.make_image(37, 23, mode, seed=i), fmt)
          for i, (mode, fmt) in enumerate([("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("L", "BMP"), ("RGB", "WEBP")])]

@@ -3,73 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 
-from cliplora.errors import NotFound, Unavailable
+from cliplora.core.errors import Unavailable
+from cliplora.serve.errors import to_status
+from cliplora.serve.settings import GatewaySettings
 from cliplora.v1 import classifier_pb2 as pb
-from serve.errors import to_status
-from serve.gateway import ClassifierService
-from serve.metrics import GatewayMetrics
-from serve.settings import GatewaySettings
-from serve.triton import ModelEntry
-from tests import factories
-from tests.serving import encoded, png_header
-
-ENTRY = ModelEntry("m", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"))
-
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
-
-
-class FakeContext:
-    def __init__(self, remaining: float | None = None) -> None:
-        self.remaining = remaining
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-
-class FakeTriton:
-    """Answers like Triton would for one model; logits = mean pixel value per class offset."""
-
-    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
-        self.delay, self.fail = delay, fail
-        self.batches: list[np.ndarray] = []
-
-    async def lookup(self, name: str, version: int):
-        if name != "m":
-            raise NotFound(f"model {name!r} not found (models: m)")
-        return ENTRY, ENTRY.resolve(version)
-
-    async def infer(self, entry, version, batch, timeout_s):
-        self.batches.append(batch)
-        await asyncio.sleep(self.delay)
-        if self.fail:
-            raise self.fail
-        mean = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
-        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32), ENTRY.resolve(version)
-
-    async def refresh(self):
-        return {"m": ENTRY}
-
-
-def service(triton: FakeTriton | None = None, **settings) -> ClassifierService:
-    return ClassifierService(GatewaySettings(**settings), triton or FakeTriton(), GatewayMetrics(),
-                             ThreadPoolExecutor(2))
-
-
-def image_bytes(seed: int = 0) -> bytes:
-    return encoded(factories.make_image(40, 30, seed=seed), "JPEG")
+from tests.fakes import Aborted, FakeContext, FakeTriton, image_bytes, service
+from tests.serving import png_header
 
 
 async def test_classify_ranks_and_scores() -> None:
@@ -93,7 +37,7 @@ async def test_default_top_k_and_all_classes() -> None:
 
 
 async def test_raw_rgb_equals_encoded_path() -> None:
-    from cliplora.preprocess import preprocess_bytes
+    from cliplora.core.preprocess import preprocess_bytes
 
     data = image_bytes(3)
     crop = preprocess_bytes(data, 16)
@@ -122,7 +66,7 @@ async def test_raw_rgb_equals_encoded_path() -> None:
         (dict(model="m", images=[pb.Image(raw=pb.RawImage(rgb=b"\0" * 12, width=2, height=2))]), "INVALID_ARGUMENT",
          "raw images must be 16x16"),
         (dict(model="m", images=[pb.Image(raw=pb.RawImage(rgb=b"\0" * 10, width=16, height=16))]), "INVALID_ARGUMENT",
-         "raw RGB needs 768 bytes"),
+         "image 0: raw RGB needs 768 bytes"),
     ],
 )
 async def test_error_table_for_bad_requests(request_kwargs, code, message) -> None:
@@ -130,6 +74,7 @@ async def test_error_table_for_bad_requests(request_kwargs, code, message) -> No
         await service(max_images=4, max_image_bytes=1000, max_pixels=1_000_000).Classify(
             pb.ClassifyRequest(**request_kwargs), FakeContext())
     assert caught.value.code.name == code and message in caught.value.details
+    assert caught.value.details.count("image 0") <= 1, caught.value.details  # said once, not "image 0: image 0: ..."
 
 
 async def test_triton_down_and_internal_errors() -> None:
@@ -187,7 +132,7 @@ async def test_metrics_count_requests_by_code() -> None:
 
 
 def test_status_mapping_is_complete() -> None:
-    from cliplora import errors
+    from cliplora.core import errors
 
     for error in (errors.InvalidArgument, errors.NotFound, errors.Unavailable, errors.ResourceExhausted,
                   errors.DeadlineExceeded, errors.FailedPrecondition, errors.PermissionDenied):
@@ -198,7 +143,7 @@ def test_status_mapping_is_complete() -> None:
 def test_settings_from_flags_and_environment() -> None:
     settings = GatewaySettings.from_sources({"max_images": "8"}, {"CLIPLORA_MAX_IMAGES": "3", "CLIPLORA_GRACE_S": "2.5"})
     assert settings.max_images == 8 and settings.grace_s == 2.5
-    from cliplora.errors import InvalidArgument
+    from cliplora.core.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="max_concurrent must be positive"):
         GatewaySettings.from_sources({}, {"CLIPLORA_MAX_CONCURRENT": "0"})

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.cli import generated_images
-from loadtest.report import build_report, write_report
-from loadtest.runner import run_load
-from loadtest.stats import ratios, summary_ms
-from loadtest.targets import RequestFailed
+from cliplora.loadtest.cli import generated_images
+from cliplora.loadtest.report import build_report, write_report
+from cliplora.loadtest.runner import run_load
+from cliplora.loadtest.stats import ratios, summary_ms
+from cliplora.loadtest.targets import RequestFailed
 
 
 class FakeTarget:
@@ -115,10 +115,10 @@ def test_generated_images_are_jpegs() -> None:
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make test installs it)")
 async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
     """Triton + gateway + a real Prometheus: the report's server side comes from scrapes."""
-    from serve.prometheus import LocalPrometheus, render_config
-    from serve.server import GatewayServer
-    from serve.settings import GatewaySettings
-    from serve.triton_launcher import LocalTriton
+    from cliplora.serve.prometheus import LocalPrometheus, render_config
+    from cliplora.serve.server import GatewayServer
+    from cliplora.serve.settings import GatewaySettings
+    from cliplora.serve.triton_launcher import LocalTriton
     from tests.serving import (
         free_port,
         metrics_text,
@@ -180,7 +180,7 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
 def test_soak_report_helpers() -> None:
     import os
 
-    from loadtest.soak import render, rss_mib
+    from cliplora.loadtest.soak import render, rss_mib
 
     assert 10 < rss_mib(os.getpid()) < 100_000
     report = {"model": "m", "capacity_rps": 5.0, "rate_rps": 4.0, "minutes": 10, "requests": 2400,
@@ -191,7 +191,7 @@ def test_soak_report_helpers() -> None:
 
 
 def test_rotating_batches_wrap_around() -> None:
-    from loadtest.targets import rotating_batches
+    from cliplora.loadtest.targets import rotating_batches
 
     assert rotating_batches(["a", "b", "c"], 2) == [["a", "b"], ["b", "c"], ["c", "a"]]
     assert rotating_batches(["a"], 3) == [["a", "a", "a"]]

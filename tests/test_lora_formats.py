@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliplora.errors import InvalidArgument, NotFound
-from export.lora import load_adapter
-from export.merge import merge_adapter
+from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.model.lora import load_adapter
+from cliplora.model.merge import merge_adapter
 from tests import factories
 
 
@@ -29,7 +29,7 @@ def test_paper_checkpoint_saved_on_cuda_style_dtypes_loads(tmp_path) -> None:
     (update,) = adapter.updates
     assert (update.tower, update.block, update.target, update.a.dtype) == ("vision", 11, "q", torch.float32)
     assert update.scale == pytest.approx(1 / math.sqrt(2))
-    assert adapter.manifest()["targets"] == {"vision": {"q": [11]}}
+    assert adapter.record().targets == {"vision": {"q": [11]}}
 
 
 def test_params_as_string_like_the_papers_argparse(tmp_path) -> None:

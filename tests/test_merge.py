@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliplora.errors import FailedPrecondition, InvalidArgument
-from export.lora import load_adapter
-from export.lora_paper import block_indices
-from export.merge import merge_adapter
-from export.reference import build_reference
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.model.lora import load_adapter
+from cliplora.model.lora_paper import block_indices
+from cliplora.model.merge import merge_adapter
+from cliplora.model.reference import build_reference
 from tests import factories
 
 COMBINATIONS = [
@@ -93,7 +93,10 @@ def test_merged_model_equals_unmerged_reference(tmp_path, tiny_base, encoder, pa
         }
     adapted = {"text": encoder in ("text", "both"), "image": encoder in ("vision", "both")}
     for kind, (m, ref, base) in pairs.items():
-        torch.testing.assert_close(m, ref, rtol=1e-4, atol=1e-5)
+        # fp32 rounding alone moves these features by up to ~2e-4 for the largest adapter here
+        # (r=8, alpha=16: ΔW larger than W; measured against float64), so 3e-4; the adapters
+        # move them by more than 1e-3 (below), most by more than 1.
+        torch.testing.assert_close(m, ref, rtol=1e-4, atol=3e-4)
         if adapted[kind]:
             assert (m - base).abs().max() > 1e-3, f"merged {kind} features equal the base ones"
         else:

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from cliplora.cli import main
+from cliplora.core.predictions import rank
+from cliplora.export.pipeline import ExportOptions, run_export
+from cliplora.model.lora import load_adapter
+from cliplora.model.reference import build_reference
 from cliplora.predict import predict_files
-from cliplora.predictions import rank
-from export.lora import load_adapter
-from export.pipeline import ExportOptions, run_export
-from export.reference import build_reference
 from tests import factories
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever"]

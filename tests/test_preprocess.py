@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cliplora.errors import InvalidArgument
-from cliplora.preprocess import clip_crop, decode_image, preprocess_bytes, resized_size
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.preprocess import clip_crop, decode_image, preprocess_bytes, resized_size
 from tests.factories import make_image
 
 SIZES = [(224, 224), (225, 224), (224, 225), (300, 200), (200, 301), (1, 1), (17, 999), (640, 480), (1001, 333), (223, 224), (226, 226)]

@@ -10,12 +10,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cliplora.errors import InvalidArgument
+from cliplora.core.client import client_channel
+from cliplora.core.errors import InvalidArgument
+from cliplora.serve.security import load_tokens, token_matches
+from cliplora.serve.server import GatewayServer
+from cliplora.serve.settings import GatewaySettings
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from serve.security import client_channel, load_tokens, token_matches
-from serve.server import GatewayServer
-from serve.settings import GatewaySettings
 from tests.serving import free_port
 
 TOKEN = "s3cret-token-0123456789"

@@ -15,9 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
+from cliplora.export import model_config
 from cliplora.predict import predict_files
+from cliplora.serve.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
-from serve.triton_launcher import LocalTriton
 from tests import factories
 from tests.serving import (
     CLASSES,
@@ -114,7 +115,7 @@ async def test_every_error_row_from_real_requests(triton, repository, images) ->
 
 async def test_new_exports_appear_without_restart(tmp_path, tiny_config, images) -> None:
     """Export while serving: Triton polls the repository, the gateway rediscovers it."""
-    from export.pipeline import ExportOptions, run_export
+    from cliplora.export.pipeline import ExportOptions, run_export
 
     repository = tmp_path / "repo"
     repository.mkdir()
@@ -190,8 +191,10 @@ def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> N
 
     broken = repository / "broken"
     shutil.copytree(repository / "base", broken)
-    config = (broken / "config.pbtxt").read_text().replace('name: "base"', 'name: "broken"')
-    (broken / "config.pbtxt").write_text(config.replace("dims: [ 32, 32, 3 ]", "dims: [ 16, 16, 3 ]"))
+    config = model_config.parse_config((broken / "config.pbtxt").read_text())
+    config.name = "broken"
+    config.input[0].dims[:] = [16, 16, 3]
+    (broken / "config.pbtxt").write_text(model_config.to_text(config))
     client = httpclient.InferenceServerClient(triton.http_url.removeprefix("http://"))
     try:
         deadline = time.monotonic() + 30

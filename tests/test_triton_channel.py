@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.settings import GatewaySettings
-from serve.triton import Triton
-from serve.triton_launcher import LocalTriton
+from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.triton import Triton
+from cliplora.serve.triton_launcher import LocalTriton
 from tests.serving import gateway_process, metrics_text, triton_ports
 
 
@@ -92,7 +92,7 @@ async def test_triton_url_from_the_environment_means_gateway_only(triton, tmp_pa
 async def test_discovery_survives_a_failing_round_and_stop_always_finishes() -> None:
     import asyncio
 
-    from serve.server import GatewayServer
+    from cliplora.serve.server import GatewayServer
 
     gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url="127.0.0.1:1",
                                             refresh_interval_s=0.05, health_interval_s=0.05))
@@ -116,3 +116,23 @@ async def test_discovery_survives_a_failing_round_and_stop_always_finishes() -> 
     with pytest.raises(RuntimeError, match="health shutdown failed"):
         await gateway.stop(0)
     await asyncio.wait_for(gateway.wait(), timeout=5)  # released anyway: no hang on exit
+
+
+async def test_stop_after_a_start_that_failed_early_or_late() -> None:
+    """stop() of a gateway whose start() never got far (nothing but the settings exist),
+    or failed after health was set up (an address it cannot bind), returns and releases."""
+    import asyncio
+
+    from cliplora.serve.server import GatewayServer
+
+    never_started = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url="127.0.0.1:1"))
+    await never_started.stop(0)
+    await asyncio.wait_for(never_started.wait(), timeout=5)
+
+    unbindable = GatewayServer(GatewaySettings(host="256.0.0.1", grpc_port=0, metrics_port=-1,
+                                               triton_url="127.0.0.1:1"))
+    with pytest.raises(RuntimeError, match="256.0.0.1"):
+        await unbindable.start()
+    assert unbindable.health is not None
+    await unbindable.stop(0)
+    await asyncio.wait_for(unbindable.wait(), timeout=5)

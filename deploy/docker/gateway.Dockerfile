@@ -21,7 +21,7 @@ RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements-gateway.t
 COPY . /src
 RUN /opt/venv/bin/pip install --no-deps /src \
     && /opt/venv/bin/cliplora serve --help > /dev/null \
-    && /opt/venv/bin/python -c "import serve.server, serve.stack" \
+    && /opt/venv/bin/python -c "import cliplora.serve.server, cliplora.serve.stack" \
     && /opt/venv/bin/python -m pip uninstall --yes pip
 
 # ---- runtime: the slim Python image, the environment, an unprivileged user ----

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from export.base_model import load_base_model  # noqa: E402
-from export.lora import load_adapter  # noqa: E402
-from export.merge import merge_adapter  # noqa: E402
-from export.reference import build_reference  # noqa: E402
-from serve.demo import synthetic_adapter  # noqa: E402
+from cliplora.model.base_model import load_base_model  # noqa: E402
+from cliplora.model.demo import synthetic_adapter  # noqa: E402
+from cliplora.model.lora import load_adapter  # noqa: E402
+from cliplora.model.merge import merge_adapter  # noqa: E402
+from cliplora.model.reference import build_reference  # noqa: E402
 
 
 def timed(model: torch.nn.Module, batch: torch.Tensor, rounds: int) -> list[float]:

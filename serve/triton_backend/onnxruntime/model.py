@@ -63,7 +63,7 @@ class TritonPythonModel:
         options.inter_op_num_threads = int(_parameter(config, "inter_op_thread_count", "1"))
         if kind == "CPU":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # fp16 graphs crash ORT_ENABLE_ALL's CPU layout passes (see cliplora/runtime.py).
+        # fp16 graphs crash ORT_ENABLE_ALL's CPU layout passes (see cliplora/core/runtime.py).
         fp16 = _parameter(config, "precision", "fp32") == "fp16"
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if fp16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -1,6 +1,6 @@
 """Image decoding and CLIP preprocessing up to the uint8 crop.
 
-The model graph takes the uint8 crop (see `cliplora.contract`); everything before it
+The model graph takes the uint8 crop (see `cliplora.core.contract`); everything before it
 happens here, for `cliplora predict`, the gateway and the exporter's verification
 alike. The steps reproduce open_clip's / OpenAI CLIP's eval transform exactly
 (``Resize(size, BICUBIC)`` on a PIL image, ``CenterCrop(size)``, then ``convert("RGB")``)
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cliplora.errors import InvalidArgument, NotFound, PermissionDenied
+from cliplora.core.errors import InvalidArgument, NotFound, PermissionDenied
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest decoded image accepted (width x height), and largest intermediate resize.

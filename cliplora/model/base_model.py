@@ -18,7 +18,8 @@ import difflib
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,15 @@ import open_clip
 import torch
 from open_clip.model import CLIP
 
-from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from export.checkpoint_io import is_torchscript_archive, load_tensors, load_torchscript_state_dict
-from export.hashing import sha256_file
-from export.merge import tower_blocks
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cliplora.core.hashing import sha256_file
+from cliplora.core.manifest import BaseRecord, PreprocessRecord, WeightsRecord
+from cliplora.model.checkpoint_io import (
+    is_torchscript_archive,
+    load_tensors,
+    load_torchscript_state_dict,
+)
+from cliplora.model.merge import tower_blocks
 
 RANDOM_SEED = 0
 _TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -45,12 +51,11 @@ class WeightsSource:
     sha256: str | None
     quick_gelu: bool | None  # what the weights were trained with, when known
 
-    def manifest(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"kind": self.kind, "source": self.reference, "sha256": self.sha256}
+    def record(self) -> WeightsRecord:
         if self.kind == "random":
-            record["seed"] = RANDOM_SEED
-            record["warning"] = "random weights: this model classifies nothing; for tests and demos only"
-        return record
+            return WeightsRecord(kind=self.kind, source=self.reference, sha256=self.sha256, seed=RANDOM_SEED,
+                                 warning="random weights: this model classifies nothing; for tests and demos only")
+        return WeightsRecord(kind=self.kind, source=self.reference, sha256=self.sha256)
 
 
 @dataclass
@@ -79,21 +84,22 @@ class BaseModel:
     def vision_blocks(self) -> torch.nn.ModuleList:
         return tower_blocks(self.model, "vision")
 
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "weights": self.weights.manifest(),
-            "activation": "quick_gelu" if self.quick_gelu else "gelu",
-            "logit_scale": self.logit_scale,
-            "text_blocks": len(self.text_blocks),
-            "vision_blocks": len(self.vision_blocks),
-            "preprocess": {
-                "image_size": self.image_size,
-                "resize": "shortest side, bicubic (PIL), then centre crop",
-                "mean": list(self.mean),
-                "std": list(self.std),
-            },
-        }
+    def record(self) -> BaseRecord:
+        """The base model's part of the manifest and of finetune's run record."""
+        return BaseRecord(
+            model=self.name,
+            weights=self.weights.record(),
+            activation="quick_gelu" if self.quick_gelu else "gelu",
+            logit_scale=self.logit_scale,
+            text_blocks=len(self.text_blocks),
+            vision_blocks=len(self.vision_blocks),
+            preprocess=PreprocessRecord(
+                image_size=self.image_size,
+                resize="shortest side, bicubic (PIL), then centre crop",
+                mean=list(self.mean),
+                std=list(self.std),
+            ),
+        )
 
 
 def resolve_model_config(model: str) -> tuple[str, dict[str, Any]]:
@@ -218,16 +224,15 @@ def load_base_model(
     if weights.quick_gelu is not None:
         _check_activation(name, config, weights.reference, weights.quick_gelu)
 
-    torch.manual_seed(RANDOM_SEED)  # random weights are deterministic, and so is nothing else
-    with warnings.catch_warnings():
+    # Random weights are deterministic, from a seeded generator of their own: the caller's
+    # random state is left as it was (fork_rng restores it), and so is logging.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _without_random_init_warning():
+        torch.manual_seed(RANDOM_SEED)
         warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": we load next
         try:
             clip = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
         except Exception as exc:
             raise InvalidArgument(f"open_clip cannot build model {name}: {exc}") from None
-        finally:
-            logging.disable(logging.NOTSET)
     if not isinstance(clip, CLIP) or not hasattr(clip.visual, "transformer"):
         raise InvalidArgument(
             f"model {name} is not supported: cliplora needs a CLIP with transformer text and "
@@ -258,6 +263,24 @@ def load_base_model(
         std=tuple(float(s) for s in preprocess["std"]),
         config=config,
     )
+
+
+class _RandomInitFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip logs "Model initialized randomly" on the root logger when built without
+    weights; ours are loaded right after, so that one message is dropped, nothing else."""
+    root = logging.getLogger()
+    quiet = _RandomInitFilter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _check_activation(name: str, config: dict[str, Any], source: str, trained_quick_gelu: bool) -> None:

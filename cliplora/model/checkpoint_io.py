@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cliplora.errors import InvalidArgument, NotFound, PermissionDenied
+from cliplora.core.errors import InvalidArgument, NotFound, PermissionDenied
 
 
 def _check_readable(path: Path, what: str) -> None:

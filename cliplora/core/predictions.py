@@ -1,4 +1,4 @@
-"""Logits -> the ranked predictions every command prints (DESIGN.md §2).
+"""Logits -> the ranked predictions every command prints (the README's "Predict").
 
 ``{"label", "index", "score", "logit"}`` sorted by logit, highest first; ``score`` is
 the softmax over *all* classes, ``logit`` is ``logit_scale · cosine``; ``top_k = 0``
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cliplora.errors import InvalidArgument
+from cliplora.core.errors import InvalidArgument
 
 MAX_TOP_K = 100_000
 

@@ -8,19 +8,18 @@
 ```
 
 Versions are positive integers; anything else in a model folder (a staging folder of
-an export in progress, say) is not a version. Writing lives in `export.publish`.
+an export in progress, say) is not a version. Writing lives in `cliplora.export.publish`.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cliplora import contract
-from cliplora.errors import FailedPrecondition, InvalidArgument, NotFound
+from cliplora.core import contract
+from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.manifest import Manifest
 
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -64,16 +63,12 @@ class ModelVersion:
 
     @property
     def precision(self) -> str:
-        """The precision the version was exported in (fp32 when the manifest does not say)."""
-        return str(self.manifest().get("precision", "fp32"))
+        """The precision the version was exported in."""
+        return self.manifest().precision
 
-    def manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise NotFound(f"{self.manifest_path} is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FailedPrecondition(f"{self.manifest_path} is not valid JSON: {exc}") from None
+    def manifest(self) -> Manifest:
+        """The version's manifest; NotFound without one, FailedPrecondition for a bad one."""
+        return Manifest.read(self.manifest_path)
 
 
 class ModelRepository:
@@ -122,6 +117,11 @@ class ModelRepository:
             return read_labels(path)
         except FileNotFoundError:
             raise NotFound(f"{path} is missing") from None
+
+
+def render_labels(classes: list[str]) -> str:
+    """A ``labels.txt`` / ``classes.txt``: one class name per line, in class-index order."""
+    return "".join(f"{c}\n" for c in classes)
 
 
 def read_labels(path: Path) -> list[str]:

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cliplora.errors import InvalidArgument
-from export.checkpoint_io import load_tensors
-from export.hashing import sha256_file
-from export.lora import LoraAdapter, LoraUpdate, Target, Tower, to_fp32_matrix
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.hashing import sha256_file
+from cliplora.model.checkpoint_io import load_tensors
+from cliplora.model.lora import LoraAdapter, LoraUpdate, Target, Tower, to_fp32_matrix
 
 ENCODERS = {"text": ("text",), "vision": ("vision",), "both": ("text", "vision")}
 SAVED_NAME: dict[Target, str] = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliplora.errors import InvalidArgument, NotFound
+from cliplora.core.errors import InvalidArgument, NotFound
 
 PLACEHOLDER = "{}"
 DEFAULT_TEMPLATE = "a photo of a {}."

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliplora import contract
+from cliplora.core import contract
 
 OPSET = 17
 EXPORTER = f"torch.onnx TorchScript exporter (torch {torch.__version__})"

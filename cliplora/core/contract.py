@@ -9,6 +9,7 @@ shape reads it from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,3 +48,17 @@ class TensorSpec:
     @property
     def output_shape(self) -> tuple[int]:
         return (self.num_classes,)
+
+
+def model_shape(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    """(image size, classes, max batch size) from a model's Triton config, checked against
+    the tensor contract; `ValueError` for a model that does not follow it."""
+    inputs = {i["name"]: i for i in config.get("input", [])}
+    outputs = {o["name"]: o for o in config.get("output", [])}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise ValueError(f"model {name} does not follow the cliplora tensor contract")
+    dims = [int(d) for d in inputs[INPUT_NAME]["dims"]]
+    classes = [int(d) for d in outputs[OUTPUT_NAME]["dims"]]
+    if len(dims) != 3 or dims[0] != dims[1] or dims[2] != CHANNELS or len(classes) != 1:
+        raise ValueError(f"model {name} has input dims {dims} and output dims {classes}")
+    return dims[0], classes[0], int(config.get("max_batch_size", 0))

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cliplora.errors import InvalidArgument, NotFound
-from export.checkpoint_io import load_tensors
-from export.hashing import sha256_tree
-from export.lora import LoraAdapter, LoraUpdate, Target, Tower, to_fp32_matrix
+from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.hashing import sha256_tree
+from cliplora.model.checkpoint_io import load_tensors
+from cliplora.model.lora import LoraAdapter, LoraUpdate, Target, Tower, to_fp32_matrix
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-from cliplora.errors import InvalidArgument, NotFound
+from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.manifest import PaperLoraRecord, PeftLoraRecord
 
 Tower = Literal["text", "vision"]
 Target = Literal["q", "k", "v", "o"]
@@ -77,20 +78,22 @@ class LoraAdapter:
             found.setdefault(u.tower, {}).setdefault(u.target, []).append(u.block)
         return {t: {k: sorted(v) for k, v in sorted(d.items())} for t, d in sorted(found.items())}
 
-    def manifest(self) -> dict[str, Any]:
+    def record(self) -> PaperLoraRecord | PeftLoraRecord:
+        """The adapter's part of the manifest; `details` holds the format's own fields."""
         scales = sorted({u.scale for u in self.updates})
-        return {
-            "format": self.format,
-            "source": self.source,
-            "sha256": self.sha256,
-            "r": self.rank,
-            "alpha": self.alpha,
-            "scaling": self.scaling,
-            "scale": scales[0] if len(scales) == 1 else scales,
-            "updates": len(self.updates),
-            "targets": self.targets,
+        kind = PaperLoraRecord if self.format == "clip-lora" else PeftLoraRecord
+        return kind(
+            format=self.format,
+            source=self.source,
+            sha256=self.sha256,
+            r=self.rank,
+            alpha=self.alpha,
+            scaling=self.scaling,
+            scale=scales[0] if len(scales) == 1 else scales,
+            updates=len(self.updates),
+            targets=self.targets,
             **self.details,
-        }
+        )
 
 
 def to_fp32_matrix(value: Any, what: str) -> torch.Tensor:
@@ -110,9 +113,9 @@ def load_adapter(spec: str, text_blocks: int, vision_blocks: int) -> LoraAdapter
     if not path.exists():
         raise NotFound(f"LoRA adapter not found: {path} (pass 'none' to export the base model)")
     if path.is_dir() or path.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
-        from export.lora_peft import load_peft_adapter
+        from cliplora.model.lora_peft import load_peft_adapter
 
         return load_peft_adapter(path if path.is_dir() else path.parent)
-    from export.lora_paper import load_clip_lora_checkpoint
+    from cliplora.model.lora_paper import load_clip_lora_checkpoint
 
     return load_clip_lora_checkpoint(path, text_blocks=text_blocks, vision_blocks=vision_blocks)

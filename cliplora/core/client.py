@@ -1,4 +1,9 @@
-"""`cliplora classify`: the gateway's gRPC client, printing what `predict` prints."""
+"""The gateway's gRPC client: `cliplora classify`, `cliplora evaluate --target`, the load tests.
+
+It prints what `cliplora predict` prints (`cliplora.core.predictions`), carries the
+bearer token (``CLIPLORA_TOKEN``) and speaks TLS when given a CA. Core, because more
+than one stage calls the gateway and no stage may import another.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,11 @@ from typing import Any
 
 import grpc
 
-from cliplora.errors import CliploraError, InvalidArgument
-from cliplora.predictions import Prediction, result_json, validate_top_k
-from cliplora.preprocess import read_image_bytes
+from cliplora.core.errors import CliploraError, InvalidArgument
+from cliplora.core.predictions import Prediction, result_json, validate_top_k
+from cliplora.core.preprocess import read_image_bytes
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from serve.security import client_channel
 
 DEFAULT_BATCH = 16
 TOKEN_ENV = "CLIPLORA_TOKEN"
@@ -32,6 +36,20 @@ def token_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
     """``authorization`` metadata from `token` or ``CLIPLORA_TOKEN``; empty without either."""
     token = token or os.environ.get(TOKEN_ENV, "")
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def client_channel(target: str, *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+                   options: list[tuple[str, int]] | None = None, aio: bool = False):
+    """A channel to the gateway: TLS when `ca` is given (client certificate with cert/key)."""
+    module = grpc.aio if aio else grpc
+    if ca is None:
+        return module.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    return module.secure_channel(target, credentials, options=options)
 
 
 def classify_files(

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cliplora.errors import FailedPrecondition, InvalidArgument
-from export.lora import LoraAdapter, LoraUpdate, Target, Tower
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.manifest import MergeRecord
+from cliplora.model.lora import LoraAdapter, LoraUpdate, Target, Tower
 
 _ROWS = {"q": 0, "k": 1, "v": 2}
 
@@ -57,8 +58,9 @@ class MergeReport:
     max_abs_delta: float
     delta_norm: float  # Frobenius norm of all ΔW together
 
-    def manifest(self) -> dict[str, float | int]:
-        return {"updates": self.updates, "max_abs_delta_weight": self.max_abs_delta, "delta_weight_norm": self.delta_norm}
+    def record(self, mode: str) -> MergeRecord:
+        return MergeRecord(mode=mode, updates=self.updates, max_abs_delta_weight=self.max_abs_delta,
+                           delta_weight_norm=self.delta_norm)
 
 
 def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> tuple[nn.Module, MergeReport]:

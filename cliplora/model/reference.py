@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.lora import TOWERS, LoraAdapter, Target
-from export.merge import attention_module, check_shapes, target_weight, tower_blocks
+from cliplora.model.lora import TOWERS, LoraAdapter, Target
+from cliplora.model.merge import attention_module, check_shapes, target_weight, tower_blocks
 
 
 class LoraBranch(nn.Module):

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cliplora import contract
-from cliplora.errors import FailedPrecondition
-from cliplora.repository import ModelRepository, ModelVersion
+from cliplora.core import contract
+from cliplora.core.errors import FailedPrecondition
+from cliplora.core.repository import ModelRepository, ModelVersion
 
 
 def create_session(

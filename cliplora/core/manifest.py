@@ -1,0 +1,173 @@
+"""``manifest.json``: the provenance and verification of one published model version.
+
+Written once by `cliplora export` (`cliplora.export.pipeline`), read by the gateway
+(ListModels, the ``cliplora_gateway_model_info`` metric that pairs a LoRA model with
+its base in the alert rules), `cliplora predict` and `cliplora evaluate` (the precision
+a session is opened with). Every field keeps the name and meaning it had before the
+record was typed; `tests/data/manifests/` holds files written before, which still load.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from cliplora.core.records import Record, VersionedRecord
+
+
+class WeightsRecord(Record):
+    """Where the base weights came from."""
+
+    kind: Literal["tag", "file", "torchscript", "random"]
+    source: str  # the tag, the path, or "random"
+    sha256: str | None
+    seed: int | None = None  # random weights only
+    warning: str | None = None  # random weights only
+
+
+class PreprocessRecord(Record):
+    image_size: int
+    resize: str
+    mean: list[float]
+    std: list[float]
+
+
+class BaseRecord(Record):
+    """The base CLIP model (also in finetune's run record)."""
+
+    model: str
+    weights: WeightsRecord
+    activation: Literal["quick_gelu", "gelu"]
+    logit_scale: float
+    text_blocks: int
+    vision_blocks: int
+    preprocess: PreprocessRecord
+
+
+class NoLoraRecord(Record):
+    """`--lora none`: the base model itself."""
+
+    format: Literal["none"]
+
+
+class _AdapterRecord(Record):
+    source: str
+    sha256: str
+    r: int
+    alpha: float
+    scaling: str  # how the scale was derived: "alpha/sqrt(r)", "lora_alpha/r", ...
+    scale: float | list[float]  # one scale, or every distinct one (PEFT patterns)
+    updates: int
+    targets: dict[str, dict[str, list[int]]]  # {tower: {target: [blocks]}}
+
+
+class PaperLoraRecord(_AdapterRecord):
+    """A CLIP-LoRA paper checkpoint (`save_lora`)."""
+
+    format: Literal["clip-lora"]
+    encoder: Literal["text", "vision", "both"]
+    params: list[str]
+    position: str
+
+
+class PeftLoraRecord(_AdapterRecord):
+    """A PEFT LoRA folder for Hugging Face CLIP."""
+
+    format: Literal["peft"]
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, int | float]
+    base_model_name_or_path: str | None
+
+
+LoraRecord = Annotated[NoLoraRecord | PaperLoraRecord | PeftLoraRecord, Field(discriminator="format")]
+
+
+class MergeRecord(Record):
+    mode: Literal["base", "merged", "unmerged"]
+    updates: int | None = None
+    max_abs_delta_weight: float | None = None
+    delta_weight_norm: float | None = None
+
+
+class GpuServingRecord(Record):
+    """`--target gpu`: what the TensorRT FP16 engine (built on the GPU server) may differ by."""
+
+    engine: str
+    engine_precision: str
+    expected_tolerance_abs_logit: float
+    verified_here: bool
+
+
+class TensorRecord(Record):
+    name: str
+    dtype: str  # KServe v2 datatype name
+    shape: list[int]  # -1: the dynamic batch dimension
+
+
+class TensorsRecord(Record):
+    input: TensorRecord
+    output: TensorRecord
+
+
+class OnnxRecord(Record):
+    sha256: str
+    bytes: int
+    opset: int
+    exporter: str
+    onnxruntime_version: str
+    tensorrt_engine_key: str | None = None  # `--target gpu` only
+
+
+class ComparisonRecord(Record):
+    max_abs_logit: float
+    top1_agreement: float
+
+
+class VerificationRecord(Record):
+    probes: int
+    precision: str
+    tolerance_abs_logit: float
+    onnx_vs_reference: ComparisonRecord
+    merged_torch_vs_reference: ComparisonRecord | None
+    onnx_vs_base: ComparisonRecord | None
+    merged_vs_base: ComparisonRecord | None
+    top1_consistent: bool
+    passed: bool
+
+
+class EnvironmentRecord(Record):
+    python: str
+    torch: str
+
+
+class Manifest(VersionedRecord):
+    """One model version's ``manifest.json``."""
+
+    kind: ClassVar[str] = "manifest"
+
+    cliplora_version: str
+    name: str
+    version: int | None  # None only while staged: stamped under the publish lock
+    created: str  # ISO 8601, UTC
+    base: BaseRecord
+    lora: LoraRecord
+    merge: MergeRecord
+    classes: list[str]
+    templates: list[str]
+    precision: str
+    target: str
+    gpu_serving: GpuServingRecord | None = None
+    tensors: TensorsRecord
+    onnx: OnnxRecord
+    verification: VerificationRecord
+    environment: EnvironmentRecord
+    export_seconds: float
+
+    @property
+    def base_weights_id(self) -> str:
+        """A short name for the base weights (their sha256 prefix, else their source):
+        a LoRA model and its base share it."""
+        weights = self.base.weights
+        return str(weights.sha256 or weights.source)[:16]

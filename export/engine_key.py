@@ -1,0 +1,50 @@
+"""The TensorRT engine cache of `--target gpu`, keyed to the weights.
+
+ONNX Runtime names cached engines after a hash of the file *name* and of the graph's
+tensor names, not of the weights; `stamp_engine_key` makes the weights part of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cliplora.core import contract
+from cliplora.core.errors import FailedPrecondition
+from cliplora.core.hashing import sha256_file
+
+
+def stamp_engine_key(onnx_path: Path) -> str:
+    """Make the TensorRT engine-cache key of this ONNX file depend on its weights.
+
+    ONNX Runtime names cached engines after a hash of the file *name* (always
+    ``model.onnx``) and of the graph's tensor names, not of the weights: two versions of
+    one model, or two adapters on one base, hash alike, and with a shared cache folder
+    the second would silently run the first one's engine, weights included. Renaming
+    the class-head initializer (the constant operand of the final MatMul, which no
+    optimisation folds away) to carry a digest of the exported file changes the key
+    whenever any weight changes. Returns the new name. Run before verification, so what
+    is verified is what is published.
+    """
+    import onnx
+
+    digest = sha256_file(onnx_path)[:16]
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    final = [node for node in graph.node if contract.OUTPUT_NAME in node.output]
+    constants = [name for node in final for name in node.input if name in initializers]
+    if not constants:
+        raise FailedPrecondition(f"{onnx_path}: the node producing {contract.OUTPUT_NAME!r} has no constant "
+                                 "input to carry the engine-cache key")
+    old = constants[0]
+    new = f"{old}_{digest}"
+    initializers[old].name = new
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+    for value in graph.input:  # older IR versions list initializers as inputs too
+        if value.name == old:
+            value.name = new
+    onnx.save(model, str(onnx_path))
+    return new

@@ -1,0 +1,120 @@
+"""A model's Triton ``config.pbtxt``, built as tritonclient's `ModelConfig` protobuf.
+
+The message is what Triton itself parses, so a field that does not exist cannot be
+written, and two configs are compared as messages, not as strings (`same_config`).
+
+One instance and no instance kind (KIND_AUTO): one instance per GPU where there are
+GPUs, one on the CPU otherwise, so one repository serves both. One CPU instance using
+every core, fed batches by the dynamic batcher, beat two single-threaded instances
+here (two instances let the batcher hand a batch of two to one instance while the other
+idles: docs/benchmarks.md). fp16 models ask Triton's ONNX Runtime backend for its
+TensorRT accelerator in FP16 on GPUs (ignored on CPUs). ``target="gpu"`` adds what a
+production GPU server wants (`_gpu_blocks`); the instance kind stays portable, so the
+same file still loads on a CPU-only Triton.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import text_format
+from google.protobuf.message import Message
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cliplora.core import contract
+
+TARGETS = ("portable", "gpu")
+TRT_CACHE_ROOT = "/cache/tensorrt"  # the deployment mounts a writable volume here (deploy/)
+TRT_WORKSPACE_BYTES = 2 * 1024**3
+TRT_OPT_BATCH = 8  # the TensorRT profile's tuning point: a typical dynamic batch under load
+MAX_QUEUE_DELAY_US = 2000
+ModelConfig = mc.ModelConfig
+
+
+def model_config(
+    name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int, target: str = "portable"
+) -> mc.ModelConfig:
+    """The model's configuration, as the message Triton reads."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    config = mc.ModelConfig(name=name, platform=contract.PLATFORM, max_batch_size=max_batch_size)
+    config.input.add(name=contract.INPUT_NAME, data_type=mc.DataType.Value(contract.INPUT_TRITON_DTYPE),
+                     dims=list(spec.input_shape))
+    config.output.add(name=contract.OUTPUT_NAME, data_type=mc.DataType.Value(contract.OUTPUT_TRITON_DTYPE),
+                      dims=list(spec.output_shape), label_filename=contract.LABELS_FILENAME)
+    config.instance_group.add(count=1)
+    config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    config.parameters["precision"].string_value = precision
+    if target == "gpu":
+        _gpu_blocks(config, name, spec, max_batch_size)
+    elif precision == "fp16":
+        _tensorrt_fp16(config, {})
+    return config
+
+
+def render_config(
+    name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int, target: str = "portable"
+) -> str:
+    """The text of ``config.pbtxt`` (protobuf text format, as Triton parses it)."""
+    return to_text(model_config(name, spec, precision, max_batch_size, target))
+
+
+def to_text(config: Message) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    """A ``config.pbtxt`` as a message; `text_format.ParseError` when it is not one."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def same_config(text: str, config: mc.ModelConfig) -> bool:
+    """True when `text` parses to exactly `config` (formatting and field order aside)."""
+    try:
+        return parse_config(text) == config
+    except text_format.ParseError:
+        return False
+
+
+def _tensorrt_fp16(config: mc.ModelConfig, extra: dict[str, str]) -> None:
+    """Triton's ONNX Runtime backend: the TensorRT execution accelerator in FP16.
+
+    Parameter names are the backend's (``precision_mode``, ``max_workspace_size_bytes``,
+    then ONNX Runtime's ``trt_*`` provider options, which the backend passes on). The
+    backend refuses unknown names, so nothing else goes here. CPU instances ignore it.
+    """
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters.update(
+        {"precision_mode": "FP16", "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES), **extra})
+
+
+def _gpu_blocks(config: mc.ModelConfig, name: str, spec: contract.TensorSpec, max_batch_size: int) -> None:
+    """TensorRT FP16 with an engine cache and one optimisation profile, and warm-up.
+
+    - **One profile for every batch size** (``trt_profile_*``, 1 .. max_batch_size, tuned
+      for ``TRT_OPT_BATCH``): without it ONNX Runtime builds an engine for the first batch
+      size it sees and rebuilds (seconds to minutes, requests waiting) each time a larger
+      batch arrives. ONNX Runtime needs the three options together when the cache is on.
+    - **Engine cache** in ``<TRT_CACHE_ROOT>/<name>`` (ONNX Runtime creates that last
+      folder; the deployment mounts TRT_CACHE_ROOT): a restart loads the engine instead of
+      rebuilding it. The cache key does not cover weights, hence one folder per model and
+      `cliplora.export.engine_key` for versions. The timing cache (kernel timings only,
+      safe to share) lives in TRT_CACHE_ROOT itself and speeds up builds of every model.
+    - **Warm-up** with zero images at batch 1 and at max_batch_size: the engine is built
+      or loaded, and the largest buffers allocated, before Triton reports the model ready,
+      so the first real request does not pay for it.
+    """
+    dims = "x".join(str(d) for d in spec.input_shape)
+    _tensorrt_fp16(config, {
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": f"{TRT_CACHE_ROOT}/{name}",
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": TRT_CACHE_ROOT,
+        "trt_profile_min_shapes": f"{contract.INPUT_NAME}:1x{dims}",
+        "trt_profile_opt_shapes": f"{contract.INPUT_NAME}:{min(TRT_OPT_BATCH, max_batch_size)}x{dims}",
+        "trt_profile_max_shapes": f"{contract.INPUT_NAME}:{max_batch_size}x{dims}",
+    })
+    for batch in sorted({1, max_batch_size}):
+        warmup = config.model_warmup.add(name=f"zeros-batch-{batch}", batch_size=batch)
+        image = warmup.inputs[contract.INPUT_NAME]
+        image.data_type = mc.DataType.Value(contract.INPUT_TRITON_DTYPE)
+        image.dims.extend(spec.input_shape)
+        image.zero_data = True
