@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from cliplora.core import contract
-from cliplora.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from cliplora.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from cliplora.core.manifest import Manifest
 from cliplora.core.predictions import rank, validate_top_k
 from cliplora.core.preprocess import preprocess_bytes
@@ -46,13 +46,20 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.pool = pool
         self.in_flight = 0
         self.accepted = 0  # requests admitted past the concurrency limit, ever
+        self._calls: set[asyncio.Future[object]] = set()  # the work of the calls in flight
         self._repository = ModelRepository(settings.repository) if settings.repository is not None else None
         # (name, version) -> (manifest file's mtime, manifest): read again only when the file changes
         self._manifests: dict[tuple[str, int], tuple[int, Manifest]] = {}
 
     async def _handle(self, method: str, context: grpc.aio.ServicerContext,
                       work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
-        """Concurrency limit, metrics and the error table around one call."""
+        """Concurrency limit, metrics and the error table around one call.
+
+        The work runs as a task of its own, so that `cut_in_flight` can end it when the
+        shutdown's grace period is over and the caller still hears UNAVAILABLE (not a
+        bare CANCELLED). A call gRPC cancels itself is counted as DEADLINE_EXCEEDED when
+        its deadline had passed (what the caller sees), CANCELLED otherwise.
+        """
         start = time.perf_counter()
         labels = {"model": UNKNOWN, "version": ""}
         code = grpc.StatusCode.OK
@@ -67,19 +74,42 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             self.in_flight += 1
             self.accepted += 1
             self.metrics.in_flight.inc()
+            task = asyncio.ensure_future(work(labels))
+            self._calls.add(task)
             try:
-                return await work(labels)
+                return await task
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():  # gRPC ended the call: deadline or the caller
+                    remaining = context.time_remaining()
+                    expired = remaining is not None and remaining <= 0
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                    raise
+                code, message = to_status(Unavailable(
+                    "the gateway is shutting down and the call did not finish within its grace period"), method)
             except Exception as exc:  # the error table decides; INTERNAL hides details
                 code, message = to_status(exc, method)
             finally:
+                self._calls.discard(task)
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
                 self._observe(method, labels, code, start)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
+
+    async def drain(self, grace_s: float) -> int:
+        """Wait up to `grace_s` for the calls in flight; end the rest (UNAVAILABLE).
+        Returns how many were cut."""
+        deadline = time.monotonic() + grace_s
+        while self._calls and time.monotonic() < deadline:
+            await asyncio.wait(set(self._calls), timeout=deadline - time.monotonic())
+        cut = list(self._calls)
+        for task in cut:
+            task.cancel()
+        if cut:
+            await asyncio.gather(*cut, return_exceptions=True)
+            log.warning("grace period of %.1f s over: %d calls in flight ended with UNAVAILABLE", grace_s, len(cut))
+        return len(cut)
 
     def _observe(self, method: str, labels: dict[str, str], code: grpc.StatusCode, start: float) -> None:
         self.metrics.requests.labels(labels["model"], labels["version"], method, code.name).observe(

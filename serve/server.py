@@ -21,6 +21,7 @@ from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+SERVER_CUT_AFTER_S = 2.0  # past the grace period: time for the UNAVAILABLE replies to go out
 
 
 class GatewayServer:
@@ -31,6 +32,7 @@ class GatewayServer:
         self.metrics = GatewayMetrics()
         self.triton: Triton | None = None
         self.health: TritonHealth | None = None
+        self.service: ClassifierService | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
@@ -104,8 +106,16 @@ class GatewayServer:
                 await self.health.shutdown()
 
         async def stop_server() -> None:
+            # gRPC refuses new calls at once; the service ends whatever is still running when
+            # the grace period is over with UNAVAILABLE, and gRPC's own cut (a bare CANCELLED
+            # to the caller) comes only after that, as a last resort.
             if self.server is not None:
-                await self.server.stop(grace_s)
+                stopping = asyncio.ensure_future(self.server.stop(grace_s + SERVER_CUT_AFTER_S))
+                try:
+                    if self.service is not None:
+                        await self.service.drain(grace_s)
+                finally:
+                    await stopping
 
         async def stop_tasks() -> None:
             for task in self._tasks:

@@ -82,6 +82,7 @@ class Triton:
         self._models: dict[str, ModelEntry] = {}
         self._labels: dict[tuple[str, int], tuple[str, ...]] = {}
         self._refresh_lock = asyncio.Lock()
+        self.discovery_error: str | None = None  # why the last discovery round failed; None after a good one
         self._background: set[asyncio.Task[object]] = set()
         self.on_refresh: list[Callable[[dict[str, ModelEntry]], None]] = []
 
@@ -134,7 +135,9 @@ class Triton:
                     index = await client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
             except InferenceServerException as exc:
                 log.warning("model discovery failed: %s", exc.message())
+                self.discovery_error = exc.message() or str(exc.status())
                 return self.models
+            self.discovery_error = None
             ready: dict[str, list[int]] = {}
             for model in index.get("models", []):
                 if model.get("state") == "READY" and str(model.get("version", "")).isdigit():
@@ -187,8 +190,13 @@ class Triton:
             await self.refresh()
             entry = self._models.get(name)
         if entry is None:
+            if self.discovery_error is not None:  # Triton did not answer: nobody knows whether it exists
+                raise Unavailable(f"Triton is unavailable, so model {name!r} cannot be looked up: {self.discovery_error}")
             known = ", ".join(sorted(self._models)) or "none"
             raise NotFound(f"model {name!r} not found (models: {known})")
+        if version and version not in entry.versions and self.discovery_error is not None:
+            raise Unavailable(f"Triton is unavailable, so version {version} of {name!r} cannot be looked up: "
+                              f"{self.discovery_error}")
         return entry, entry.resolve(version)
 
     async def infer(

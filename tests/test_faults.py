@@ -67,6 +67,7 @@ class Outcome:
     started: float  # time.monotonic()
     finished: float
     results: int = 0  # classifications in the reply
+    details: str = ""  # the status message, for failures
 
     @property
     def seconds(self) -> float:
@@ -78,7 +79,7 @@ async def timed_call(stub: pb_grpc.ClassifierStub, request: pb.ClassifyRequest, 
     try:
         reply = await stub.Classify(request, timeout=timeout)
     except grpc.aio.AioRpcError as exc:
-        return Outcome(exc.code().name, started, time.monotonic())
+        return Outcome(exc.code().name, started, time.monotonic(), details=exc.details() or "")
     return Outcome("OK", started, time.monotonic(), len(reply.results))
 
 
@@ -209,12 +210,17 @@ async def test_slow_triton_caller_deadline_honoured(triton, tmp_path) -> None:
             released = time.monotonic() - slow.started
             fast = await timed_call(stub, small_request("base"), 30)
             waited_on_triton = gateway.metric("cliplora_gateway_triton_duration_seconds_sum", model="slow")
+            counted = gateway.metric("cliplora_gateway_request_duration_seconds_count", model="slow",
+                                     code="DEADLINE_EXCEEDED")
             print(f"\nslow Triton: {slow.code} after {slow.seconds:.2f} s, released after {released:.2f} s, "
                   f"gateway waited {waited_on_triton:.2f} s on Triton; next call {fast.code} "
                   f"at {fast.finished - slow.started:.2f} s (Triton busy for {SLOW_S} s)")
             assert slow.code == "DEADLINE_EXCEEDED"
-            assert slow.seconds < DEADLINE_S + SLACK_S
-            assert waited_on_triton < DEADLINE_S + SLACK_S
+            assert counted == 1  # the gateway's own record of the call, not only the client's verdict
+            # Against the slow model's 8 s: the caller waited its deadline, not for Triton, and
+            # so did the gateway's Triton call (its histogram), whatever the machine's load.
+            assert DEADLINE_S <= slow.seconds < SLOW_S / 2
+            assert waited_on_triton < SLOW_S / 2
             assert fast.code == "OK" and fast.finished - slow.started < SLOW_S  # while Triton is still busy
             assert await health(gateway.port) == "SERVING"
 
@@ -243,8 +249,9 @@ async def _exit_status(gateway: GatewayProcess, timeout_s: float) -> int:
 
 async def test_sigterm_under_load_drains_refuses_new_calls_and_exits_zero(triton, tmp_path) -> None:
     """SIGTERM with calls in flight (each needs Triton's slow model): they all complete, new
-    calls are refused, and the process exits 0 once drained, within the grace period."""
-    grace_s = 20.0
+    calls are refused, and the process exits 0 once drained (soon after the last call, not
+    at the end of the grace period), within the grace period."""
+    grace_s = 4 * SLOW_S  # the six calls take one or two of the slow model's batches
     async with gateway_process(triton.grpc_url, tmp_path, "--grace-s", str(grace_s), metrics=True) as gateway:
         channel, stub = classifier_stub(gateway.port)
         async with channel:
@@ -262,12 +269,16 @@ async def test_sigterm_under_load_drains_refuses_new_calls_and_exits_zero(triton
     assert all(o.finished > signalled for o in outcomes)  # they were in flight, not done before
     assert refused.code == "UNAVAILABLE"
     assert status == 0
+    drained_after = max(o.finished for o in outcomes) - signalled
+    assert drained_after >= SLOW_S / 2  # the calls needed the slow model: they were really in flight
+    assert exited_after - drained_after < EXIT_SLACK_S < SLOW_S  # exit on drain, not on the grace period
     assert exited_after < grace_s
 
 
 async def test_sigterm_grace_period_bounds_the_drain(triton, tmp_path) -> None:
-    """Calls longer than the grace period: the gateway cuts them at its end (the callers see
-    UNAVAILABLE) instead of waiting for Triton, and still exits 0."""
+    """Calls longer than the grace period: the gateway cuts them at its end, and the callers
+    hear UNAVAILABLE (the gateway says so itself; gRPC's bare CANCELLED would be the bug
+    docs/reliability.md says is fixed) instead of waiting for Triton; it still exits 0."""
     grace_s = 0.5
     async with gateway_process(triton.grpc_url, tmp_path, "--grace-s", str(grace_s), metrics=True) as gateway:
         channel, stub = classifier_stub(gateway.port)
@@ -280,4 +291,6 @@ async def test_sigterm_grace_period_bounds_the_drain(triton, tmp_path) -> None:
           f"calls {Counter(o.code for o in outcomes)}")
     assert status == 0
     assert exited_after < grace_s + EXIT_SLACK_S < SLOW_S, exited_after  # not waiting for Triton's batch
-    assert {o.code for o in outcomes} <= {"UNAVAILABLE", "CANCELLED"}, outcomes
+    assert [o.code for o in outcomes] == ["UNAVAILABLE"] * IN_FLIGHT, outcomes
+    assert all("grace period" in o.details for o in outcomes), outcomes  # said by the gateway, not a dropped socket
+    assert all(grace_s <= o.finished - signalled < SLOW_S for o in outcomes), outcomes  # cut at the grace period

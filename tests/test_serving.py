@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import shutil
 import signal
@@ -28,6 +29,7 @@ from tests.serving import (
     in_process_gateway,
     metrics_text,
     png_header,
+    smooth_png,
     triton_ports,
 )
 
@@ -105,12 +107,57 @@ async def test_every_error_row_from_real_requests(triton, repository, images) ->
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Classify(request, timeout=30)
             assert caught.value.code().name == code, (request.model, caught.value.details())
-        # A deadline too short for the work: DEADLINE_EXCEEDED, and the gateway carries on.
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Classify(pb.ClassifyRequest(model="lora", images=[ok] * 4), timeout=0.001)
-        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         reply = await stub.Classify(pb.ClassifyRequest(model="lora", images=[ok]), timeout=30)
         assert len(reply.results) == 1
+
+
+async def test_a_deadline_shorter_than_the_work_ends_in_the_gateway(triton, repository) -> None:
+    """The call reaches the gateway, whose decoding (four 49-megapixel PNGs, seconds on two
+    cores) outlasts the 0.5 s deadline: the gateway counts it as DEADLINE_EXCEEDED (its own
+    metric, not just the client's verdict), lets go of it, and answers the next call. That
+    the deadline also bounds the wait on Triton is tests/test_faults.py's slow-Triton test."""
+    huge = pb.Image(encoded=smooth_png(7000, 7000))
+    async with in_process_gateway(triton.grpc_url, repository) as (gateway, stub):
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pb.ClassifyRequest(model="lora", images=[huge] * 4), timeout=0.5)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        counted = {"model": "lora", "version": "1", "method": "Classify", "code": "DEADLINE_EXCEEDED"}
+        deadline = time.monotonic() + 10
+        while gateway.metrics.registry.get_sample_value("cliplora_gateway_request_duration_seconds_count", counted) != 1:
+            assert time.monotonic() < deadline, metrics_text(gateway.metrics_port)
+            await asyncio.sleep(0.05)
+        assert gateway.service.in_flight == 0
+        reply = await stub.Classify(pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=_small_jpeg())]),
+                                    timeout=30)
+        assert len(reply.results) == 1
+        print(f"\ndeadline 0.5 s: DEADLINE_EXCEEDED counted by the gateway, next call OK "
+              f"{time.monotonic() - started:.2f} s after the first began")
+
+
+def _small_jpeg() -> bytes:
+    return encoded(factories.make_image(64, 48, seed=1), "JPEG")
+
+
+async def test_oversized_requests_per_image_and_per_message(triton, repository) -> None:
+    """An image over --max-image-bytes in a message the gRPC layer accepts: INVALID_ARGUMENT
+    from the gateway, naming the limit. A whole message over the gRPC receive limit
+    (max_images x (max_image_bytes + 1 KiB) + 64 KiB): RESOURCE_EXHAUSTED from gRPC itself,
+    before any handler runs (as the README's table says)."""
+    async with in_process_gateway(triton.grpc_url, repository, max_images=2, max_image_bytes=50_000) as (gateway, stub):
+        limit = gateway.settings.max_message_bytes
+        assert limit == 2 * (50_000 + 1024) + 64 * 1024
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=b"\xff" * 60_000)]), timeout=30)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "image 0 has 60000 bytes; the limit is 50000" in caught.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=b"\xff" * (limit + 1))]),
+                                timeout=30)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in caught.value.details()
+        reply = await stub.Classify(pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=_small_jpeg())] * 2))
+        assert len(reply.results) == 2  # and the gateway carries on
 
 
 async def test_new_exports_appear_without_restart(tmp_path, tiny_config, images) -> None:
@@ -176,12 +223,17 @@ async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
 
 
 async def test_health_without_triton_is_not_serving() -> None:
+    """No Triton at all: NOT_SERVING, and a call is UNAVAILABLE (the README's "Triton down"),
+    not NOT_FOUND: without Triton nobody can tell whether the model exists."""
     async with in_process_gateway(f"127.0.0.1:{free_port()}", wait_serving=False) as (gateway, stub):
         await asyncio.sleep(0.5)
         assert await health(gateway.port) == "NOT_SERVING"
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Classify(pb.ClassifyRequest(model="base", images=[pb.Image(encoded=b"x")]), timeout=10)
-        assert caught.value.code() is grpc.StatusCode.NOT_FOUND or caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        for request in (pb.ClassifyRequest(model="base", images=[pb.Image(encoded=b"x")]),
+                        pb.ClassifyRequest(model="base", version=3, images=[pb.Image(encoded=b"x")])):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Classify(request, timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
+            assert "Triton is unavailable" in caught.value.details()
 
 
 
@@ -215,15 +267,32 @@ def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> N
         client.close()
 
 
+def listening(pid: int) -> dict[int, set[str]]:
+    """port -> the addresses a process and its children listen on (TCP)."""
+    import psutil
+
+    found: dict[int, set[str]] = {}
+    root = psutil.Process(pid)
+    for process in (root, *root.children(recursive=True)):
+        for connection in process.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN:
+                address = ipaddress.ip_address(connection.laddr.ip)
+                mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is still loopback only
+                found.setdefault(connection.laddr.port, set()).add(str(mapped or address))
+    return found
+
+
 def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -> None:
-    """`cliplora serve` as a user runs it (own ports), `cliplora classify`, then Ctrl-C."""
-    grpc_port, metrics_port = free_port(), free_port()
+    """`cliplora serve` as a user runs it (own ports, the gateway on every interface with
+    --host 0.0.0.0), `cliplora classify`, then Ctrl-C. Triton's three ports and Prometheus
+    stay on loopback whatever --host says; the gateway's two ports follow it."""
+    grpc_port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
     ports = triton_ports()
     script = str(Path(sys.executable).with_name("cliplora"))
     stack = subprocess.Popen(
-        [script, "serve", "--repository", str(repository), "--grpc-port", str(grpc_port), "--metrics-port",
-         str(metrics_port), "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}",
-         "--prometheus-port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
+        [script, "serve", "--repository", str(repository), "--host", "0.0.0.0", "--grpc-port", str(grpc_port),
+         "--metrics-port", str(metrics_port), "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}",
+         "--prometheus-port", str(prometheus_port), "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -236,6 +305,11 @@ def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -
             except grpc.aio.AioRpcError:
                 pass
             time.sleep(0.3)
+        sockets = listening(stack.pid)
+        for port in (ports.http, ports.grpc, ports.metrics, prometheus_port):
+            assert sockets.get(port) == {"127.0.0.1"}, (port, sockets)
+        for port in (grpc_port, metrics_port):  # every interface: gRPC makes 0.0.0.0 a dual-stack "::"
+            assert sockets.get(port) and sockets[port] <= {"0.0.0.0", "::"}, (port, sockets)
         done = subprocess.run([script, "classify", "--target", f"127.0.0.1:{grpc_port}", "--model", "lora",
                                "--top-k", "0", *map(str, images[:2])], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from grpc.aio import UsageError
 
+from cliplora.core.errors import InvalidArgument
 from cliplora.serve.settings import GatewaySettings
 from cliplora.serve.triton import Triton
 from cliplora.serve.triton_launcher import LocalTriton
@@ -59,7 +61,7 @@ async def test_renewal_waits_for_the_calls_on_the_old_channel(triton) -> None:
             assert client.client is not old and old in client._retired
             assert await in_use.is_server_ready()  # the old channel still works for it
         assert old not in client._retired and not client._calls
-        with pytest.raises(Exception):  # noqa: B017 - closed: any call fails
+        with pytest.raises(UsageError, match="Channel is closed"):  # closed: the call fails
             await old.is_server_ready(client_timeout=2)
         assert await client.ready()  # the new channel serves
         idle = client.client
@@ -73,7 +75,7 @@ async def test_renewal_waits_for_the_calls_on_the_old_channel(triton) -> None:
 
 def test_renew_setting() -> None:
     assert GatewaySettings.from_sources({"triton_renew_s": "60"}).triton_renew_s == 60.0
-    with pytest.raises(Exception, match="triton_renew_s"):
+    with pytest.raises(InvalidArgument, match="triton_renew_s"):
         GatewaySettings(triton_renew_s=-1)
 
 
