@@ -94,6 +94,8 @@ async def _run(args: argparse.Namespace) -> dict:
         raise InvalidArgument("--concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0")
     if args.rate is not None and args.rate <= 0:
         raise InvalidArgument("--rate must be positive")
+    if args.prometheus and args.in_process:
+        raise InvalidArgument("--prometheus needs a server: the --in-process load has no server-side figures")
     images = folder_images(Path(args.images)) if args.images else generated_images(seed=args.seed)
     target = _target(args, images)
     try:
@@ -112,7 +114,9 @@ async def _run(args: argparse.Namespace) -> dict:
         server = prom.server_side(args.prometheus, models, result.started_unix, result.ended_unix,
                                   scrape_wait_s=args.scrape_wait)
         report["prometheus"] = server
-        report["verdict"] = prom.verdict(server, models[0], models[1:], args.overhead_bound)
+        # Straight to Triton, no gateway saw the load: its figures do not exist, only Triton's are required.
+        required = prom.DIRECT_TRITON if args.direct_triton else prom.THROUGH_GATEWAY
+        report["verdict"] = prom.verdict(server, models[0], models[1:], args.overhead_bound, required)
     write_report(report, result, Path(args.report))
     return report
 

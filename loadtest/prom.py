@@ -77,19 +77,44 @@ def server_side(url: str, models: list[str], start_unix: float, end_unix: float,
     return report
 
 
-def verdict(server: dict[str, Any], base: str, others: list[str], bound: float) -> dict[str, Any]:
-    """Each other model vs `base` on Triton compute per inference and gateway mean latency."""
+Figure = tuple[str, str]  # (section of `server_side`'s report, key): ("triton", "compute_ms_per_inference")
+TRITON_COMPUTE: Figure = ("triton", "compute_ms_per_inference")
+GATEWAY_MEAN: Figure = ("gateway", "mean_ms")
+THROUGH_GATEWAY: tuple[Figure, ...] = (TRITON_COMPUTE, GATEWAY_MEAN)  # the load went gateway -> Triton
+DIRECT_TRITON: tuple[Figure, ...] = (TRITON_COMPUTE,)  # `--direct-triton`: no gateway figures exist
+
+
+def _figure(server: dict[str, Any], section: str, model: str, key: str) -> float | None:
+    """A usable figure: a finite, positive number; None when absent or not one."""
+    value = server.get(section, {}).get(model, {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def verdict(server: dict[str, Any], base: str, others: list[str], bound: float,
+            required: tuple[Figure, ...] = THROUGH_GATEWAY) -> dict[str, Any]:
+    """Each other model vs `base` on every `required` figure (slower by at most `bound`).
+
+    A comparison is `computed` only when every required figure of both models is there
+    (finite and positive); one with a figure `missing` is not within the bound, so the
+    verdict cannot pass on half its evidence.
+    """
+    if not required:
+        raise ValueError("a verdict needs at least one required figure")
     results = {}
     for model in others:
         entry: dict[str, Any] = {}
-        for section, key in (("triton", "compute_ms_per_inference"), ("gateway", "mean_ms")):
-            a = server.get(section, {}).get(base, {}).get(key)
-            b = server.get(section, {}).get(model, {}).get(key)
-            if a and b:
+        missing = []
+        for section, key in required:
+            a, b = _figure(server, section, base, key), _figure(server, section, model, key)
+            missing += [f"{section}.{key}[{m}]" for m, v in ((base, a), (model, b)) if v is None]
+            if a is not None and b is not None:
                 entry[f"{section}_{key}_ratio"] = b / a
-        ratios = [v for v in entry.values()]
-        entry["within_bound"] = bool(ratios) and all(r <= 1 + bound for r in ratios)
-        entry["computed"] = bool(ratios)
+        entry["missing"] = missing
+        entry["computed"] = not missing
+        entry["within_bound"] = not missing and all(
+            v <= 1 + bound for k, v in entry.items() if k.endswith("_ratio"))
         results[f"{model}/{base}"] = entry
-    return {"bound": bound, "comparisons": results,
-            "passed": all(e["within_bound"] for e in results.values()) if results else False}
+    return {"bound": bound, "required": [f"{section}.{key}" for section, key in required], "comparisons": results,
+            "passed": bool(results) and all(e["within_bound"] for e in results.values())}

@@ -101,7 +101,10 @@ def render_markdown(report: dict[str, Any], plot: str = f"![latency CDF]({PLOT_F
                       f"(overhead bound {verdict['bound']:.0%} vs {report['run']['interleaved'][0]}):"]
         for key, v in verdict["comparisons"].items():
             shown = ", ".join(f"{k.removesuffix('_ratio')} ×{val:.3f}" for k, val in v.items() if k.endswith("_ratio"))
-            lines.append(f"- {key}: {shown or 'no server-side data'} → {'within' if v['within_bound'] else 'OUTSIDE'}")
+            if v.get("missing"):
+                shown = f"{shown + '; ' if shown else ''}missing {', '.join(v['missing'])}"
+            outcome = "within" if v["within_bound"] else "OUTSIDE" if v.get("computed", True) else "NOT COMPUTED"
+            lines.append(f"- {key}: {shown or 'no server-side data'} → {outcome}")
     lines += ["", plot, ""]
     return "\n".join(lines)
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from cliplora.loadtest.cli import generated_images
-from cliplora.loadtest.report import build_report, write_report
-from cliplora.loadtest.runner import run_load
+from cliplora.loadtest.prom import DIRECT_TRITON, verdict
+from cliplora.loadtest.report import build_report, render_markdown, write_report
+from cliplora.loadtest.runner import Record, RunResult, run_load
 from cliplora.loadtest.stats import ratios, summary_ms
 from cliplora.loadtest.targets import RequestFailed
 
@@ -53,14 +56,23 @@ def test_summary_and_ratios() -> None:
 
 
 async def test_closed_loop_interleaves_and_excludes_warmup() -> None:
-    target = FakeTarget(base_s=0.01)
-    result = await run_load(target, ["fast", "slow"], concurrency=1, duration_s=0.6, warmup_s=0.2, progress=False)
-    assert target.sent[:6] == ["fast", "slow"] * 3  # A, B, A, B ...
-    assert len(target.sent) > len(result.records)  # warm-up requests are not measured
-    counts = [sum(r.model == m for r in result.records) for m in ("fast", "slow")]
-    assert abs(counts[0] - counts[1]) <= 1
-    assert all(r.start >= 0 for r in result.records)
-    assert 0.55 <= result.measured_seconds <= 0.8
+    """One worker alternates A, B, A, B from the first request; warm-up requests are sent but
+    not measured; only what fits in the window is. Every bound below follows from the fake's
+    delays (asyncio.sleep never returns early), not from how fast this machine is."""
+    base_s, warmup_s, duration_s = 0.05, 0.2, 0.5
+    target = FakeTarget(base_s=base_s)
+    result = await run_load(target, ["fast", "slow"], concurrency=1, duration_s=duration_s, warmup_s=warmup_s,
+                            progress=False)
+    assert target.sent == ["fast", "slow"] * (len(target.sent) // 2) + ["fast"] * (len(target.sent) % 2)
+    warmup_sent = len(target.sent) - len(result.records)
+    assert 1 <= warmup_sent <= warmup_s / base_s + 1e-9  # sent from t=0, each one >= base_s after the last
+    assert 4 <= len(result.records) <= duration_s / base_s + 1e-9
+    assert [r.model for r in result.records] == target.sent[warmup_sent:]  # the measured ones are the last sent
+    starts = [r.start for r in result.records]
+    assert 0 <= starts[0] and starts[-1] < duration_s
+    assert all(later - earlier >= base_s - 1e-3 for earlier, later in itertools.pairwise(starts))
+    assert all(r.latency >= base_s - 1e-3 and r.code == "OK" for r in result.records)
+    assert result.measured_seconds == pytest.approx(duration_s)
 
 
 async def test_request_bound_and_errors_counted() -> None:
@@ -89,8 +101,11 @@ async def test_open_loop_counts_queueing_from_the_schedule() -> None:
 
 
 async def test_report_contract_and_files(tmp_path) -> None:
-    result = await run_load(FakeTarget(base_s=0.005, factor=2.0), ["fast", "slow", "bad"], concurrency=2,
-                            duration_s=0.5, warmup_s=0.1, progress=False)
+    """The contract's keys, percentiles at least the fake's delays (slow = 2 x base), ratios
+    of the per-model figures, failures counted, and the three files (strict JSON)."""
+    base_s, factor = 0.05, 2.0
+    result = await run_load(FakeTarget(base_s=base_s, factor=factor), ["fast", "slow", "bad"], concurrency=2,
+                            duration_s=0.6, warmup_s=0.1, progress=False)
     report = build_report(result, target="fake")
     assert set(report["models"]) == {"fast", "slow", "bad"}
     for entry in report["models"].values():
@@ -98,13 +113,102 @@ async def test_report_contract_and_files(tmp_path) -> None:
         assert set(entry["latency_ms"]) == {"p50", "p90", "p99", "mean"}
     assert set(report["ratios"]) == {"slow/fast", "bad/fast"}
     assert set(report["ratios"]["slow/fast"]) == {"p50", "p99", "throughput"}
-    assert 1.5 < report["ratios"]["slow/fast"]["p50"] < 2.6
+    fast, slow = (report["models"][m]["latency_ms"] for m in ("fast", "slow"))
+    for entry, delay_ms in ((fast, base_s * 1e3), (slow, factor * base_s * 1e3)):
+        assert delay_ms - 1 <= entry["p50"] <= entry["p90"] <= entry["p99"] and entry["mean"] >= delay_ms - 1
+    # The one bound not certain by construction: fast's median overshoots its sleep by less than
+    # base_s (a runner that timed from the run's start, or mixed up models, is far beyond it).
+    assert fast["p50"] < factor * base_s * 1e3
+    assert report["ratios"]["slow/fast"]["p50"] == pytest.approx(slow["p50"] / fast["p50"])
+    assert report["ratios"]["slow/fast"]["p99"] == pytest.approx(slow["p99"] / fast["p99"])
     assert report["models"]["bad"]["errors"] == report["models"]["bad"]["requests"] > 0
     write_report(report, result, tmp_path / "out")
     loaded = json.loads((tmp_path / "out" / "report.json").read_text())  # strict JSON: no NaN
     assert loaded["models"]["bad"]["latency_ms"]["p50"] is None
     assert "| slow/fast |" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _server(compute: dict[str, float | None], mean: dict[str, float | None]) -> dict[str, Any]:
+    """`prom.server_side`'s shape: a model whose figure is None lacks it."""
+    return {"triton": {m: {"compute_ms_per_inference": v} for m, v in compute.items() if v is not None},
+            "gateway": {m: {"mean_ms": v} for m, v in mean.items() if v is not None}}
+
+
+@pytest.mark.parametrize(("slowdown", "passed"), [(1.01, True), (1.05, False)])
+def test_verdict_holds_every_figure_to_the_bound(slowdown: float, passed: bool) -> None:
+    """Bound 0.02: a 1% slowdown passes, 5% fails, whichever of the two figures it is in."""
+    for compute, mean in ((slowdown, 1.0), (1.0, slowdown)):
+        server = _server({"base": 10.0, "lora": 10.0 * compute}, {"base": 20.0, "lora": 20.0 * mean})
+        result = verdict(server, "base", ["lora"], 0.02)
+        entry = result["comparisons"]["lora/base"]
+        assert entry["triton_compute_ms_per_inference_ratio"] == pytest.approx(compute)
+        assert entry["gateway_mean_ms_ratio"] == pytest.approx(mean)
+        assert entry["computed"] and entry["missing"] == []
+        assert entry["within_bound"] is passed and result["passed"] is passed
+        assert result["bound"] == 0.02
+        assert result["required"] == ["triton.compute_ms_per_inference", "gateway.mean_ms"]
+
+
+def test_verdict_with_a_figure_missing_is_not_a_pass() -> None:
+    """A comparison lacking any figure it needs is neither computed nor within the bound,
+    however good the other figure looks; the missing figures are named."""
+    cases = [
+        (_server({"base": 10.0, "lora": None}, {"base": 20.0, "lora": 20.0}),
+         ["triton.compute_ms_per_inference[lora]"]),
+        (_server({"base": 10.0, "lora": 10.0}, {"base": None, "lora": 20.0}), ["gateway.mean_ms[base]"]),
+        (_server({"base": 10.0, "lora": float("nan")}, {"base": 20.0, "lora": 0.0}),
+         ["triton.compute_ms_per_inference[lora]", "gateway.mean_ms[lora]"]),
+        ({}, ["triton.compute_ms_per_inference[base]", "triton.compute_ms_per_inference[lora]",
+              "gateway.mean_ms[base]", "gateway.mean_ms[lora]"]),
+    ]
+    for server, missing in cases:
+        result = verdict(server, "base", ["lora"], 0.02)
+        entry = result["comparisons"]["lora/base"]
+        assert entry["missing"] == missing, server
+        assert entry["computed"] is False and entry["within_bound"] is False and result["passed"] is False
+    # the ratio that could be computed is still reported
+    entry = verdict(cases[0][0], "base", ["lora"], 0.02)["comparisons"]["lora/base"]
+    assert entry["gateway_mean_ms_ratio"] == pytest.approx(1.0)
+    assert "triton_compute_ms_per_inference_ratio" not in entry
+
+
+def test_verdict_required_figures_and_every_comparison() -> None:
+    """Straight to Triton only Triton's figure is required; one model outside fails it all."""
+    triton_only = _server({"base": 10.0, "lora": 10.1, "other": 10.0}, {})
+    assert verdict(triton_only, "base", ["lora", "other"], 0.02, DIRECT_TRITON)["passed"] is True
+    assert verdict(triton_only, "base", ["lora", "other"], 0.02)["passed"] is False  # the gateway's are missing
+    result = verdict(_server({"base": 10.0, "lora": 10.1, "other": 11.0}, {}), "base", ["lora", "other"], 0.02,
+                     DIRECT_TRITON)
+    assert result["required"] == ["triton.compute_ms_per_inference"]
+    assert [e["within_bound"] for e in result["comparisons"].values()] == [True, False]
+    assert result["passed"] is False
+    assert verdict(triton_only, "base", [], 0.02, DIRECT_TRITON)["passed"] is False  # nothing compared
+    with pytest.raises(ValueError):
+        verdict(triton_only, "base", ["lora"], 0.02, ())
+
+
+def test_verdict_in_report_markdown() -> None:
+    """report.md says PASS/FAIL, shows each ratio and names what is missing."""
+    records = [Record(m, i * 0.01, 0.01 + 0.001 * i, "OK") for i in range(4) for m in ("base", "lora")]
+    report = build_report(RunResult(models=["base", "lora"], records=records, measured_seconds=1.0), target="fake")
+    report["verdict"] = verdict(_server({"base": 10.0, "lora": 10.1}, {"base": 20.0}), "base", ["lora"], 0.02)
+    text = render_markdown(report)
+    assert "**Verdict: FAIL**" in text
+    assert "- lora/base: triton_compute_ms_per_inference ×1.010; missing gateway.mean_ms[lora] → NOT COMPUTED" in text
+    report["verdict"] = verdict(_server({"base": 10.0, "lora": 10.1}, {}), "base", ["lora"], 0.02, DIRECT_TRITON)
+    text = render_markdown(report)
+    assert "**Verdict: PASS**" in text and "- lora/base: triton_compute_ms_per_inference ×1.010 → within" in text
+
+
+def test_prometheus_without_a_server_is_refused(tmp_path, capsys) -> None:
+    """An --in-process load has no server-side figures, so no verdict could ever be computed."""
+    from cliplora.cli import main
+
+    code = main(["loadtest", "--in-process", str(tmp_path), "--models", "base,lora", "--report", str(tmp_path / "r"),
+                 "--prometheus", "http://127.0.0.1:1", "--quiet"])
+    assert code == 1 and "INVALID_ARGUMENT: --prometheus needs a server" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_generated_images_are_jpegs() -> None:
@@ -141,10 +245,11 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
         await wait_for_health(gateway.port, "SERVING", timeout_s=60)
 
         # The load comes from another process, as it would: this one serves the gateway.
+        bound = 0.5
         command = [str(Path(sys.executable).with_name("cliplora")), "loadtest", "--target", f"127.0.0.1:{gateway.port}",
                    "--models", "base,lora", "--concurrency", "1", "--duration", "8", "--warmup", "2",
                    "--report", str(tmp_path / "report"), "--prometheus", prometheus.url, "--scrape-wait", "3",
-                   "--overhead-bound", "0.5", "--quiet"]
+                   "--overhead-bound", str(bound), "--quiet"]
         process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
                                                        stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
@@ -162,9 +267,16 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
             assert measured[model] * 0.5 <= gateway_side["requests"] <= measured[model] * 1.5, server
             assert server["triton"][model]["compute_ms_per_inference"] > 0
             assert server["triton"][model]["inferences"] >= measured[model] * 0.5
-        verdict = report["verdict"]["comparisons"]["lora/base"]
-        assert verdict["computed"] and "triton_compute_ms_per_inference_ratio" in verdict
-        assert report["verdict"]["passed"] == verdict["within_bound"]
+        # The verdict, recomputed here from the reported per-model figures and the bound.
+        expected = {f"{section}_{key}_ratio": server[section]["lora"][key] / server[section]["base"][key]
+                    for section, key in (("triton", "compute_ms_per_inference"), ("gateway", "mean_ms"))}
+        expected_pass = all(ratio <= 1 + bound for ratio in expected.values())
+        comparison = report["verdict"]["comparisons"]["lora/base"]
+        assert {k: v for k, v in comparison.items() if k.endswith("_ratio")} == pytest.approx(expected)
+        assert comparison["computed"] is True and comparison["missing"] == []
+        assert comparison["within_bound"] is expected_pass and report["verdict"]["passed"] is expected_pass
+        assert report["verdict"]["bound"] == bound
+        assert f"**Verdict: {'PASS' if expected_pass else 'FAIL'}**" in stdout.decode()
 
         text = metrics_text(gateway.metrics_port)
         assert 'cliplora_gateway_model_info{base_model="tiny-clip",base_weights="random",lora="none",model="base"} 1.0' in text

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,9 +20,10 @@ from cliplora.core.errors import InvalidArgument
 from cliplora.serve.security import load_tokens, token_matches
 from cliplora.serve.server import GatewayServer
 from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from tests.serving import free_port
+from tests.serving import CLASSES, free_port, in_process_gateway, triton_ports
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -137,7 +143,8 @@ async def test_classify_cli_with_token_and_tls(pki: Path, tmp_path) -> None:
         allowed = await asyncio.create_subprocess_exec(*base[:2], "--token-file", str(token_file), *base[2:],
                                                        stderr=asyncio.subprocess.PIPE)
         _, err = await allowed.communicate()
-        assert allowed.returncode == 1 and b"NOT_FOUND" in err  # past authentication; no such model
+        # Past authentication: the lookup itself answers (this gateway's Triton is down, by design).
+        assert allowed.returncode == 1 and b"UNAVAILABLE: Triton is unavailable, so model 'absent'" in err, err
     finally:
         await gateway.stop(1)
 
@@ -150,3 +157,132 @@ def test_missing_token_file_is_not_found_before_any_call(tmp_path, capsys) -> No
     code = main(["classify", "--target", "127.0.0.1:1", "--model", "m", "--token-file", str(tmp_path / "nope"),
                  str(image)])
     assert code == 1 and "NOT_FOUND: --token-file not found" in capsys.readouterr().err
+
+
+# `cliplora evaluate --target` through a gateway that wants a token and/or TLS, in front of a
+# real Triton serving the tiny models.
+
+EVALUATED = ("base", "lora")
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_repository: Path) -> Iterator[LocalTriton]:
+    """A real tritonserver on the tiny `base` and `lora`, stopped when the module ends."""
+    server = LocalTriton(tiny_repository, ports=triton_ports())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory, tiny_repository: Path) -> tuple[Path, dict[str, dict]]:
+    """A labelled folder (one sub-folder per class of the models) and what in-process evaluation
+    of each model on it gives: the figures the gateway must reproduce."""
+    from cliplora.core.datasets import read_labelled_images
+    from cliplora.evaluate import evaluate_model
+    from tests import factories
+
+    root = tmp_path_factory.mktemp("labelled")
+    for i, label in enumerate(["cat", "cat", "dog", "tabby", "red_panda"]):
+        assert label in CLASSES
+        (root / label).mkdir(exist_ok=True)
+        factories.make_image(48 + 8 * i, 40, seed=i).save(root / label / f"{i}.png")
+    data = read_labelled_images(str(root))
+    return root, {name: evaluate_model(data, name, repository=tiny_repository) for name in EVALUATED}
+
+
+async def _evaluate_cli(data: Path, port: int, *flags: str) -> tuple[int, dict | None, str]:
+    """`cliplora evaluate --target` of both models as a child process (CLIPLORA_TOKEN unset):
+    exit status, the JSON it printed (None on failure), stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "CLIPLORA_TOKEN"}
+    command = [str(Path(sys.executable).with_name("cliplora")), "evaluate", "--data", str(data),
+               *(f"--name={name}" for name in EVALUATED), "--target", f"127.0.0.1:{port}", "--quiet", *flags]
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode, json.loads(out) if process.returncode == 0 else None, err.decode()
+
+
+def _assert_evaluated(result: dict | None, expected: dict[str, dict], port: int) -> None:
+    """Every image of the folder went through the gateway, with the in-process figures."""
+    assert result is not None and result["images"] == 5
+    for name in EVALUATED:
+        served = result["models"][name]
+        assert served["via"] == f"gateway 127.0.0.1:{port}"
+        assert {k: served[k] for k in ("images", "correct", "top1", "per_class")} == \
+               {k: expected[name][k] for k in ("images", "correct", "top1", "per_class")}
+
+
+async def _wait_serving_over_tls(port: int, pki: Path, *, mutual: bool, timeout_s: float = 30.0) -> None:
+    """tests.serving waits over plaintext; a TLS gateway only answers health over TLS."""
+    identity = {"cert": pki / "client.pem", "key": pki / "client.key"} if mutual else {}
+    deadline = time.monotonic() + timeout_s
+    async with client_channel(f"127.0.0.1:{port}", ca=pki / "ca.pem", aio=True, **identity) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service="cliplora.v1.Classifier"), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            assert time.monotonic() < deadline, f"TLS gateway on {port} not SERVING after {timeout_s:.0f} s"
+            await asyncio.sleep(0.1)
+
+
+async def test_evaluate_cli_with_a_bearer_token(triton: LocalTriton, tiny_repository: Path, labelled,
+                                                tmp_path: Path) -> None:
+    """With `--token-file` evaluate gets the in-process figures through the gateway; without the
+    token, or with a wrong one, it exits 1 naming UNAUTHENTICATED."""
+    data, expected = labelled
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    right, wrong = tmp_path / "token", tmp_path / "wrong-token"
+    right.write_text(TOKEN)
+    wrong.write_text("wrong-token-0123456789")
+    async with in_process_gateway(triton.grpc_url, tiny_repository, metrics_port=-1,
+                                  auth_tokens_file=tokens) as (gateway, _stub):
+        code, result, err = await _evaluate_cli(data, gateway.port, "--token-file", str(right))
+        assert code == 0, err
+        _assert_evaluated(result, expected, gateway.port)
+        for flags in ((), ("--token-file", str(wrong))):
+            code, _, err = await _evaluate_cli(data, gateway.port, *flags)
+            assert code == 1 and "cliplora evaluate: UNAUTHENTICATED" in err, (flags, err)
+
+
+async def test_evaluate_cli_over_tls_and_mutual_tls(triton: LocalTriton, tiny_repository: Path, labelled,
+                                                    pki: Path, tmp_path: Path) -> None:
+    """`--tls-ca` (with the token the gateway also wants) evaluates over TLS, and without the token
+    is UNAUTHENTICATED; behind mutual TLS, `--tls-cert/--tls-key` get through, the CA alone does not."""
+    data, expected = labelled
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    ca = ("--tls-ca", str(pki / "ca.pem"))
+    server_identity = {"tls_cert": pki / "server.pem", "tls_key": pki / "server.key"}
+    async with in_process_gateway(triton.grpc_url, tiny_repository, wait_serving=False, metrics_port=-1,
+                                  auth_tokens_file=tokens, **server_identity) as (gateway, _stub):
+        await _wait_serving_over_tls(gateway.port, pki, mutual=False)
+        code, result, err = await _evaluate_cli(data, gateway.port, *ca, "--token-file", str(token))
+        assert code == 0, err
+        _assert_evaluated(result, expected, gateway.port)
+        code, _, err = await _evaluate_cli(data, gateway.port, *ca)
+        assert code == 1 and "cliplora evaluate: UNAUTHENTICATED" in err, err
+
+    async with in_process_gateway(triton.grpc_url, tiny_repository, wait_serving=False, metrics_port=-1,
+                                  tls_client_ca=pki / "ca.pem", **server_identity) as (gateway, _stub):
+        await _wait_serving_over_tls(gateway.port, pki, mutual=True)
+        code, result, err = await _evaluate_cli(data, gateway.port, *ca, "--tls-cert", str(pki / "client.pem"),
+                                                "--tls-key", str(pki / "client.key"))
+        assert code == 0, err
+        _assert_evaluated(result, expected, gateway.port)
+        code, _, err = await _evaluate_cli(data, gateway.port, *ca)  # no client certificate
+        assert code == 1 and "cliplora evaluate: UNAVAILABLE" in err, err
