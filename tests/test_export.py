@@ -31,6 +31,8 @@ from cliplora.model.reference import build_reference
 from tests import factories
 from tests.conftest import tree_snapshot
 
+FP16_BOUND = 5e-3 / 0.07  # 5e-3 x the tiny model's logit scale 1/0.07: 0.0714286
+
 
 def _options(tmp_path: Path, tiny_config: Path, classes_file: Path, lora: str, **kwargs) -> ExportOptions:
     defaults = dict(
@@ -174,16 +176,47 @@ def test_unmerged_export_keeps_branches_and_agrees(tmp_path, tiny_config, classe
 
 
 def test_fp16_export_verifies_within_its_tolerance(tmp_path, tiny_config, classes_file, paper_lora) -> None:
+    """fp16 passes within the documented bound, written here, not read from the product."""
     result = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, name="half", precision="fp16"))
     check = result.manifest.to_dict()["verification"]
     assert check["precision"] == "fp16" and check["passed"]
-    assert check["tolerance_abs_logit"] == pytest.approx(verify.FP16_COSINE_TOLERANCE / 0.07, rel=1e-4)
+    assert check["tolerance_abs_logit"] == pytest.approx(FP16_BOUND, rel=1e-4)
     assert 0 < check["onnx_vs_reference"]["max_abs_logit"] <= check["tolerance_abs_logit"]
     graph = onnx.load(str(result.path / "model.onnx"))
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
     config = model_config.parse_config((tmp_path / "repo" / "half" / "config.pbtxt").read_text())
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+
+
+def _flipped(expected: np.ndarray, probe: int) -> np.ndarray:
+    """`expected` with the top two classes of one probe swapped: a top-1 flip there only."""
+    actual = expected.copy()
+    first, second = np.argsort(expected[probe])[::-1][:2]
+    actual[probe, [first, second]] = expected[probe, [second, first]]
+    return actual
+
+
+def test_top1_flip_on_a_clear_margin_fails_verification() -> None:
+    """Top-1 must agree where the reference leads by more than 2x the bound, and only there:
+    probe 0 leads by 1.1 x 2·bound (a flip is refused), probe 1 by 0.9 x 2·bound (tolerated)."""
+    bound = FP16_BOUND
+    expected = np.array([[2.2 * bound, 0.0, -1.0], [-1.0, 1.8 * bound, 0.0]])
+    assert verify.top1_margin_ok(expected, expected, bound)
+    assert not verify.top1_margin_ok(_flipped(expected, 0), expected, bound)
+    assert verify.top1_margin_ok(_flipped(expected, 1), expected, bound)
+
+    def failures(actual: np.ndarray) -> list[str]:
+        return verify.Verification(
+            precision="fp16", tolerance=bound, probes=2, onnx_vs_reference=verify.compare(actual, expected),
+            merged_torch_vs_reference=None, onnx_vs_base=None, merged_vs_base=None,
+            top1_consistent=verify.top1_margin_ok(actual, expected, bound),
+        ).failures
+
+    top1_message = "top-1 class differs from the reference's on a probe with a clear margin"
+    assert failures(expected) == []
+    assert any(top1_message in f for f in failures(_flipped(expected, 0)))
+    assert not any(top1_message in f for f in failures(_flipped(expected, 1)))
 
 
 def test_config_pbtxt(tmp_path, tiny_config, classes_file) -> None:

@@ -9,9 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -246,6 +251,89 @@ def test_cli_finetune_then_evaluate(shapes, tmp_path, tiny_config) -> None:
                             "--data", str(shapes), "--shots", "2", "--output", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr
+
+
+CTRL_C_STEPS = 60  # ~30 ms a step here: a second or more between the first progress line and the end
+
+
+def _cli_finetune(data: Path, output: Path, config: Path, seed: int, *extra: str) -> list[str]:
+    """A fast `cliplora finetune` command line: one shot per class, LoRA on the top block only."""
+    return [str(Path(sys.executable).parent / "cliplora"), "finetune", "--model", str(config),
+            "--allow-random-weights", "--data", str(data), "--shots", "1", "--iterations", str(CTRL_C_STEPS),
+            "--lr", "5e-3", "--batch-size", "4", "--seed", str(seed), "--position", "top1", "--params", "q", "v",
+            "--save-every", "5", "--device", "cpu", "--output", str(output), *extra]
+
+
+def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    raw = torch.load(path, map_location="cpu", weights_only=True)["weights"]
+    return {f"{layer}.{proj}.{name}": t for layer, entries in raw.items() for proj, entry in entries.items()
+            for name, t in entry.items()}
+
+
+def test_ctrl_c_saves_and_resume_finishes_bit_exact(tmp_path, tiny_config) -> None:
+    """SIGINT to a real `cliplora finetune` ends it after the current step with exit 130 and the
+    --resume command; --resume then ends on the very lora.pt of an uninterrupted run of that seed
+    (another seed's differs, so the equality is not trivial)."""
+    data = factories.write_shapes_dataset(tmp_path / "data", per_class=3)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # three runs at once; the same for every run
+    started: list[subprocess.Popen] = []
+    logs: list[IO[str]] = []
+
+    def start(output: Path, seed: int, *extra: str) -> subprocess.Popen:
+        name = f"{output.name}{''.join(extra)}"
+        logs.extend(((tmp_path / f"{name}.out").open("w"), (tmp_path / f"{name}.err").open("w")))
+        process = subprocess.Popen(_cli_finetune(data, output, tiny_config, seed, *extra), env=env,
+                                   stdout=logs[-2], stderr=logs[-1])
+        started.append(process)
+        return process
+
+    def finished(process: subprocess.Popen) -> tuple[int, str, str]:
+        code = process.wait(timeout=300)
+        out, err = logs[2 * started.index(process) : 2 * started.index(process) + 2]
+        return code, Path(out.name).read_text(), Path(err.name).read_text()
+
+    interrupted_out, straight_out, other_out = tmp_path / "interrupted", tmp_path / "straight", tmp_path / "other"
+    try:
+        straight, other = start(straight_out, 3), start(other_out, 4)
+        interrupted = start(interrupted_out, 3)
+        progress = re.compile(rf"finetune: (\d+)/{CTRL_C_STEPS}")
+        deadline = time.monotonic() + 240
+        interrupted_log = tmp_path / "interrupted.err"
+        while not progress.search(interrupted_log.read_text()):
+            assert interrupted.poll() is None, interrupted_log.read_text()
+            assert time.monotonic() < deadline, "no progress line from the run to interrupt"
+            time.sleep(0.02)
+        seen = int(progress.search(interrupted_log.read_text())[1])
+        interrupted.send_signal(signal.SIGINT)
+        code, stdout, stderr = finished(interrupted)
+        assert code == 130, stderr
+        summary = json.loads(stdout)
+        assert summary["checkpoint"] is None and seen <= summary["steps_done"] < CTRL_C_STEPS
+        assert (f"CANCELLED: stopped after step {summary['steps_done']}; "
+                f"continue with --resume --output {interrupted_out}") in stderr
+        assert (interrupted_out / "state.pt").is_file() and not (interrupted_out / "lora.pt").exists()
+        assert json.loads((interrupted_out / "run.json").read_text())["status"] == "stopped"
+
+        code, stdout, stderr = finished(start(interrupted_out, 3, "--resume"))
+        assert code == 0, stderr
+        assert f"resuming at step {summary['steps_done']} of {CTRL_C_STEPS}" in stderr
+        assert json.loads(stdout)["steps_done"] == CTRL_C_STEPS
+        for process in (straight, other):
+            code, _, stderr = finished(process)
+            assert code == 0, stderr
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()
+
+    resumed, reference = _lora_tensors(interrupted_out / "lora.pt"), _lora_tensors(straight_out / "lora.pt")
+    assert resumed.keys() == reference.keys() and len(reference) == 2 * 2 * 2
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    other_seed = _lora_tensors(other_out / "lora.pt")
+    assert not all(torch.equal(other_seed[k], reference[k]) for k in reference)
 
 
 async def test_evaluate_through_the_gateway_equals_in_process(trained, tmp_path, tiny_config) -> None:

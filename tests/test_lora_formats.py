@@ -185,3 +185,40 @@ def test_peft_truncated_safetensors(tmp_path) -> None:
     with pytest.raises(InvalidArgument, match="not a valid safetensors file"):
         load_adapter(str(folder), 12, 12)
     json.loads((folder / "adapter_config.json").read_text())  # untouched
+
+
+def _as_bin_folder(safetensors_folder: Path, folder: Path) -> Path:
+    """The same PEFT adapter as older PEFT versions save it: the same tensors, torch.save'd to
+    ``adapter_model.bin``, and no safetensors file beside it."""
+    from safetensors.torch import load_file
+
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((safetensors_folder / "adapter_config.json").read_bytes())
+    torch.save(load_file(str(safetensors_folder / "adapter_model.safetensors")), folder / "adapter_model.bin")
+    return folder
+
+
+def test_peft_adapter_model_bin_loads_and_exports_like_safetensors(tmp_path, tiny_config, classes_file) -> None:
+    """A ``.bin`` PEFT folder gives exactly the updates of its safetensors twin (tensor for
+    tensor, scales from the patterns included), and it exports, verified."""
+    from cliplora.export.pipeline import ExportOptions, run_export
+
+    safetensors = factories.write_peft_adapter(tmp_path / "st", rank_pattern={"layers.5.self_attn.v_proj": 2},
+                                               alpha_pattern={"layers.3.self_attn.k_proj": 2.0})
+    binary = _as_bin_folder(safetensors, tmp_path / "bin")
+    assert sorted(p.name for p in binary.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
+    expected = load_adapter(str(safetensors), 12, 12)
+    assert len({u.scale for u in expected.updates}) == 3
+    for spec in (binary, binary / "adapter_model.bin"):
+        adapter = load_adapter(str(spec), 12, 12)
+        assert adapter.format == "peft" and len(adapter.updates) == len(expected.updates) == 4
+        for got, want in zip(adapter.updates, expected.updates, strict=True):
+            assert (got.tower, got.block, got.target, got.scale) == (want.tower, want.block, want.target, want.scale)
+            assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b)
+
+    result = run_export(ExportOptions(model=str(tiny_config), pretrained=None, lora=str(binary), classes=classes_file,
+                                      templates=("a photo of a {}.",), name="peft-bin", repository=tmp_path / "repo",
+                                      allow_random_weights=True, probes=2))
+    manifest = result.manifest.to_dict()
+    assert manifest["lora"]["format"] == "peft" and manifest["verification"]["passed"]
+    assert manifest["verification"]["onnx_vs_base"]["max_abs_logit"] > 1e-2
