@@ -54,6 +54,7 @@ def _export(args: argparse.Namespace) -> int:
         target=args.target,
         unmerged=args.unmerged,
         allow_random_weights=args.allow_random_weights,
+        open_vocabulary=args.open_vocabulary,
         max_batch_size=args.max_batch_size,
         probes=args.probes,
     )
@@ -130,9 +131,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = read_labelled_images(args.data)
     access = _gateway_access(args) if args.target else {}
     progress = Progress(quiet=args.quiet)
+    labels = _labels(args)
     models = {
         name: evaluate_model(data, name, repository=Path(args.repository), target=args.target,
-                             version=args.version, access=access, progress=progress)
+                             version=args.version, access=access, progress=progress, labels=labels,
+                             templates=args.template)
         for name in args.name
     }
     print(json.dumps({"data": data.source, "images": len(data), "models": models}, indent=2))
@@ -142,7 +145,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from cliplora.predict import predict_files
 
-    results = predict_files(args.repository, args.name, args.images, top_k=args.top_k, version=args.version)
+    results = predict_files(args.repository, args.name, args.images, top_k=args.top_k, version=args.version,
+                            labels=_labels(args), templates=args.template)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -170,9 +174,35 @@ def _classify(args: argparse.Namespace) -> int:
     from cliplora.core.client import classify_files
 
     results = classify_files(args.target, args.model, args.images, top_k=args.top_k, version=args.version,
-                             timeout_s=args.timeout, **_gateway_access(args))
+                             timeout_s=args.timeout, labels=_labels(args), templates=args.template,
+                             **_gateway_access(args))
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from cliplora.core.client import embed_files
+
+    results = embed_files(args.target, args.model, args.images, args.text or (), version=args.version,
+                          timeout_s=args.timeout, **_gateway_access(args))
+    print(json.dumps(results))
+    return 0
+
+
+def _add_vocabulary(parser: argparse.ArgumentParser) -> None:
+    """Request-time labels (models exported with --open-vocabulary): classify, predict, evaluate."""
+    parser.add_argument("--labels", help="labels to rank instead of the model's classes, comma-separated "
+                                         "(the model must be exported with --open-vocabulary)")
+    parser.add_argument("--labels-file", help="labels to rank: one per line, or a JSON list")
+    parser.add_argument("--template", action="append", metavar="TEMPLATE",
+                        help="prompt template with {} for the label; repeat to average several "
+                             "(default: the model's own templates)")
+
+
+def _labels(args: argparse.Namespace) -> list[str] | None:
+    from cliplora.core.open_vocab import labels_argument
+
+    return labels_argument(args.labels, args.labels_file)
 
 
 def _loadtest(args: argparse.Namespace) -> int:
@@ -206,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the LoRA branches in the graph (to measure what merging saves)")
     export.add_argument("--allow-random-weights", action="store_true",
                         help="export a random model when no --pretrained is given (tests and demos only)")
+    export.add_argument("--open-vocabulary", action="store_true",
+                        help="also publish the adapted text encoder as <name>_text (labels chosen at request "
+                             "time, embeddings) and an image_embeds output; the fixed head is unchanged")
     export.add_argument("--max-batch-size", type=int, default=32, help="Triton max_batch_size (default 32)")
     export.add_argument("--probes", type=int, default=8, help="probe images for verification (default 8)")
     export.add_argument("--quiet", action="store_true", help="no progress output")
@@ -250,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--version", type=int, help="model version (default: latest)")
     evaluate.add_argument("--target", help="gateway HOST:PORT: evaluate what is served, not the file")
     _add_gateway_access(evaluate)
+    evaluate.add_argument("--labels-file", help="score against these labels instead of the model's classes (one per "
+                                                "line, or a JSON list; needs --open-vocabulary models)")
+    evaluate.add_argument("--template", action="append", metavar="TEMPLATE",
+                          help="with --labels-file: prompt template with {}; repeat to average (default: the model's)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress output")
     evaluate.set_defaults(func=_evaluate)
 
@@ -258,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--name", required=True)
     predict.add_argument("--version", type=int, help="model version (default: latest)")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
+    _add_vocabulary(predict)
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.set_defaults(func=_predict)
 
@@ -287,8 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=5, help="classes per image, 0 for all (default 5)")
     classify.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
     _add_gateway_access(classify)
+    _add_vocabulary(classify)
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(func=_classify)
+
+    embed = sub.add_parser("embed", help="image and/or text embeddings through the gateway (--open-vocabulary models)")
+    embed.add_argument("--target", required=True, help="gateway HOST:PORT")
+    embed.add_argument("--model", required=True)
+    embed.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    embed.add_argument("--text", action="append", metavar="S", help="a text to embed, as given; repeat for several")
+    embed.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+    _add_gateway_access(embed)
+    embed.add_argument("images", nargs="*", metavar="IMAGE")
+    embed.set_defaults(func=_embed)
 
     loadtest = sub.add_parser("loadtest", help="interleaved load test with a report (and Prometheus figures)")
     from cliplora.loadtest.cli import add_arguments as add_loadtest_arguments

@@ -1,4 +1,5 @@
-"""Demo models for `make serve`: a base model and a LoRA model on ViT-B-16, same classes.
+"""Demo models for `make serve`: a base model and a LoRA model on ViT-B-16, same classes;
+the LoRA model is exported with ``--open-vocabulary`` (its text encoder is ``pets-lora_text``).
 
     python -m cliplora.demo --repository model_repository
     python -m cliplora.demo --write-inputs FOLDER     # only classes.txt and lora_demo.pt
@@ -44,7 +45,8 @@ def export_demo_models(repository: Path) -> bool:
             progress.info(f"exporting demo model {name} ...")
             run_export(ExportOptions(model=model, pretrained=pretrained, lora=lora, classes=classes,
                                      templates=(TEMPLATE,), name=name, repository=repository,
-                                     allow_random_weights=pretrained is None), progress)
+                                     allow_random_weights=pretrained is None,
+                                     open_vocabulary=name == LORA_NAME), progress)
     return True
 
 

@@ -25,21 +25,34 @@ from cliplora.core.progress import Progress
 BATCH = 16
 
 
-def _in_process(repository: Path, name: str, version: int | None) -> tuple[int, list[str], Callable]:
+def _in_process(repository: Path, name: str, version: int | None,
+                vocabulary: Sequence[str] | None, templates: Sequence[str] | None) -> tuple[int, list[str], Callable]:
     from cliplora.core.preprocess import preprocess_file
-    from cliplora.core.runtime import open_published, run_logits
+    from cliplora.core.runtime import (
+        open_published,
+        open_text_encoder,
+        run_image_embeddings,
+        run_logits,
+    )
 
     model = open_published(repository, name, version)
+    text = open_text_encoder(model) if vocabulary else None
+    heads = text.label_heads(vocabulary, templates) if text is not None and vocabulary else None
 
     def top1(paths: Sequence[Path]) -> list[int]:
         crops = np.stack([preprocess_file(p, model.image_size) for p in paths])
-        return [int(i) for i in run_logits(model.session, crops).argmax(axis=1)]
+        if text is None or heads is None:
+            logits = run_logits(model.session, crops)
+        else:
+            logits = text.logits(run_image_embeddings(model.session, crops), heads)
+        return [int(i) for i in logits.argmax(axis=1)]
 
-    return model.found.version, model.labels(), top1
+    return model.found.version, list(vocabulary) if vocabulary else model.labels(), top1
 
 
 def _through_gateway(
-    target: str, name: str, version: int | None, access: Mapping[str, Any]
+    target: str, name: str, version: int | None, access: Mapping[str, Any],
+    vocabulary: Sequence[str] | None, templates: Sequence[str] | None,
 ) -> tuple[int | str, list[str], Callable]:
     """The gateway answers with every class (top_k 0), which also names them in order."""
     from cliplora.core.client import classify_files
@@ -47,7 +60,8 @@ def _through_gateway(
     labels: list[str] = []
 
     def top1(paths: Sequence[Path]) -> list[int]:
-        results = classify_files(target, name, list(paths), top_k=0, version=version or 0, **access)
+        results = classify_files(target, name, list(paths), top_k=0, version=version or 0, labels=vocabulary,
+                                 templates=templates, **access)
         if not labels:
             ranked = results[0]["predictions"]
             labels.extend(p["label"] for p in sorted(ranked, key=lambda p: p["index"]))
@@ -65,18 +79,26 @@ def evaluate_model(
     version: int | None = None,
     access: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    labels: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of one published model on `data`, in process or through the gateway at `target`
-    (`access`: token and TLS keyword arguments of `cliplora.core.client.classify_files`)."""
+    (`access`: token and TLS keyword arguments of `cliplora.core.client.classify_files`).
+
+    With `labels` (a model exported with ``--open-vocabulary``), the images are scored
+    against those labels at request time instead of the model's own classes: held-out
+    classes the model was never exported with."""
     progress = progress or Progress(quiet=True)
     targets = None
+    if labels is not None:
+        targets = align_classes(data, labels)  # unknown labels fail before any inference
     if target:
-        answered_version, labels, top1 = _through_gateway(target, name, version, access or {})
+        answered_version, labels, top1 = _through_gateway(target, name, version, access or {}, labels, templates)
         via = f"gateway {target}"
     else:
         if repository is None:
             raise InvalidArgument("a --repository (or a gateway --target) is needed")
-        answered_version, labels, top1 = _in_process(repository, name, version)
+        answered_version, labels, top1 = _in_process(repository, name, version, labels, templates)
         targets = align_classes(data, labels)  # unknown labels fail before any inference
         via = "onnxruntime"
     paths = [item.path for item in data.items]

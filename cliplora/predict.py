@@ -15,7 +15,12 @@ import numpy as np
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.predictions import rank, result_json, validate_top_k
 from cliplora.core.preprocess import preprocess_file
-from cliplora.core.runtime import open_published, run_logits
+from cliplora.core.runtime import (
+    open_published,
+    open_text_encoder,
+    run_image_embeddings,
+    run_logits,
+)
 
 BATCH = 16
 
@@ -27,14 +32,27 @@ def predict_files(
     *,
     top_k: int = 5,
     version: int | None = None,
+    labels: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Classify image files with the published model; one result dict per image."""
+    """Classify image files with the published model; one result dict per image.
+
+    With `labels` (a model exported with ``--open-vocabulary``) they are ranked instead
+    of the model's classes, with `templates` or the model's own, as the gateway does.
+    """
     validate_top_k(top_k)
     if not images:
         raise InvalidArgument("no images given")
+    if templates and not labels:
+        raise InvalidArgument("--template goes with --labels or --labels-file")
     model = open_published(repository, name, version)
-    labels = model.labels()
+    text = open_text_encoder(model) if labels else None
+    names = list(labels) if labels else model.labels()
+    heads = text.label_heads(names, templates) if text is not None else None  # bad labels fail before any image
     crops = [preprocess_file(path, model.image_size) for path in images]  # every image checked before any runs
-    logits = np.concatenate([run_logits(model.session, np.stack(crops[i : i + BATCH]))
-                             for i in range(0, len(crops), BATCH)])
-    return [result_json(str(path), rank(row, labels, top_k)) for path, row in zip(images, logits, strict=True)]
+    batches = [np.stack(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)]
+    if text is None or heads is None:
+        logits = np.concatenate([run_logits(model.session, batch) for batch in batches])
+    else:
+        logits = text.logits(np.concatenate([run_image_embeddings(model.session, batch) for batch in batches]), heads)
+    return [result_json(str(path), rank(row, names, top_k)) for path, row in zip(images, logits, strict=True)]

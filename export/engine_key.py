@@ -13,17 +13,18 @@ from cliplora.core.errors import FailedPrecondition
 from cliplora.core.hashing import sha256_file
 
 
-def stamp_engine_key(onnx_path: Path) -> str:
+def stamp_engine_key(onnx_path: Path, output: str = contract.OUTPUT_NAME) -> str:
     """Make the TensorRT engine-cache key of this ONNX file depend on its weights.
 
     ONNX Runtime names cached engines after a hash of the file *name* (always
     ``model.onnx``) and of the graph's tensor names, not of the weights: two versions of
     one model, or two adapters on one base, hash alike, and with a shared cache folder
-    the second would silently run the first one's engine, weights included. Renaming
-    the class-head initializer (the constant operand of the final MatMul, which no
-    optimisation folds away) to carry a digest of the exported file changes the key
-    whenever any weight changes. Returns the new name. Run before verification, so what
-    is verified is what is published.
+    the second would silently run the first one's engine, weights included. Renaming one
+    initializer near `output` (for a classifier the class head, the constant operand of
+    the final MatMul, which no optimisation folds away; for a text encoder the text
+    projection before the normalisation) to carry a digest of the exported file changes
+    the key whenever any weight changes. Returns the new name. Run before verification,
+    so what is verified is what is published.
     """
     import onnx
 
@@ -31,12 +32,9 @@ def stamp_engine_key(onnx_path: Path) -> str:
     model = onnx.load(str(onnx_path))
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    final = [node for node in graph.node if contract.OUTPUT_NAME in node.output]
-    constants = [name for node in final for name in node.input if name in initializers]
-    if not constants:
-        raise FailedPrecondition(f"{onnx_path}: the node producing {contract.OUTPUT_NAME!r} has no constant "
-                                 "input to carry the engine-cache key")
-    old = constants[0]
+    old = _nearest_constant(graph, initializers, output)
+    if old is None:
+        raise FailedPrecondition(f"{onnx_path}: no constant feeds {output!r} to carry the engine-cache key")
     new = f"{old}_{digest}"
     initializers[old].name = new
     for node in graph.node:
@@ -48,3 +46,21 @@ def stamp_engine_key(onnx_path: Path) -> str:
             value.name = new
     onnx.save(model, str(onnx_path))
     return new
+
+
+def _nearest_constant(graph: object, initializers: dict[str, object], output: str) -> str | None:
+    """The first initializer met walking back from the node that produces `output`
+    (breadth first, inputs in order)."""
+    producers = {name: node for node in graph.node for name in node.output}  # type: ignore[attr-defined]
+    frontier, seen = [output], set()
+    while frontier:
+        name = frontier.pop(0)
+        node = producers.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        constants = [i for i in node.input if i in initializers]
+        if constants:
+            return constants[0]
+        frontier.extend(node.input)
+    return None

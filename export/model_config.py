@@ -15,6 +15,9 @@ same file still loads on a CPU-only Triton.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 from google.protobuf import text_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
@@ -29,22 +32,80 @@ MAX_QUEUE_DELAY_US = 2000
 ModelConfig = mc.ModelConfig
 
 
+@dataclass(frozen=True)
+class OpenVocabularyParameters:
+    """What the gateway needs to score request-time labels, carried by the classifier's
+    config (the gateway may not see the repository, but it always sees Triton's configs)."""
+
+    text_model: str
+    logit_scale: float
+    templates: tuple[str, ...]
+    vocab_sha256: str
+
+
 def model_config(
-    name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int, target: str = "portable"
+    name: str,
+    spec: contract.TensorSpec,
+    precision: str,
+    max_batch_size: int,
+    target: str = "portable",
+    open_vocabulary: OpenVocabularyParameters | None = None,
 ) -> mc.ModelConfig:
-    """The model's configuration, as the message Triton reads."""
+    """The classifier's configuration, as the message Triton reads. With `open_vocabulary`
+    (and `spec.embedding_dim`), it also declares the ``image_embeds`` output."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
+    if (open_vocabulary is None) != (spec.embedding_dim is None):
+        raise ValueError("open-vocabulary parameters go with an embedding size, and only with one")
     config = mc.ModelConfig(name=name, platform=contract.PLATFORM, max_batch_size=max_batch_size)
     config.input.add(name=contract.INPUT_NAME, data_type=mc.DataType.Value(contract.INPUT_TRITON_DTYPE),
                      dims=list(spec.input_shape))
     config.output.add(name=contract.OUTPUT_NAME, data_type=mc.DataType.Value(contract.OUTPUT_TRITON_DTYPE),
                       dims=list(spec.output_shape), label_filename=contract.LABELS_FILENAME)
+    if spec.embedding_dim is not None:
+        config.output.add(name=contract.EMBEDS_NAME, data_type=mc.DataType.Value(contract.OUTPUT_TRITON_DTYPE),
+                          dims=[spec.embedding_dim])
     config.instance_group.add(count=1)
     config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
-    config.parameters["precision"].string_value = precision
+    config.parameters[contract.PARAM_PRECISION].string_value = precision
+    if open_vocabulary is not None:
+        config.parameters[contract.PARAM_TEXT_MODEL].string_value = open_vocabulary.text_model
+        config.parameters[contract.PARAM_LOGIT_SCALE].string_value = repr(float(open_vocabulary.logit_scale))
+        config.parameters[contract.PARAM_TEMPLATES].string_value = json.dumps(list(open_vocabulary.templates))
+        config.parameters[contract.PARAM_VOCAB_SHA256].string_value = open_vocabulary.vocab_sha256
     if target == "gpu":
-        _gpu_blocks(config, name, spec, max_batch_size)
+        _gpu_blocks(config, name, contract.INPUT_NAME, spec.input_shape, contract.INPUT_TRITON_DTYPE, max_batch_size)
+    elif precision == "fp16":
+        _tensorrt_fp16(config, {})
+    return config
+
+
+def text_model_config(
+    name: str,
+    classifier: str,
+    embedding_dim: int,
+    precision: str,
+    max_batch_size: int,
+    target: str = "portable",
+    *,
+    vocab_sha256: str,
+) -> mc.ModelConfig:
+    """The text encoder's configuration: ``tokens`` INT32 [77] -> ``text_embeds`` FP32 [D]."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    config = mc.ModelConfig(name=name, platform=contract.PLATFORM, max_batch_size=max_batch_size)
+    config.input.add(name=contract.TEXT_INPUT_NAME, data_type=mc.DataType.Value(contract.TEXT_INPUT_TRITON_DTYPE),
+                     dims=[contract.CONTEXT_LENGTH])
+    config.output.add(name=contract.TEXT_OUTPUT_NAME, data_type=mc.DataType.Value(contract.OUTPUT_TRITON_DTYPE),
+                      dims=[embedding_dim])
+    config.instance_group.add(count=1)
+    config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    config.parameters[contract.PARAM_PRECISION].string_value = precision
+    config.parameters[contract.PARAM_CLASSIFIER].string_value = classifier
+    config.parameters[contract.PARAM_VOCAB_SHA256].string_value = vocab_sha256
+    if target == "gpu":
+        _gpu_blocks(config, name, contract.TEXT_INPUT_NAME, (contract.CONTEXT_LENGTH,),
+                    contract.TEXT_INPUT_TRITON_DTYPE, max_batch_size)
     elif precision == "fp16":
         _tensorrt_fp16(config, {})
     return config
@@ -53,7 +114,7 @@ def model_config(
 def render_config(
     name: str, spec: contract.TensorSpec, precision: str, max_batch_size: int, target: str = "portable"
 ) -> str:
-    """The text of ``config.pbtxt`` (protobuf text format, as Triton parses it)."""
+    """The text of a classifier's ``config.pbtxt`` (protobuf text format, as Triton parses it)."""
     return to_text(model_config(name, spec, precision, max_batch_size, target))
 
 
@@ -86,7 +147,8 @@ def _tensorrt_fp16(config: mc.ModelConfig, extra: dict[str, str]) -> None:
         {"precision_mode": "FP16", "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES), **extra})
 
 
-def _gpu_blocks(config: mc.ModelConfig, name: str, spec: contract.TensorSpec, max_batch_size: int) -> None:
+def _gpu_blocks(config: mc.ModelConfig, name: str, input_name: str, input_shape: tuple[int, ...], dtype: str,
+                max_batch_size: int) -> None:
     """TensorRT FP16 with an engine cache and one optimisation profile, and warm-up.
 
     - **One profile for every batch size** (``trt_profile_*``, 1 .. max_batch_size, tuned
@@ -98,23 +160,23 @@ def _gpu_blocks(config: mc.ModelConfig, name: str, spec: contract.TensorSpec, ma
       rebuilding it. The cache key does not cover weights, hence one folder per model and
       `cliplora.export.engine_key` for versions. The timing cache (kernel timings only,
       safe to share) lives in TRT_CACHE_ROOT itself and speeds up builds of every model.
-    - **Warm-up** with zero images at batch 1 and at max_batch_size: the engine is built
+    - **Warm-up** with zero inputs at batch 1 and at max_batch_size: the engine is built
       or loaded, and the largest buffers allocated, before Triton reports the model ready,
       so the first real request does not pay for it.
     """
-    dims = "x".join(str(d) for d in spec.input_shape)
+    dims = "x".join(str(d) for d in input_shape)
     _tensorrt_fp16(config, {
         "trt_engine_cache_enable": "1",
         "trt_engine_cache_path": f"{TRT_CACHE_ROOT}/{name}",
         "trt_timing_cache_enable": "1",
         "trt_timing_cache_path": TRT_CACHE_ROOT,
-        "trt_profile_min_shapes": f"{contract.INPUT_NAME}:1x{dims}",
-        "trt_profile_opt_shapes": f"{contract.INPUT_NAME}:{min(TRT_OPT_BATCH, max_batch_size)}x{dims}",
-        "trt_profile_max_shapes": f"{contract.INPUT_NAME}:{max_batch_size}x{dims}",
+        "trt_profile_min_shapes": f"{input_name}:1x{dims}",
+        "trt_profile_opt_shapes": f"{input_name}:{min(TRT_OPT_BATCH, max_batch_size)}x{dims}",
+        "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{dims}",
     })
     for batch in sorted({1, max_batch_size}):
         warmup = config.model_warmup.add(name=f"zeros-batch-{batch}", batch_size=batch)
-        image = warmup.inputs[contract.INPUT_NAME]
-        image.data_type = mc.DataType.Value(contract.INPUT_TRITON_DTYPE)
-        image.dims.extend(spec.input_shape)
-        image.zero_data = True
+        sample = warmup.inputs[input_name]
+        sample.data_type = mc.DataType.Value(dtype)
+        sample.dims.extend(input_shape)
+        sample.zero_data = True

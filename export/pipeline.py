@@ -7,14 +7,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime
 import torch
 
 import cliplora
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.errors import FailedPrecondition, InvalidArgument
 from cliplora.core.hashing import sha256_file
 from cliplora.core.manifest import (
@@ -24,18 +23,35 @@ from cliplora.core.manifest import (
     MergeRecord,
     NoLoraRecord,
     OnnxRecord,
+    OpenVocabularyRecord,
     TensorRecord,
     TensorsRecord,
+    TextEncoderManifest,
+    TextTensorsRecord,
 )
 from cliplora.core.progress import Progress
 from cliplora.core.repository import render_labels, validate_model_name
 from cliplora.core.runtime import create_session, run_logits
-from cliplora.export import publish, verify
+from cliplora.core.tokenizer import ClipTokenizer
+from cliplora.export import open_vocabulary, publish, verify
 from cliplora.export.engine_key import stamp_engine_key
-from cliplora.export.model_config import TARGETS, model_config
+from cliplora.export.model_config import (
+    TARGETS,
+    OpenVocabularyParameters,
+    model_config,
+    text_model_config,
+)
 from cliplora.model import head
-from cliplora.model.base_model import load_base_model
-from cliplora.model.graph import EXPORTER, OPSET, PRECISIONS, ClassifierGraph, export_onnx
+from cliplora.model.base_model import BaseModel, load_base_model
+from cliplora.model.graph import (
+    EXPORTER,
+    OPSET,
+    PRECISIONS,
+    ClassifierGraph,
+    TextGraph,
+    export_classifier,
+    export_text_encoder,
+)
 from cliplora.model.lora import load_adapter
 from cliplora.model.merge import merge_adapter
 from cliplora.model.reference import build_reference
@@ -58,6 +74,7 @@ class ExportOptions:
     allow_random_weights: bool = False
     max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE
     probes: int = verify.DEFAULT_PROBES
+    open_vocabulary: bool = False  # also publish the adapted text encoder as <name>_text
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)
@@ -77,6 +94,7 @@ class ExportResult:
     version: int
     path: Path
     manifest: Manifest = field(repr=False)
+    text_path: Path | None = None  # `--open-vocabulary`: the text encoder's version folder
 
 
 @torch.no_grad()  # a scope, not the process-wide switch: callers (finetune, tests) train afterwards
@@ -88,6 +106,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
     templates = head.validate_templates(options.templates)
     labels = render_labels(classes)
     publish.preflight(options.repository, options.name, labels)
+    open_vocabulary.check_names(options.repository, options.name, options.open_vocabulary)
 
     with progress.step(f"loading base model {options.model}"):
         base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)
@@ -95,9 +114,22 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         progress.warn("exporting RANDOM weights (--allow-random-weights): this model is for tests and demos only")
     progress.info(f"activation {'QuickGELU' if base.quick_gelu else 'GELU'}, image size {base.image_size}, "
                   f"logit scale {base.logit_scale:.4g}")
-    spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(classes))
-    config = model_config(options.name, spec, options.precision, options.max_batch_size, options.target)
+    text_name = contract.text_model_name(options.name) if options.open_vocabulary else None
+    tokenizer = None
+    if options.open_vocabulary:
+        tokenizer = open_vocabulary.check_tokenizer(
+            base.tokenizer, [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS])
+    spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(classes),
+                               embedding_dim=base.embedding_dim if options.open_vocabulary else None)
+    ov_parameters = OpenVocabularyParameters(text_name, base.logit_scale, tuple(templates), tokenizer.vocab_sha256) \
+        if text_name and tokenizer else None
+    config = model_config(options.name, spec, options.precision, options.max_batch_size, options.target, ov_parameters)
     publish.check_compatible(options.repository, options.name, config, labels)
+    text_config = None
+    if text_name and tokenizer:
+        text_config = text_model_config(text_name, options.name, base.embedding_dim, options.precision,
+                                        options.max_batch_size, options.target, vocab_sha256=tokenizer.vocab_sha256)
+        publish.check_compatible(options.repository, text_name, text_config, "")
 
     with progress.step(f"reading adapter {options.lora}"):
         adapter = load_adapter(options.lora, len(base.text_blocks), len(base.vision_blocks))
@@ -119,13 +151,14 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
 
     merge_mode = "unmerged" if options.unmerged else ("merged" if adapter else "base")
     exported_visual = reference.visual if options.unmerged else merged.visual
-    graph = ClassifierGraph(exported_visual, text_matrix, base.logit_scale, base.mean, base.std, options.precision)
+    graph = ClassifierGraph(exported_visual, text_matrix, base.logit_scale, base.mean, base.std, options.precision,
+                            embeddings=options.open_vocabulary)
     with publish.staging_area() as staging:
         staged = staging / "version"
         staged.mkdir()
         onnx_path = staged / contract.MODEL_FILENAME
         with progress.step(f"exporting ONNX ({options.precision}{', unmerged branches' if options.unmerged else ''})"):
-            export_onnx(graph, base.image_size, onnx_path)
+            export_classifier(graph, base.image_size, onnx_path)
         engine_key = None
         if options.target == "gpu":
             with progress.step("keying the TensorRT engine cache to these weights"):
@@ -140,6 +173,21 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             f"(tolerance {verification.tolerance:g}), top-1 agreement "
             f"{verification.onnx_vs_reference.top1_agreement:.0%}"
         )
+        companions: list[publish.StagedModel] = []
+        ov_record = None
+        if text_name and tokenizer and text_config is not None:
+            text_staged = staging / "text-version"
+            text_staged.mkdir()
+            strings = [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS]
+            text_verification, text_manifest = _export_text_encoder(
+                options, base, merged, reference, onnx_path, text_staged, strings, tokenizer, text_name)
+            progress.info(f"text encoder {text_name}: logit error bound ONNX vs reference "
+                          f"{text_verification.text_vs_reference.max_logit_error:.2e} over {len(strings)} strings "
+                          f"(tolerance {text_verification.tolerance:g})")
+            companions.append(publish.StagedModel(text_name, text_staged, text_config))
+            ov_record = OpenVocabularyRecord(text_model=text_name, tokenizer=text_manifest.tokenizer,
+                                             embedding_dim=base.embedding_dim, logit_scale=base.logit_scale,
+                                             verification=text_manifest.verification)
 
         manifest = Manifest(
             schema_version=Manifest.schema_versions[-1],
@@ -167,29 +215,101 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
                                    shape=[-1, *spec.input_shape]),
                 output=TensorRecord(name=contract.OUTPUT_NAME, dtype=contract.OUTPUT_WIRE_DTYPE,
                                     shape=[-1, *spec.output_shape]),
+                **({"embeddings": TensorRecord(name=contract.EMBEDS_NAME, dtype=contract.OUTPUT_WIRE_DTYPE,
+                                               shape=[-1, spec.embedding_dim])} if spec.embedding_dim else {}),
             ),
-            onnx=OnnxRecord(
-                sha256=sha256_file(onnx_path),
-                bytes=onnx_path.stat().st_size,
-                opset=OPSET,
-                exporter=EXPORTER,
-                onnxruntime_version=onnxruntime.__version__,
-                **({"tensorrt_engine_key": engine_key} if engine_key else {}),
-            ),
+            onnx=_onnx_record(onnx_path, engine_key),
             verification=verification.record(),
             environment=EnvironmentRecord(python=platform.python_version(), torch=torch.__version__),
             export_seconds=round(time.perf_counter() - started, 2),
+            **({"open_vocabulary": ov_record} if ov_record else {}),
         )
         (staged / contract.MANIFEST_FILENAME).write_text(manifest.to_json(), encoding="utf-8")
-        with progress.step(f"publishing {options.name} to {options.repository}"):
-            version = publish.publish_version(options.repository, options.name, staged, config=config, labels=labels)
+        with progress.step(f"publishing {options.name}{f' and {text_name}' if text_name else ''} to {options.repository}"):
+            version = publish.publish_version(options.repository, options.name, staged, config=config, labels=labels,
+                                              companions=companions)
     return ExportResult(options.name, version, options.repository / options.name / str(version),
-                        manifest.model_copy(update={"version": version}))
+                        manifest.model_copy(update={"version": version}),
+                        options.repository / text_name / str(version) if text_name else None)
+
+
+def _onnx_record(path: Path, engine_key: str | None) -> OnnxRecord:
+    return OnnxRecord(
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        opset=OPSET,
+        exporter=EXPORTER,
+        onnxruntime_version=onnxruntime.__version__,
+        **({"tensorrt_engine_key": engine_key} if engine_key else {}),
+    )
+
+
+def _export_text_encoder(
+    options: ExportOptions,
+    base: BaseModel,
+    merged: torch.nn.Module,
+    reference: torch.nn.Module,
+    classifier_path: Path,
+    staged: Path,
+    strings: list[str],
+    tokenizer: ClipTokenizer,
+    name: str,
+) -> tuple[open_vocabulary.TextVerification, TextEncoderManifest]:
+    """Export, key, verify and describe the merged text encoder in `staged`."""
+    path = staged / contract.MODEL_FILENAME
+    export_text_encoder(TextGraph(merged, options.precision), path, tokenizer.start_token, tokenizer.end_token)
+    engine_key = stamp_engine_key(path, contract.TEXT_OUTPUT_NAME) if options.target == "gpu" else None
+    tokens = tokenizer(strings, contract.CONTEXT_LENGTH)
+    torch_tokens = torch.from_numpy(tokens.astype(np.int64))
+    expected = open_vocabulary.text_embeddings(reference, torch_tokens)
+    scale = base.logit_scale
+    images = verify.probe_images(base.image_size, options.probes)
+    classifier = create_session(classifier_path, precision=options.precision)
+    image_embeds = classifier.run([contract.EMBEDS_NAME],
+                                  {contract.INPUT_NAME: verify.product_inputs(images, base.image_size)})[0]
+    result = open_vocabulary.TextVerification(
+        precision=options.precision,
+        tolerance=verify.tolerance(options.precision, scale),
+        strings=len(strings),
+        text_vs_reference=open_vocabulary.compare_embeddings(
+            open_vocabulary.run_text_encoder(path, tokens, options.precision), expected, scale),
+        merged_torch_vs_reference=open_vocabulary.compare_embeddings(
+            open_vocabulary.text_embeddings(merged, torch_tokens), expected, scale),
+        text_vs_base=open_vocabulary.compare_embeddings(
+            open_vocabulary.text_embeddings(base.model, torch_tokens), expected, scale) if merged is not base.model else None,
+        image_embeds_vs_reference=open_vocabulary.compare_embeddings(
+            image_embeds, verify.reference_features(reference, images, base.image_size, base.mean, base.std), scale),
+        tokenizer_matches=True,  # check_tokenizer already refused any disagreement
+    )
+    if result.failures:
+        raise FailedPrecondition("text encoder verification failed, nothing published: " + "; ".join(result.failures))
+    manifest = TextEncoderManifest(
+        schema_version=TextEncoderManifest.schema_versions[-1],
+        cliplora_version=cliplora.__version__,
+        name=name,
+        classifier=options.name,
+        version=None,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        precision=options.precision,
+        target=options.target,
+        tokenizer=open_vocabulary.tokenizer_record(tokenizer),
+        embedding_dim=base.embedding_dim,
+        tensors=TextTensorsRecord(
+            input=TensorRecord(name=contract.TEXT_INPUT_NAME, dtype=contract.TEXT_INPUT_WIRE_DTYPE,
+                               shape=[-1, contract.CONTEXT_LENGTH]),
+            output=TensorRecord(name=contract.TEXT_OUTPUT_NAME, dtype=contract.OUTPUT_WIRE_DTYPE,
+                                shape=[-1, base.embedding_dim]),
+        ),
+        onnx=_onnx_record(path, engine_key),
+        verification=result.record(),
+    )
+    (staged / contract.MANIFEST_FILENAME).write_text(manifest.to_json(), encoding="utf-8")
+    return result, manifest
 
 
 def _verify(
     options: ExportOptions,
-    base: Any,
+    base: BaseModel,
     merged: torch.nn.Module,
     reference: torch.nn.Module,
     text_matrix: torch.Tensor,

@@ -21,12 +21,14 @@ version, in Triton's layout. ``config.pbtxt`` itself comes from `model_config`.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -34,7 +36,7 @@ from google.protobuf import text_format
 from cliplora.core import contract
 from cliplora.core.atomic import write_text_atomically
 from cliplora.core.errors import FailedPrecondition, PermissionDenied
-from cliplora.core.manifest import Manifest
+from cliplora.core.manifest import Manifest, TextEncoderManifest
 from cliplora.core.repository import ModelRepository, validate_model_name
 from cliplora.export.model_config import ModelConfig, parse_config, to_text
 
@@ -115,35 +117,82 @@ def staging_area() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def publish_version(root: Path, name: str, staged_version: Path, *, config: ModelConfig, labels: str) -> int:
+@dataclass(frozen=True)
+class StagedModel:
+    """One model's new version, ready to move in: its staged folder (model.onnx,
+    manifest.json), its config, and its labels (None for a model without labels)."""
+
+    name: str
+    folder: Path
+    config: ModelConfig
+    labels: str | None = None
+
+
+def publish_version(root: Path, name: str, staged_version: Path, *, config: ModelConfig, labels: str,
+                    companions: Sequence[StagedModel] = ()) -> int:
     """Move a staged version folder (model.onnx, manifest.json) into the repository.
 
-    Returns the version number, which is also stamped into the manifest, under the lock.
+    `companions` (an open-vocabulary classifier's text encoder) get the same version
+    number and go in first, so that a client that sees the classifier's new version finds
+    theirs. Returns the version number, which is also stamped into every manifest, under
+    the models' locks (taken in one order: the classifier's, then its companions').
+    If anything fails, whatever this call put in the repository is taken out again.
     """
-    with model_lock(root, name):
-        check_compatible(root, name, config, labels)
-        version = (ModelRepository(root).versions(name) or [0])[-1] + 1
-        _stamp_version(staged_version, version)
-        folder = root / name
-        created = not folder.exists()
-        incoming = folder / f".incoming-{uuid.uuid4().hex}"
+    models = [*companions, StagedModel(name, staged_version, config, labels)]
+    with ExitStack() as locks:
+        for model in sorted(models, key=lambda m: m.name != name):
+            locks.enter_context(model_lock(root, model.name))
+        repository = ModelRepository(root)
+        for model in models:
+            check_compatible(root, model.name, model.config, model.labels or "")
+        version = (repository.versions(name) or [0])[-1] + 1
+        for companion in companions:
+            taken = [v for v in repository.versions(companion.name) if v >= version]
+            if taken:
+                raise FailedPrecondition(f"{companion.name} already has version {taken[0]}, the version {name} "
+                                         f"would take next; the repository is inconsistent, nothing published")
+        installed: list[Callable[[], None]] = []
         try:
-            folder.mkdir(exist_ok=True)
-            shutil.move(str(staged_version), str(incoming))  # a copy when on another filesystem
-            if created:
-                write_text_atomically(folder / contract.LABELS_FILENAME, labels)
-            os.rename(incoming, folder / str(version))
-            if created:
-                write_text_atomically(folder / contract.CONFIG_FILENAME, to_text(config))
+            for model in models:
+                _stamp_version(model.folder, version)
+                installed.append(_install(root, model, version))
         except BaseException as exc:
-            shutil.rmtree(folder if created else incoming, ignore_errors=True)
+            for undo in reversed(installed):
+                undo()
             if isinstance(exc, OSError):
                 raise FailedPrecondition(f"could not publish {name} into {root}, nothing published: {exc}") from exc
             raise
     return version
 
 
+def _install(root: Path, model: StagedModel, version: int) -> Callable[[], None]:
+    """Rename one staged version into place; returns how to take it out again."""
+    folder = root / model.name
+    created = not folder.exists()
+    incoming = folder / f".incoming-{uuid.uuid4().hex}"
+    target = folder / str(version)
+
+    def undo() -> None:
+        shutil.rmtree(folder if created else target, ignore_errors=True)
+
+    try:
+        folder.mkdir(exist_ok=True)
+        shutil.move(str(model.folder), str(incoming))  # a copy when on another filesystem
+        if created and model.labels is not None:
+            write_text_atomically(folder / contract.LABELS_FILENAME, model.labels)
+        os.rename(incoming, target)
+        if created:
+            write_text_atomically(folder / contract.CONFIG_FILENAME, to_text(model.config))
+    except BaseException:
+        shutil.rmtree(folder if created else incoming, ignore_errors=True)
+        raise
+    return undo
+
+
 def _stamp_version(staged_version: Path, version: int) -> None:
+    """Write the version number into the staged manifest (a classifier's or a text encoder's)."""
     path = staged_version / contract.MANIFEST_FILENAME
-    manifest = Manifest.read(path).model_copy(update={"version": version})
-    path.write_text(manifest.to_json(), encoding="utf-8")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    record = TextEncoderManifest if "classifier" in data else Manifest
+    stamped = record.from_dict(data, str(path)).model_copy(update={"version": version})
+    path.write_text(stamped.to_json(), encoding="utf-8")

@@ -76,10 +76,18 @@ def reference_logits(
     std: Sequence[float],
 ) -> np.ndarray:
     """Logits by the reference path: open_clip's transform and a PyTorch model."""
+    features = torch.from_numpy(reference_features(reference, images, size, mean, std))
+    return (logit_scale * features @ text_matrix).numpy()
+
+
+@torch.no_grad()
+def reference_features(
+    reference: nn.Module, images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """Unit image embeddings [N, D] by the reference path (open_clip's transform)."""
     transform = open_clip.image_transform(size, is_train=False, mean=tuple(mean), std=tuple(std))
     batch = torch.stack([transform(image) for image in images])
-    features = F.normalize(reference.encode_image(batch).float(), dim=-1)
-    return (logit_scale * features @ text_matrix).numpy()
+    return F.normalize(reference.encode_image(batch).float(), dim=-1).numpy()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="gateway HOST:PORT (or Triton's gRPC HOST:PORT with --direct-triton)")
-    parser.add_argument("--models", required=True, help="comma-separated; ratios are against the first")
+    parser.add_argument("--models", required=True,
+                        help="comma-separated; ratios are against the first. NAME:labels sends the --labels-file "
+                             "labels to NAME (request-time labels, warm cache); NAME:labels-cold sends them with a "
+                             "fresh suffix each request (every prompt a cache miss)")
+    parser.add_argument("--labels-file", help="labels for the NAME:labels entries: one per line, or a JSON list")
+    parser.add_argument("--template", action="append", metavar="TEMPLATE",
+                        help="templates for the NAME:labels entries (default: the model's own)")
     parser.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (default 1)")
     parser.add_argument("--rate", type=float, help="open loop: requests per second on a fixed schedule")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds (default 30)")
@@ -70,7 +76,8 @@ def folder_images(folder: Path) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-def _target(args: argparse.Namespace, images: list[bytes]) -> Target:
+def _target(args: argparse.Namespace, images: list[bytes],
+            vocabulary: dict[str, tuple[str, list[str], list[str], bool]]) -> Target:
     from cliplora.loadtest.targets import GatewayTarget, InProcessTarget, TritonTarget
 
     if args.in_process:
@@ -79,7 +86,33 @@ def _target(args: argparse.Namespace, images: list[bytes]) -> Target:
         raise InvalidArgument("--target HOST:PORT is required (or --in-process REPOSITORY)")
     if args.direct_triton:
         return TritonTarget(args.target, images, batch=args.batch)
-    return GatewayTarget(args.target, images, batch=args.batch, raw=args.raw)
+    return GatewayTarget(args.target, images, batch=args.batch, raw=args.raw, vocabulary=vocabulary)
+
+
+LABEL_VARIANTS = ("labels", "labels-cold")
+
+
+def _vocabulary(models: list[str], args: argparse.Namespace) -> dict[str, tuple[str, list[str], list[str], bool]]:
+    """{entry: (model, labels, templates, cold)} for the NAME:labels entries; every other
+    entry must be a plain model name."""
+    from cliplora.core.open_vocab import read_names_file, validate_labels, validate_templates
+
+    found = {}
+    for entry in models:
+        name, _, variant = entry.partition(":")
+        validate_model_name(name)
+        if not variant:
+            continue
+        if variant not in LABEL_VARIANTS:
+            raise InvalidArgument(f"--models entry {entry!r}: after ':' comes labels or labels-cold")
+        if args.direct_triton or args.in_process:
+            raise InvalidArgument(f"--models entry {entry!r}: request-time labels go through the gateway")
+        if not args.labels_file:
+            raise InvalidArgument(f"--models entry {entry!r} needs --labels-file")
+        labels = validate_labels(read_names_file(args.labels_file))
+        templates = validate_templates(args.template) if args.template else []
+        found[entry] = (name, labels, templates, variant == "labels-cold")
+    return found
 
 
 async def _run(args: argparse.Namespace) -> dict:
@@ -87,9 +120,10 @@ async def _run(args: argparse.Namespace) -> dict:
     from cliplora.loadtest.report import build_report, write_report
     from cliplora.loadtest.runner import run_load
 
-    models = [validate_model_name(m.strip()) for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise InvalidArgument("--models needs at least one model name")
+    vocabulary = _vocabulary(models, args)
     if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
         raise InvalidArgument("--concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0")
     if args.rate is not None and args.rate <= 0:
@@ -97,7 +131,7 @@ async def _run(args: argparse.Namespace) -> dict:
     if args.prometheus and args.in_process:
         raise InvalidArgument("--prometheus needs a server: the --in-process load has no server-side figures")
     images = folder_images(Path(args.images)) if args.images else generated_images(seed=args.seed)
-    target = _target(args, images)
+    target = _target(args, images, vocabulary)
     try:
         await target.start(models)
     except Exception as exc:  # unreachable server, unknown model: say which and stop

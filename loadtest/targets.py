@@ -50,9 +50,12 @@ class GatewayTarget:
     """`cliplora.v1.Classifier/Classify` over gRPC (the gateway, or any server with the API)."""
 
     def __init__(self, address: str, images: list[bytes], *, batch: int = 1, raw: bool = False,
-                 timeout_s: float = 60.0, top_k: int = 5) -> None:
+                 timeout_s: float = 60.0, top_k: int = 5,
+                 vocabulary: dict[str, tuple[str, list[str], list[str], bool]] | None = None) -> None:
         self.address, self.images, self.batch, self.raw = address, images, batch, raw
         self.timeout_s, self.top_k = timeout_s, top_k
+        # entry -> (model, labels, templates, cold): request-time labels (see loadtest.cli)
+        self.vocabulary = vocabulary or {}
         self.description = f"gateway {address}" + (" (raw RGB)" if raw else " (encoded images)")
         self._requests: dict[str, list[pb.ClassifyRequest]] = {}
 
@@ -66,7 +69,8 @@ class GatewayTarget:
         if self.raw:
             listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=self.metadata)
             sizes = {m.name: m.image_size for m in listing.models}
-        for model in models:
+        for entry in models:
+            model, labels, templates, _cold = self.vocabulary.get(entry, (entry, [], [], False))
             requests = []
             for chosen in rotating_batches(self.images, self.batch):
                 if self.raw:
@@ -75,13 +79,20 @@ class GatewayTarget:
                               for data in chosen]
                 else:
                     images = [pb.Image(encoded=data) for data in chosen]
-                requests.append(pb.ClassifyRequest(model=model, images=images, top_k=self.top_k))
-            self._requests[model] = requests
+                requests.append(pb.ClassifyRequest(model=model, images=images, top_k=self.top_k, labels=labels,
+                                                   templates=templates))
+            self._requests[entry] = requests
 
     async def send(self, model: str, item: int) -> None:
         requests = self._requests[model]
+        request = requests[item % len(requests)]
+        if self.vocabulary.get(model, ("", [], [], False))[3]:  # cold: labels no call has used before
+            fresh = pb.ClassifyRequest()
+            fresh.CopyFrom(request)
+            fresh.labels[:] = [f"{label} {item}" for label in request.labels]
+            request = fresh
         try:
-            await self.stub.Classify(requests[item % len(requests)], timeout=self.timeout_s, metadata=self.metadata)
+            await self.stub.Classify(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(exc.code().name, exc.details() or "") from None
 
@@ -104,7 +115,7 @@ class TritonTarget:
         self.client = triton_aio.InferenceServerClient(self.address)
         for model in models:
             config = await self.client.get_model_config(model, as_json=True)
-            size, _classes, _max_batch = contract.model_shape(model, config["config"])
+            size = contract.classifier_shape(model, config["config"]).image_size
             crops = [preprocess_bytes(data, size) for data in self.images]
             self._batches[model] = [np.stack(chosen) for chosen in rotating_batches(crops, self.batch)]
 

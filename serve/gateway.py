@@ -1,10 +1,15 @@
 """The ``cliplora.v1.Classifier`` service: validate, preprocess off the loop, route to Triton.
 
-One request: validate cheap things first (name, image count, sizes, top_k) -> look the
-model up (NOT_FOUND before any decoding) -> decode + resize + crop every image in the
-thread pool (Pillow releases the GIL) -> one batched Triton call with what is left of
-the caller's deadline -> rank -> reply. Beyond `max_concurrent` requests in flight the
+One request: validate cheap things first (name, image count, sizes, top_k, labels) ->
+look the model up (NOT_FOUND before any decoding) -> decode + resize + crop every image
+in the thread pool (Pillow releases the GIL) -> one batched Triton call with what is left
+of the caller's deadline -> rank -> reply. Beyond `max_concurrent` requests in flight the
 gateway answers RESOURCE_EXHAUSTED at once instead of queueing without bound.
+
+With request-time ``labels`` (models exported with ``--open-vocabulary``) the image call
+asks for ``image_embeds`` instead of ``logits``, while the prompts are embedded at the
+same time (`serve.text_encoder`, cached), and the head is built as the export builds it
+(`cliplora.core.open_vocab`). ``Embed`` returns either kind of embedding.
 """
 
 from __future__ import annotations
@@ -13,22 +18,24 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from cliplora.core.manifest import Manifest
+from cliplora.core.open_vocab import validate_labels, validate_templates
 from cliplora.core.predictions import rank, validate_top_k
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.repository import ModelRepository, validate_model_name
 from cliplora.serve.errors import to_status
 from cliplora.serve.metrics import UNKNOWN, GatewayMetrics
 from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.text_encoder import TextEncoder, require_open_vocabulary
 from cliplora.serve.triton import ModelEntry, Triton, check_raw_size
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
@@ -47,6 +54,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.in_flight = 0
         self.accepted = 0  # requests admitted past the concurrency limit, ever
         self._calls: set[asyncio.Future[object]] = set()  # the work of the calls in flight
+        self.text = TextEncoder(triton, metrics, pool, settings.text_cache_entries)
         self._repository = ModelRepository(settings.repository) if settings.repository is not None else None
         # (name, version) -> (manifest file's mtime, manifest): read again only when the file changes
         self._manifests: dict[tuple[str, int], tuple[int, Manifest]] = {}
@@ -121,17 +129,18 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return await self._handle("ListModels", context, lambda labels: self._list_models())
 
-    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
-                        labels: dict[str, str]) -> pb.ClassifyResponse:
-        deadline = time.monotonic() + self._budget(context)
-        validate_model_name(request.model)
-        if request.version < 0:
-            raise InvalidArgument(f"version must be 0 (latest) or a version number, got {request.version}")
-        top_k = validate_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K)
-        count = len(request.images)
-        if not 1 <= count <= self.settings.max_images:
-            raise InvalidArgument(f"send 1 to {self.settings.max_images} images per request, got {count}")
-        for i, image in enumerate(request.images):
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return await self._handle("Embed", context, lambda labels: self._embed(request, context, labels))
+
+    def _check_request(self, model: str, version: int, images: Sequence[pb.Image], min_images: int) -> None:
+        """The checks that need no model: name, version, image count and sizes."""
+        validate_model_name(model)
+        if version < 0:
+            raise InvalidArgument(f"version must be 0 (latest) or a version number, got {version}")
+        count = len(images)
+        if not min_images <= count <= self.settings.max_images:
+            raise InvalidArgument(f"send {min_images} to {self.settings.max_images} images per request, got {count}")
+        for i, image in enumerate(images):
             kind = image.WhichOneof("data")
             if kind is None:
                 raise InvalidArgument(f"image {i} is empty: set encoded or raw")
@@ -139,30 +148,91 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             if size > self.settings.max_image_bytes:
                 raise InvalidArgument(f"image {i} has {size} bytes; the limit is {self.settings.max_image_bytes}")
 
+    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
+                        labels: dict[str, str]) -> pb.ClassifyResponse:
+        deadline = time.monotonic() + self._budget(context)
+        self._check_request(request.model, request.version, request.images, 1)
+        top_k = validate_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K)
+        limits = self.settings.vocabulary_limits
+        vocabulary = None
+        if request.labels or request.templates:
+            if not request.labels:
+                raise InvalidArgument("templates go with labels: send the labels to rank with them")
+            vocabulary = validate_labels(request.labels, limits)
+            if request.templates:
+                validate_templates(request.templates, limits)
+
         entry, version = await self.triton.lookup(request.model, request.version)
         labels.update(model=entry.name, version=str(version))
-        batch = await self._preprocess(request, entry)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("deadline exceeded before inference")
-        started = time.perf_counter()
-        try:
-            logits, version = await self.triton.infer(entry, request.version, batch, remaining)
-        finally:
-            self.metrics.triton.labels(entry.name).observe(time.perf_counter() - started)
+        if vocabulary is None:
+            logits, version = await self._images(request.images, entry, request.version, deadline, contract.OUTPUT_NAME)
+            names: Sequence[str] = entry.labels
+        else:
+            ov = require_open_vocabulary(entry)
+            templates = validate_templates(request.templates or ov.templates, limits)
+            # Image and text side pinned to one version: they are published together.
+            embeddings, prompt_embeddings = await _together(
+                self._images(request.images, entry, version, deadline, contract.EMBEDS_NAME),
+                self.text.embed(entry, version, open_vocab.prompts(vocabulary, templates), deadline))
+            image_embeddings, version = embeddings
+            heads = open_vocab.label_embeddings(prompt_embeddings, len(vocabulary))
+            logits = open_vocab.open_vocabulary_logits(image_embeddings, heads, ov.logit_scale)
+            names = vocabulary
         labels.update(version=str(version))
-        self.metrics.images.labels(entry.name).inc(count)
         return pb.ClassifyResponse(
             model=entry.name,
             version=version,
             results=[
                 pb.Classification(predictions=[
                     pb.Prediction(label=p.label, index=p.index, score=p.score, logit=p.logit)
-                    for p in rank(row, entry.labels, top_k)
+                    for p in rank(row, names, top_k)
                 ])
                 for row in logits
             ],
         )
+
+    async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
+                     labels: dict[str, str]) -> pb.EmbedResponse:
+        deadline = time.monotonic() + self._budget(context)
+        self._check_request(request.model, request.version, request.images, 0)
+        limits = self.settings.vocabulary_limits
+        if not request.images and not request.texts:
+            raise InvalidArgument("nothing to embed: send images, texts or both")
+        if len(request.texts) > limits.max_labels:
+            raise InvalidArgument(f"{len(request.texts)} texts; the limit is {limits.max_labels}")
+        for index, text in enumerate(request.texts):
+            if len(text) > limits.max_label_chars:
+                raise InvalidArgument(f"text {index} has {len(text)} characters; the limit is {limits.max_label_chars}")
+
+        entry, version = await self.triton.lookup(request.model, request.version)
+        labels.update(model=entry.name, version=str(version))
+        require_open_vocabulary(entry)
+        parts = []
+        if request.images:
+            parts.append(self._images(request.images, entry, version, deadline, contract.EMBEDS_NAME))
+        if request.texts:
+            parts.append(self.text.embed(entry, version, list(request.texts), deadline))
+        results = await _together(*parts)
+        images = results.pop(0)[0] if request.images else np.zeros((0, 0), dtype=np.float32)
+        texts = results.pop(0) if request.texts else np.zeros((0, 0), dtype=np.float32)
+        return pb.EmbedResponse(model=entry.name, version=version,
+                                images=[pb.Embedding(values=row.tolist()) for row in images],
+                                texts=[pb.Embedding(values=row.tolist()) for row in texts])
+
+    async def _images(self, images: Sequence[pb.Image], entry: ModelEntry, version: int, deadline: float,
+                      output: str) -> tuple[np.ndarray, int]:
+        """Decode and crop off the loop, then one batched Triton call for `output`."""
+        batch = await self._preprocess(images, entry)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference")
+        started = time.perf_counter()
+        try:
+            values, answered = await self.triton.infer(entry, version, batch, remaining, output)
+        finally:
+            self.metrics.triton.labels(entry.name).observe(time.perf_counter() - started)
+        self.metrics.images.labels(entry.name).inc(len(images))
+        return values, answered
 
     def _budget(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -172,10 +242,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             raise DeadlineExceeded("deadline exceeded on arrival")
         return remaining
 
-    async def _preprocess(self, request: pb.ClassifyRequest, entry: ModelEntry) -> np.ndarray:
+    async def _preprocess(self, images: Sequence[pb.Image], entry: ModelEntry) -> np.ndarray:
         loop = asyncio.get_running_loop()
         crops = await asyncio.gather(*(
-            loop.run_in_executor(self.pool, self._prepare, i, image, entry) for i, image in enumerate(request.images)
+            loop.run_in_executor(self.pool, self._prepare, i, image, entry) for i, image in enumerate(images)
         ))
         return np.stack(crops)
 
@@ -229,7 +299,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     def _model_info(self, entry: ModelEntry) -> pb.ModelInfo:
         info = pb.ModelInfo(name=entry.name, versions=list(entry.versions), num_classes=entry.num_classes,
-                            image_size=entry.image_size)
+                            image_size=entry.image_size, open_vocabulary=entry.open_vocabulary is not None,
+                            embedding_dim=entry.open_vocabulary.embedding_dim if entry.open_vocabulary else 0)
         manifest = self.manifest_of(entry)
         if manifest is not None:
             info.base_model = manifest.base.model
@@ -238,3 +309,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             info.lora_json = json.dumps(manifest.lora.model_dump(mode="json", exclude_unset=True), sort_keys=True)
             info.precision = manifest.precision
         return info
+
+
+async def _together(*awaitables: Awaitable[Any]) -> list[Any]:
+    """Run side by side; if one fails, the others are cancelled before the error goes on."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

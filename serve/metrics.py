@@ -41,6 +41,14 @@ class GatewayMetrics:
         self.unauthenticated = Counter("cliplora_gateway_unauthenticated_total",
                                        "Calls refused for a missing or invalid bearer token.", registry=r)
         self.triton_ready = Gauge("cliplora_gateway_triton_ready", "1 while Triton answers ready.", registry=r)
+        self.text_cache_hits = Counter(
+            "cliplora_gateway_text_cache_hits_total", "Prompt embeddings found in the cache (request-time labels).",
+            ["model"], registry=r)
+        self.text_cache_misses = Counter(
+            "cliplora_gateway_text_cache_misses_total", "Prompt embeddings the text encoder had to compute.",
+            ["model"], registry=r)
+        self.text_cache_entries = Gauge("cliplora_gateway_text_cache_entries", "Prompt embeddings in the cache.",
+                                        registry=r)
         self.model_info = Gauge(
             "cliplora_gateway_model_info",
             "1 per served model; base_model/base_weights/lora from its manifest pair a LoRA model with its base.",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cliplora.core.errors import InvalidArgument
+from cliplora.core.open_vocab import VocabularyLimits
 from cliplora.core.preprocess import DEFAULT_MAX_PIXELS
 
 ENV_PREFIX = "CLIPLORA_"
@@ -36,6 +37,10 @@ class GatewaySettings:
     refresh_interval_s: float = 5.0  # model discovery
     health_interval_s: float = 0.5  # Triton readiness probe
     grace_s: float = 10.0  # shutdown drain
+    max_labels: int = 1000  # request-time labels per call (open vocabulary); also Embed's texts
+    max_templates: int = 32  # request-time templates per call
+    max_label_chars: int = 300  # characters per label, template or text
+    text_cache_entries: int = 100_000  # prompt embeddings kept (LRU); 0: none
     tls_cert: Path | None = None  # PEM; with tls_key, the gateway speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM; clients must then present a certificate it signed
@@ -43,10 +48,13 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent", "preprocess_workers",
-                    "default_timeout_s", "refresh_interval_s", "health_interval_s")
+                    "default_timeout_s", "refresh_interval_s", "health_interval_s", "max_labels", "max_templates",
+                    "max_label_chars")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        if self.text_cache_entries < 0:
+            raise InvalidArgument(f"text_cache_entries must not be negative, got {self.text_cache_entries}")
         if self.triton_renew_s < 0:
             raise InvalidArgument(f"triton_renew_s must not be negative, got {self.triton_renew_s}")
         if not 0 <= self.grpc_port <= 65535 or not -1 <= self.metrics_port <= 65535:
@@ -62,8 +70,14 @@ class GatewaySettings:
 
     @property
     def max_message_bytes(self) -> int:
-        """The gRPC receive limit: every image at its limit, plus room for the envelope."""
-        return self.max_images * (self.max_image_bytes + 1024) + 64 * 1024
+        """The gRPC receive limit: every image at its limit, every label and template at
+        theirs (4 bytes a character at most in UTF-8), plus room for the envelope."""
+        text = (self.max_labels + self.max_templates) * (4 * self.max_label_chars + 16)
+        return self.max_images * (self.max_image_bytes + 1024) + text + 64 * 1024
+
+    @property
+    def vocabulary_limits(self) -> VocabularyLimits:
+        return VocabularyLimits(self.max_labels, self.max_templates, self.max_label_chars)
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> GatewaySettings:

@@ -16,7 +16,9 @@ has ended: renewing loses nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,7 +30,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from cliplora.core import contract
-from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cliplora.serve.errors import from_triton
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ CONTROL_TIMEOUT_S = 5.0
 
 
 def channel_args() -> list[tuple[str, Any]]:
-    """tritonclient's own channel defaults, plus round-robin over all resolved addresses."""
+    """tritonclient's own channel defaults, plus round-robin over all resolved addresses and
+    a short reconnect back-off."""
     keepalive = triton_aio.KeepAliveOptions()
     return [
         ("grpc.max_send_message_length", triton_aio.MAX_GRPC_MESSAGE_SIZE),
@@ -46,12 +49,39 @@ def channel_args() -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
         ("grpc.lb_policy_name", "round_robin"),
+        # Reconnect to a restarted Triton within 2 s: gRPC's default back-off grows to 120 s,
+        # which would keep health NOT_SERVING long after a supervised restart.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
 @dataclass(frozen=True)
+class TextEntry:
+    """A classifier's text encoder (``<name>_text``) as Triton describes it."""
+
+    name: str
+    versions: tuple[int, ...]  # ready versions, ascending
+    embedding_dim: int
+    max_batch_size: int
+    classifier: str  # the model it belongs to, from its config
+    vocab_sha256: str  # the BPE vocabulary its token ids come from
+
+
+@dataclass(frozen=True)
+class OpenVocabulary:
+    """What a classifier exported with ``--open-vocabulary`` says about its text side."""
+
+    text: TextEntry
+    logit_scale: float
+    templates: tuple[str, ...]
+    embedding_dim: int
+    vocab_sha256: str
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """A servable model as Triton describes it."""
+    """A servable classifier as Triton describes it."""
 
     name: str
     versions: tuple[int, ...]  # ready versions, ascending
@@ -59,6 +89,7 @@ class ModelEntry:
     num_classes: int
     max_batch_size: int
     labels: tuple[str, ...]
+    open_vocabulary: OpenVocabulary | None = None  # None: exported without --open-vocabulary
 
     def resolve(self, version: int) -> int:
         """The version to run: `version`, or the latest ready one for 0."""
@@ -67,6 +98,35 @@ class ModelEntry:
         if version not in self.versions:
             raise NotFound(f"model {self.name!r} has no ready version {version} (ready: {list(self.versions)})")
         return version
+
+
+def _open_vocabulary(name: str, config: dict[str, Any], shape: contract.ClassifierShape,
+                     texts: dict[str, TextEntry]) -> OpenVocabulary | None:
+    """The classifier's open-vocabulary side, when its config names a ready text encoder
+    that names it back; None (with the reason logged) otherwise."""
+    text_name = contract.parameter(config, contract.PARAM_TEXT_MODEL)
+    if not text_name or shape.embedding_dim is None:
+        return None
+    text = texts.get(text_name)
+    if text is None or text.classifier != name:
+        log.warning("model %s names the text encoder %s, which Triton does not serve for it: no open vocabulary",
+                    name, text_name)
+        return None
+    if text.embedding_dim != shape.embedding_dim:
+        log.warning("model %s: image embeddings of size %d, text embeddings of size %d: no open vocabulary",
+                    name, shape.embedding_dim, text.embedding_dim)
+        return None
+    try:
+        scale = float(contract.parameter(config, contract.PARAM_LOGIT_SCALE) or "nan")
+        templates = tuple(json.loads(contract.parameter(config, contract.PARAM_TEMPLATES) or "[]"))
+    except (ValueError, TypeError) as exc:
+        log.warning("model %s has unreadable open-vocabulary parameters (%s): no open vocabulary", name, exc)
+        return None
+    if not math.isfinite(scale) or scale <= 0 or not templates or not all(isinstance(t, str) for t in templates):
+        log.warning("model %s has no usable logit scale or templates: no open vocabulary", name)
+        return None
+    return OpenVocabulary(text, scale, templates, shape.embedding_dim,
+                          contract.parameter(config, contract.PARAM_VOCAB_SHA256) or "")
 
 
 class Triton:
@@ -142,10 +202,32 @@ class Triton:
             for model in index.get("models", []):
                 if model.get("state") == "READY" and str(model.get("version", "")).isdigit():
                     ready.setdefault(model["name"], []).append(int(model["version"]))
-            found: dict[str, ModelEntry] = {}
-            for name, versions in sorted(ready.items()):
+            configs: dict[str, dict[str, Any]] = {}
+            for name in sorted(ready):
                 try:
-                    found[name] = await self._describe(name, sorted(versions))
+                    async with self._channel() as client:
+                        response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+                    configs[name] = response.get("config", response)
+                except InferenceServerException as exc:
+                    log.warning("skipping model %s: %s", name, exc)
+            texts: dict[str, TextEntry] = {}
+            for name, config in configs.items():
+                if contract.is_text_model(config):
+                    try:
+                        shape = contract.text_shape(name, config)
+                    except ValueError as exc:
+                        log.warning("skipping text encoder %s: %s", name, exc)
+                        continue
+                    texts[name] = TextEntry(name, tuple(sorted(ready[name])), shape.embedding_dim,
+                                            shape.max_batch_size,
+                                            contract.parameter(config, contract.PARAM_CLASSIFIER) or "",
+                                            contract.parameter(config, contract.PARAM_VOCAB_SHA256) or "")
+            found: dict[str, ModelEntry] = {}
+            for name, config in configs.items():
+                if name in texts:
+                    continue
+                try:
+                    found[name] = await self._describe(name, sorted(ready[name]), config, texts)
                 except (InferenceServerException, ValueError) as exc:
                     log.warning("skipping model %s: %s", name, exc)
             if set(found) != set(self._models):
@@ -155,13 +237,12 @@ class Triton:
                 callback(self.models)
             return self.models
 
-    async def _describe(self, name: str, versions: list[int]) -> ModelEntry:
-        async with self._channel() as client:
-            response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
-        config = response.get("config", response)
-        size, classes, max_batch = contract.model_shape(name, config)
-        labels = await self._labels_of(name, versions[-1], size, classes)
-        return ModelEntry(name, tuple(versions), size, classes, max_batch, labels)
+    async def _describe(self, name: str, versions: list[int], config: dict[str, Any],
+                        texts: dict[str, TextEntry]) -> ModelEntry:
+        shape = contract.classifier_shape(name, config)
+        labels = await self._labels_of(name, versions[-1], shape.image_size, shape.num_classes)
+        return ModelEntry(name, tuple(versions), shape.image_size, shape.num_classes, shape.max_batch_size, labels,
+                          _open_vocabulary(name, config, shape, texts))
 
     async def _labels_of(self, name: str, version: int, size: int, classes: int) -> tuple[str, ...]:
         """Labels via Triton's classification extension (``"value:index:label"`` strings)."""
@@ -200,34 +281,74 @@ class Triton:
         return entry, entry.resolve(version)
 
     async def infer(
-        self, entry: ModelEntry, version: int, batch: np.ndarray, timeout_s: float
+        self, entry: ModelEntry, version: int, batch: np.ndarray, timeout_s: float,
+        output: str = contract.OUTPUT_NAME,
     ) -> tuple[np.ndarray, int]:
-        """(logits [N, C], the version that answered) for a uint8 batch [N, S, S, 3], split
-        to the model's batch limit.
+        """(`output` [N, C] logits or [N, D] image_embeds, the version that answered) for a
+        uint8 batch [N, S, S, 3], split to the model's batch limit. Triton sends only the
+        output asked for.
 
         Version 0 asks for the latest version of whichever Triton replica takes the call,
         not the latest the gateway last saw: during a rolling upgrade replicas may differ,
         and naming a version one of them lacks would fail the call.
         """
-        limit = entry.max_batch_size or len(batch)
+        width = entry.num_classes if output == contract.OUTPUT_NAME else self._embedding_dim(entry)
+        results = await self._chunked(entry.name, version, batch, entry.max_batch_size, timeout_s,
+                                      contract.INPUT_NAME, contract.INPUT_WIRE_DTYPE, output, width,
+                                      lambda: entry.resolve(version))
+        return results
+
+    async def embed_texts(
+        self, entry: ModelEntry, version: int, tokens: np.ndarray, timeout_s: float
+    ) -> np.ndarray:
+        """[N, D] unit text embeddings from the classifier's text encoder, `version` pinned
+        (the classifier's own version: the two are published together)."""
+        text = self._text_of(entry)
+        if version not in text.versions:
+            raise NotFound(f"text encoder {text.name!r} has no ready version {version} (ready: {list(text.versions)})")
+        embeddings, _ = await self._chunked(text.name, version, tokens, text.max_batch_size, timeout_s,
+                                            contract.TEXT_INPUT_NAME, contract.TEXT_INPUT_WIRE_DTYPE,
+                                            contract.TEXT_OUTPUT_NAME, text.embedding_dim, lambda: version)
+        return embeddings
+
+    @staticmethod
+    def _text_of(entry: ModelEntry) -> TextEntry:
+        if entry.open_vocabulary is None:
+            raise FailedPrecondition(f"model {entry.name!r} has no text encoder (not exported with --open-vocabulary)")
+        return entry.open_vocabulary.text
+
+    def _embedding_dim(self, entry: ModelEntry) -> int:
+        if entry.open_vocabulary is None:
+            raise FailedPrecondition(f"model {entry.name!r} has no image_embeds output (not exported with "
+                                     "--open-vocabulary)")
+        return entry.open_vocabulary.embedding_dim
+
+    async def _chunked(self, model: str, version: int, batch: np.ndarray, max_batch: int, timeout_s: float,
+                       input_name: str, wire_dtype: str, output: str, width: int,
+                       fallback_version: Callable[[], int]) -> tuple[np.ndarray, int]:
+        limit = max_batch or len(batch)
         chunks = [batch[i : i + limit] for i in range(0, len(batch), limit)]
-        results = await asyncio.gather(*(self._infer_chunk(entry, version, c, timeout_s) for c in chunks))
-        return np.concatenate([logits for logits, _ in results]), max(answered for _, answered in results)
+        results = await asyncio.gather(*(
+            self._infer_chunk(model, version, chunk, timeout_s, input_name, wire_dtype, output, width,
+                              fallback_version)
+            for chunk in chunks))
+        return np.concatenate([values for values, _ in results]), max(answered for _, answered in results)
 
     async def _infer_chunk(
-        self, entry: ModelEntry, version: int, chunk: np.ndarray, timeout_s: float
+        self, model: str, version: int, chunk: np.ndarray, timeout_s: float, input_name: str, wire_dtype: str,
+        output_name: str, width: int, fallback_version: Callable[[], int],
     ) -> tuple[np.ndarray, int]:
-        image = triton_aio.InferInput(contract.INPUT_NAME, list(chunk.shape), contract.INPUT_WIRE_DTYPE)
-        image.set_data_from_numpy(chunk)
-        output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME)
+        tensor = triton_aio.InferInput(input_name, list(chunk.shape), wire_dtype)
+        tensor.set_data_from_numpy(chunk)
+        output = triton_aio.InferRequestedOutput(output_name)
         try:
             async with self._channel() as client:
                 result = await client.infer(
-                    entry.name, [image], model_version=str(version) if version else "", outputs=[output],
+                    model, [tensor], model_version=str(version) if version else "", outputs=[output],
                     client_timeout=timeout_s, timeout=max(1, int(timeout_s * 1e6)),
                 )
         except InferenceServerException as exc:
-            error = from_triton(exc, entry.name)
+            error = from_triton(exc, model)
             if isinstance(error, NotFound):  # the model went away: re-read the repository soon
                 task = asyncio.get_running_loop().create_task(self.refresh())
                 self._background.add(task)
@@ -237,12 +358,12 @@ class Triton:
             raise error from None
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"Triton is unavailable: {exc}") from None
-        logits = result.as_numpy(contract.OUTPUT_NAME)
-        if logits is None or logits.shape != (len(chunk), entry.num_classes):
-            shape = None if logits is None else logits.shape
-            raise RuntimeError(f"Triton returned logits of shape {shape} for {len(chunk)} images")
+        values = result.as_numpy(output_name)
+        if values is None or values.shape != (len(chunk), width):
+            shape = None if values is None else values.shape
+            raise RuntimeError(f"Triton returned {output_name} of shape {shape} for {len(chunk)} inputs of {model}")
         answered = result.get_response().model_version
-        return logits, int(answered) if answered.isdigit() else entry.resolve(version)
+        return values, int(answered) if answered.isdigit() else fallback_version()
 
     async def close(self) -> None:
         for client in (self.client, *self._retired):

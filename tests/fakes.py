@@ -9,15 +9,29 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from cliplora.core import contract
 from cliplora.core.errors import NotFound
 from cliplora.serve.gateway import ClassifierService
 from cliplora.serve.metrics import GatewayMetrics
 from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.triton import ModelEntry
+from cliplora.serve.triton import ModelEntry, OpenVocabulary, TextEntry
 from tests import factories
 from tests.serving import encoded
 
 ENTRY = ModelEntry("m", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"))
+EMBEDDING_DIM = 8
+OPEN = ModelEntry("ov", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"),
+                  open_vocabulary=OpenVocabulary(
+                      TextEntry("ov_text", (1, 2), EMBEDDING_DIM, max_batch_size=4, classifier="ov", vocab_sha256=""),
+                      logit_scale=10.0, templates=("a photo of a {}.",), embedding_dim=EMBEDDING_DIM, vocab_sha256=""))
+MODELS = {"m": ENTRY, "ov": OPEN}
+
+
+def fake_embeddings(seeds: np.ndarray) -> np.ndarray:
+    """Unit vectors that depend on every value of each row (deterministic)."""
+    rows = [np.random.default_rng(abs(hash(row.tobytes())) % 2**32).normal(size=EMBEDDING_DIM) for row in seeds]
+    vectors = np.asarray(rows, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 class Aborted(Exception):
@@ -38,27 +52,42 @@ class FakeContext:
 
 
 class FakeTriton:
-    """Answers like Triton would for one model; logits = mean pixel value per class offset."""
+    """Answers like Triton would for a plain model "m" and an open-vocabulary model "ov"
+    (with its text encoder): logits = mean pixel value per class offset; embeddings are
+    deterministic unit vectors of the input."""
 
     def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
         self.delay, self.fail = delay, fail
         self.batches: list[np.ndarray] = []
+        self.token_batches: list[np.ndarray] = []
 
     async def lookup(self, name: str, version: int):
-        if name != "m":
-            raise NotFound(f"model {name!r} not found (models: m)")
-        return ENTRY, ENTRY.resolve(version)
+        if name not in MODELS:
+            raise NotFound(f"model {name!r} not found (models: m, ov)")
+        return MODELS[name], MODELS[name].resolve(version)
 
-    async def infer(self, entry, version, batch, timeout_s):
+    async def infer(self, entry, version, batch, timeout_s, output=contract.OUTPUT_NAME):
         self.batches.append(batch)
         await asyncio.sleep(self.delay)
         if self.fail:
             raise self.fail
+        if output == contract.EMBEDS_NAME:
+            if entry.open_vocabulary is None:
+                raise AssertionError("image_embeds asked of a model without them")
+            return fake_embeddings(batch.reshape(len(batch), -1)), entry.resolve(version)
         mean = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
-        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32), ENTRY.resolve(version)
+        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32), entry.resolve(version)
+
+    async def embed_texts(self, entry, version, tokens, timeout_s):
+        assert tokens.dtype == np.int32 and tokens.shape[1] == contract.CONTEXT_LENGTH
+        self.token_batches.append(tokens)
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        return fake_embeddings(tokens)
 
     async def refresh(self):
-        return {"m": ENTRY}
+        return dict(MODELS)
 
 
 def service(triton: FakeTriton | None = None, **settings) -> ClassifierService:

@@ -235,3 +235,16 @@ def test_the_gateway_needs_no_torch() -> None:
     assert distributions - image - transitive == set(), distributions
 
 
+
+
+def test_the_image_takes_open_clip_for_its_vocabulary_only() -> None:
+    """The gateway image installs open_clip_torch without dependencies (the tokenizer's BPE
+    vocabulary is a file of that package), at the project's pin, and never imports it."""
+    import tomllib
+
+    dockerfile = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
+    (line,) = [x for x in dockerfile.splitlines() if "open_clip_torch==" in x]
+    assert "--no-deps" in line
+    pinned = re.search(r"open_clip_torch==([^\s]+)", line).group(1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"open_clip_torch=={pinned}" in project

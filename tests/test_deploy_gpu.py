@@ -93,7 +93,8 @@ def test_export_cli_takes_target(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterator[dict]:
-    """A `--target gpu` export and a portable base export, served by the local Triton."""
+    """`--target gpu` exports (one with --open-vocabulary: its text encoder gets the GPU blocks
+    too) and a portable base export, served by the local Triton."""
     from cliplora.export.pipeline import ExportOptions, run_export
     from cliplora.serve.triton_launcher import LocalTriton
     from tests import factories
@@ -105,7 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterat
                   repository=root / "repo", allow_random_weights=True, probes=4)
     results = {
         "base": run_export(ExportOptions(lora="none", name="base", **common)),
-        "gpu": run_export(ExportOptions(lora=str(lora), name="gpu", target="gpu", **common)),
+        "gpu": run_export(ExportOptions(lora=str(lora), name="gpu", target="gpu", open_vocabulary=True, **common)),
         "gpu-base": run_export(ExportOptions(lora="none", name="gpu-base", target="gpu", **common)),
     }
     triton = LocalTriton(root / "repo", ports=triton_ports())
@@ -133,11 +134,16 @@ def test_gpu_export_is_keyed_and_verified(stack: dict) -> None:
         keys.add(key)
     # Same architecture, other weights: other engine-cache keys (a shared key would serve one's engine for both).
     assert len(keys) == 2
+    from cliplora.core.manifest import TextEncoderManifest
+
+    text = TextEncoderManifest.read(stack["exports"]["gpu"].text_path / contract.MANIFEST_FILENAME)
+    assert text.target == "gpu" and text.onnx.tensorrt_engine_key  # the text encoder's engine is keyed too
+    assert re.fullmatch(r".+_[0-9a-f]{16}", text.onnx.tensorrt_engine_key) and text.onnx.tensorrt_engine_key not in keys
     assert stack["exports"]["base"].manifest.target == "portable"
     assert "tensorrt_engine_key" not in stack["exports"]["base"].manifest.to_dict()["onnx"]
-    config = (stack["repository"] / "gpu" / contract.CONFIG_FILENAME).read_text()
-    assert config == model_config.render_config("gpu", contract.TensorSpec(32, len(CLASSES)), "fp32",
-                                           contract.DEFAULT_MAX_BATCH_SIZE, target="gpu")
+    config = (stack["repository"] / "gpu-base" / contract.CONFIG_FILENAME).read_text()
+    assert config == model_config.render_config("gpu-base", contract.TensorSpec(32, len(CLASSES)), "fp32",
+                                                contract.DEFAULT_MAX_BATCH_SIZE, target="gpu")
 
 
 async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> None:
@@ -156,6 +162,14 @@ async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> N
     assert [w["batch_size"] for w in served["model_warmup"]] == [1, contract.DEFAULT_MAX_BATCH_SIZE]
     with urllib.request.urlopen(f"{triton.http_url}/v2/models/gpu/ready", timeout=10) as response:
         assert response.status == 200
+    with urllib.request.urlopen(f"{triton.http_url}/v2/models/gpu_text/config", timeout=10) as response:
+        text = json.loads(response.read())  # the text encoder: its own profile (token ids) and warm-up
+    params = text["optimization"]["execution_accelerators"]["gpu_execution_accelerator"][0]["parameters"]
+    assert params["trt_profile_max_shapes"] == f"tokens:{contract.DEFAULT_MAX_BATCH_SIZE}x77"
+    assert params["trt_engine_cache_path"].endswith("/gpu_text")
+    assert [w["inputs"]["tokens"]["data_type"] for w in text["model_warmup"]] == ["TYPE_INT32"] * 2
+    with urllib.request.urlopen(f"{triton.http_url}/v2/models/gpu_text/ready", timeout=10) as response:
+        assert response.status == 200
 
     images = []
     for i, size in enumerate([(64, 48), (40, 90), (120, 120)]):
@@ -165,11 +179,16 @@ async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> N
     async with in_process_gateway(triton.grpc_url, stack["repository"]) as (_gateway, stub):
         reply = await stub.Classify(pb.ClassifyRequest(
             model="gpu", top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images]), timeout=30)
+        labelled = await stub.Classify(pb.ClassifyRequest(
+            model="gpu", top_k=0, images=[pb.Image(encoded=p.read_bytes()) for p in images],
+            labels=["wolf", "fox"]), timeout=30)
     expected = predict_files(stack["repository"], "gpu", images, top_k=0)
-    for result, local in zip(reply.results, expected, strict=True):
-        assert [p.index for p in result.predictions] == [p["index"] for p in local["predictions"]]
-        np.testing.assert_allclose([p.logit for p in result.predictions],
-                                   [p["logit"] for p in local["predictions"]], atol=1e-5, rtol=0)
+    expected_labelled = predict_files(stack["repository"], "gpu", images, top_k=0, labels=["wolf", "fox"])
+    for answer, local_answer in ((reply, expected), (labelled, expected_labelled)):
+        for result, local in zip(answer.results, local_answer, strict=True):
+            assert [p.index for p in result.predictions] == [p["index"] for p in local["predictions"]]
+            np.testing.assert_allclose([p.logit for p in result.predictions],
+                                       [p["logit"] for p in local["predictions"]], atol=1e-5, rtol=0)
 
 
 async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> None:
@@ -189,6 +208,7 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
             ok = pb.Image(encoded=image.read_bytes())
             for model in ("base", "gpu"):
                 await stub.Classify(pb.ClassifyRequest(model=model, images=[ok]), timeout=30)
+            await stub.Classify(pb.ClassifyRequest(model="gpu", images=[ok], labels=["wolf"]), timeout=30)
             with pytest.raises(grpc.aio.AioRpcError):  # an error, so that the error series exist
                 await stub.Classify(pb.ClassifyRequest(model="missing", images=[ok]), timeout=30)
 

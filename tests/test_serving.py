@@ -146,7 +146,7 @@ async def test_oversized_requests_per_image_and_per_message(triton, repository) 
     before any handler runs (as the README's table says)."""
     async with in_process_gateway(triton.grpc_url, repository, max_images=2, max_image_bytes=50_000) as (gateway, stub):
         limit = gateway.settings.max_message_bytes
-        assert limit == 2 * (50_000 + 1024) + 64 * 1024
+        assert limit == 2 * (50_000 + 1024) + (1000 + 32) * (4 * 300 + 16) + 64 * 1024
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Classify(pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=b"\xff" * 60_000)]), timeout=30)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT

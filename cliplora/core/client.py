@@ -8,7 +8,8 @@ than one stage calls the gateway and no stage may import another.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
 DEFAULT_BATCH = 16
+TEXT_BATCH = 256  # texts per Embed call (the gateway's --max-labels is 1000 by default)
 TOKEN_ENV = "CLIPLORA_TOKEN"
 
 
@@ -61,6 +63,8 @@ def classify_files(
     version: int = 0,
     timeout_s: float = 30.0,
     batch: int = DEFAULT_BATCH,
+    labels: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
     token: str | None = None,
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
@@ -68,26 +72,74 @@ def classify_files(
 ) -> list[dict[str, Any]]:
     """Classify image files through the gateway at `target` (HOST:PORT).
 
-    The bearer token comes from `token` or ``CLIPLORA_TOKEN``; `tls_ca` switches to TLS
-    (with `tls_cert`/`tls_key` for mutual TLS).
+    `labels` (and `templates`) rank request-time labels instead of the model's classes
+    (a model exported with ``--open-vocabulary``). The bearer token comes from `token` or
+    ``CLIPLORA_TOKEN``; `tls_ca` switches to TLS (with `tls_cert`/`tls_key` for mutual TLS).
     """
     validate_top_k(top_k)
     if not images:
         raise InvalidArgument("no images given")
+    if templates and not labels:
+        raise InvalidArgument("--template goes with --labels or --labels-file")
     payloads = [read_image_bytes(p) for p in images]
     results: list[dict[str, Any]] = []
-    metadata = token_metadata(token)
-    options = [("grpc.max_send_message_length", 256 * 1024 * 1024)]
-    with client_channel(target, ca=tls_ca, cert=tls_cert, key=tls_key, options=options) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
+    with _stub(target, tls_ca, tls_cert, tls_key) as stub:
         for start in range(0, len(payloads), batch):
             request = pb.ClassifyRequest(model=model, version=version, top_k=top_k,
-                                         images=[pb.Image(encoded=data) for data in payloads[start : start + batch]])
-            try:
-                response = stub.Classify(request, timeout=timeout_s, metadata=metadata)
-            except grpc.RpcError as exc:
-                raise RemoteError(exc.code(), exc.details() or "") from None
+                                         images=[pb.Image(encoded=data) for data in payloads[start : start + batch]],
+                                         labels=list(labels or ()), templates=list(templates or ()))
+            response = _call(stub.Classify, request, timeout_s, token)
             for path, result in zip(images[start : start + batch], response.results, strict=True):
                 predictions = [Prediction(p.label, p.index, p.score, p.logit) for p in result.predictions]
                 results.append(result_json(str(path), predictions))
     return results
+
+
+def embed_files(
+    target: str,
+    model: str,
+    images: Sequence[str | Path] = (),
+    texts: Sequence[str] = (),
+    *,
+    version: int = 0,
+    timeout_s: float = 30.0,
+    batch: int = DEFAULT_BATCH,
+    token: str | None = None,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Embeddings through the gateway: ``{"image": PATH, "embedding": [...]}`` for each image,
+    then ``{"text": S, "embedding": [...]}`` for each text, in the order given."""
+    if not images and not texts:
+        raise InvalidArgument("nothing to embed: give images and/or --text")
+    payloads = [read_image_bytes(p) for p in images]
+    results: list[dict[str, Any]] = []
+    with _stub(target, tls_ca, tls_cert, tls_key) as stub:
+        for start in range(0, len(payloads), batch):
+            request = pb.EmbedRequest(model=model, version=version,
+                                      images=[pb.Image(encoded=data) for data in payloads[start : start + batch]])
+            response = _call(stub.Embed, request, timeout_s, token)
+            results += [{"image": str(path), "embedding": list(e.values)}
+                        for path, e in zip(images[start : start + batch], response.images, strict=True)]
+        texts = list(texts)
+        for start in range(0, len(texts), TEXT_BATCH):
+            request = pb.EmbedRequest(model=model, version=version, texts=texts[start : start + TEXT_BATCH])
+            response = _call(stub.Embed, request, timeout_s, token)
+            results += [{"text": text, "embedding": list(e.values)}
+                        for text, e in zip(texts[start : start + TEXT_BATCH], response.texts, strict=True)]
+    return results
+
+
+@contextmanager
+def _stub(target: str, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> Iterator[Any]:
+    options = [("grpc.max_send_message_length", 256 * 1024 * 1024), ("grpc.max_receive_message_length", 256 << 20)]
+    with client_channel(target, ca=tls_ca, cert=tls_cert, key=tls_key, options=options) as channel:
+        yield pb_grpc.ClassifierStub(channel)
+
+
+def _call(method: Callable[..., Any], request: Any, timeout_s: float, token: str | None) -> Any:
+    try:
+        return method(request, timeout=timeout_s, metadata=token_metadata(token))
+    except grpc.RpcError as exc:
+        raise RemoteError(exc.code(), exc.details() or "") from None

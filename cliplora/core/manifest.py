@@ -109,6 +109,7 @@ class TensorRecord(Record):
 class TensorsRecord(Record):
     input: TensorRecord
     output: TensorRecord
+    embeddings: TensorRecord | None = None  # `--open-vocabulary`: image_embeds
 
 
 class OnnxRecord(Record):
@@ -135,6 +136,46 @@ class VerificationRecord(Record):
     merged_vs_base: ComparisonRecord | None
     top1_consistent: bool
     passed: bool
+
+
+class TokenizerRecord(Record):
+    """The tokenizer whose ids the text encoder takes (the gateway's must be the same)."""
+
+    kind: Literal["clip-bpe"]
+    vocab: str  # the vocabulary file's name
+    vocab_sha256: str
+    vocab_size: int
+    context_length: int
+
+
+class EmbeddingComparisonRecord(Record):
+    max_logit_error: float  # logit_scale · max ‖Δ‖: bounds the logit error for any unit partner
+    max_abs: float
+    min_cosine: float
+
+
+class TextVerificationRecord(Record):
+    """The text encoder (and image_embeds) against the unmerged reference."""
+
+    precision: str
+    tolerance_abs_logit: float
+    strings: int  # the model's prompts and the probe strings
+    text_vs_reference: EmbeddingComparisonRecord
+    merged_torch_vs_reference: EmbeddingComparisonRecord
+    text_vs_base: EmbeddingComparisonRecord | None  # how far the adapter moved the text embeddings
+    image_embeds_vs_reference: EmbeddingComparisonRecord
+    tokenizer_matches: bool
+    passed: bool
+
+
+class OpenVocabularyRecord(Record):
+    """`--open-vocabulary`: the text encoder published beside the classifier."""
+
+    text_model: str
+    tokenizer: TokenizerRecord
+    embedding_dim: int
+    logit_scale: float
+    verification: TextVerificationRecord
 
 
 class EnvironmentRecord(Record):
@@ -164,6 +205,7 @@ class Manifest(VersionedRecord):
     verification: VerificationRecord
     environment: EnvironmentRecord
     export_seconds: float
+    open_vocabulary: OpenVocabularyRecord | None = None
 
     @property
     def base_weights_id(self) -> str:
@@ -171,3 +213,28 @@ class Manifest(VersionedRecord):
         a LoRA model and its base share it."""
         weights = self.base.weights
         return str(weights.sha256 or weights.source)[:16]
+
+
+class TextTensorsRecord(Record):
+    input: TensorRecord
+    output: TensorRecord
+
+
+class TextEncoderManifest(VersionedRecord):
+    """The ``manifest.json`` of a classifier's text encoder (``<name>_text``): what it is
+    for and how it was checked; its provenance is the classifier's manifest."""
+
+    kind: ClassVar[str] = "text encoder manifest"
+
+    cliplora_version: str
+    name: str
+    classifier: str  # the model this text encoder belongs to (same version numbers)
+    version: int | None  # None only while staged
+    created: str
+    precision: str
+    target: str
+    tokenizer: TokenizerRecord
+    embedding_dim: int
+    tensors: TextTensorsRecord
+    onnx: OnnxRecord
+    verification: TextVerificationRecord

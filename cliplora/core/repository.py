@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliplora.core import contract
-from cliplora.core.errors import InvalidArgument, NotFound
-from cliplora.core.manifest import Manifest
+from cliplora.core.errors import CliploraError, InvalidArgument, NotFound
+from cliplora.core.manifest import Manifest, TextEncoderManifest
 
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -110,6 +110,21 @@ class ModelRepository:
         if not found.model_path.is_file():
             raise NotFound(f"{found.model_path} is missing")
         return found
+
+    def text_encoder_of(self, name: str) -> str | None:
+        """The classifier whose text encoder the model `name` is, or None for any other model."""
+        try:
+            found = self.get(name)
+        except NotFound:
+            return None
+        try:
+            return TextEncoderManifest.read(found.manifest_path).classifier
+        except CliploraError:
+            return None
+
+    def has_text_encoder(self, name: str) -> bool:
+        """True when `name` was exported with ``--open-vocabulary`` (its ``<name>_text`` is here)."""
+        return self.text_encoder_of(contract.text_model_name(name)) == name
 
     def labels(self, name: str) -> list[str]:
         path = self.model_dir(name) / contract.LABELS_FILENAME

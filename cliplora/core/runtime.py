@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.errors import FailedPrecondition
 from cliplora.core.repository import ModelRepository, ModelVersion
+from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
 
 
 def create_session(
@@ -74,3 +75,58 @@ def open_published(
     repo = ModelRepository(repository)
     found = repo.get(name, version)
     return PublishedModel(repo, found, create_session(found.model_path, precision=found.precision, threads=threads))
+
+
+@dataclass(frozen=True)
+class PublishedTextEncoder:
+    """A classifier's text encoder (``--open-vocabulary``), opened in this process, with
+    what scoring request-time labels needs from the classifier's manifest."""
+
+    found: ModelVersion
+    session: ort.InferenceSession
+    logit_scale: float
+    templates: tuple[str, ...]
+    tokenizer: ClipTokenizer
+
+    def embed(self, texts: Sequence[str], batch: int = 64) -> np.ndarray:
+        """[N, D] unit embeddings of `texts` as given."""
+        tokens = self.tokenizer(list(texts), contract.CONTEXT_LENGTH)
+        parts = [self.session.run([contract.TEXT_OUTPUT_NAME], {contract.TEXT_INPUT_NAME: tokens[i : i + batch]})[0]
+                 for i in range(0, len(tokens), batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    def label_heads(self, labels: Sequence[str], templates: Sequence[str] | None = None,
+                    limits: open_vocab.VocabularyLimits = open_vocab.VocabularyLimits()) -> np.ndarray:
+        """[L, D] unit label embeddings (the head), checked and built exactly as the gateway does;
+        `templates` default to the model's own."""
+        labels = open_vocab.validate_labels(labels, limits)
+        chosen = open_vocab.validate_templates(list(templates) if templates else list(self.templates), limits)
+        return open_vocab.label_embeddings(self.embed(open_vocab.prompts(labels, chosen)), len(labels))
+
+    def logits(self, image_embeddings: np.ndarray, heads: np.ndarray) -> np.ndarray:
+        """[N, L] logits of [N, D] image embeddings against [L, D] label heads."""
+        return open_vocab.open_vocabulary_logits(image_embeddings, heads, self.logit_scale)
+
+
+def run_image_embeddings(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    """[N, S, S, 3] uint8 -> [N, D] unit image embeddings (``--open-vocabulary`` classifiers)."""
+    return session.run([contract.EMBEDS_NAME], {contract.INPUT_NAME: images})[0]
+
+
+def open_text_encoder(model: PublishedModel, *, threads: int = 0) -> PublishedTextEncoder:
+    """The text encoder published with `model`, same version; FailedPrecondition for a
+    model exported without ``--open-vocabulary`` (as the gateway answers)."""
+    manifest = model.found.manifest()
+    name = model.found.name
+    if manifest.open_vocabulary is None:
+        raise FailedPrecondition(
+            f"model {name!r} was exported without --open-vocabulary: it has no text encoder, so labels other "
+            "than its classes cannot be scored; export it again with --open-vocabulary")
+    found = model.repository.get(manifest.open_vocabulary.text_model, model.found.version)
+    tokenizer = get_tokenizer()
+    if tokenizer.vocab_sha256 != manifest.open_vocabulary.tokenizer.vocab_sha256:
+        raise FailedPrecondition(f"model {name!r} was exported with another BPE vocabulary than this machine's "
+                                 f"({manifest.open_vocabulary.tokenizer.vocab}); set CLIPLORA_BPE_VOCAB to it")
+    session = create_session(found.model_path, precision=manifest.precision, threads=threads)
+    return PublishedTextEncoder(found, session, manifest.open_vocabulary.logit_scale, tuple(manifest.templates),
+                                tokenizer)

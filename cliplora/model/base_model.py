@@ -77,6 +77,11 @@ class BaseModel:
         return float(self.model.logit_scale.detach().exp())
 
     @property
+    def embedding_dim(self) -> int:
+        """The size of the joint image-text embedding space (D)."""
+        return int(self.config["embed_dim"])
+
+    @property
     def text_blocks(self) -> torch.nn.ModuleList:
         return tower_blocks(self.model, "text")
 

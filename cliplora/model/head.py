@@ -7,7 +7,6 @@ class are averaged over templates and the mean is normalised again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,33 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core import open_vocab
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.open_vocab import VocabularyLimits
 
-PLACEHOLDER = "{}"
-DEFAULT_TEMPLATE = "a photo of a {}."
+PLACEHOLDER = open_vocab.PLACEHOLDER
+DEFAULT_TEMPLATE = open_vocab.DEFAULT_TEMPLATE
 MAX_CLASSES = 100_000
 
 
 def read_classes(path: str | Path) -> list[str]:
     """Class names from a text file (one per line) or a JSON list of strings."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotFound(f"classes file not found: {path}") from None
-    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
-        raise InvalidArgument(f"cannot read classes file {path}: {exc}") from None
-    if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"classes file {path} looks like JSON but is not valid: {exc}") from None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise InvalidArgument(f"classes file {path}: the JSON must be a list of strings")
-        names = [n.strip() for n in names]
-    else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
-    return validate_classes(names, str(path))
+    return validate_classes(open_vocab.read_names_file(path, "classes"), str(path))
 
 
 def validate_classes(names: Sequence[str], source: str) -> list[str]:
@@ -61,25 +45,23 @@ def validate_classes(names: Sequence[str], source: str) -> list[str]:
 
 
 def validate_templates(templates: Sequence[str]) -> list[str]:
+    """`--template`s (default ``a photo of a {}.``) by the rule the gateway applies to
+    request-time templates (`cliplora.core.open_vocab`), without its request limits."""
     templates = list(templates) or [DEFAULT_TEMPLATE]
-    for template in templates:
-        if template.count(PLACEHOLDER) != 1:
-            raise InvalidArgument(f"template {template!r} must contain {PLACEHOLDER} exactly once, where the class name goes")
-    if len(set(templates)) != len(templates):
-        raise InvalidArgument("a --template is given twice")
-    return templates
+    unlimited = VocabularyLimits(max_templates=max(len(templates), 1), max_label_chars=max(map(len, templates)))
+    return open_vocab.validate_templates(templates, unlimited)
 
 
 def prompts(class_name: str, templates: Sequence[str]) -> list[str]:
-    name = class_name.replace("_", " ")
-    return [t.replace(PLACEHOLDER, name) for t in templates]
+    """One class's prompts."""
+    return open_vocab.prompts([class_name], templates)
 
 
 def prompt_tokens(
     tokenizer: Callable[[list[str]], torch.Tensor], classes: Sequence[str], templates: Sequence[str]
 ) -> torch.Tensor:
-    """Tokens of every prompt, class-major: [C * T, context]."""
-    return tokenizer([p for c in classes for p in prompts(c, templates)])
+    """Tokens of every prompt, class-major: [C * T, context] (`cliplora.core.open_vocab.prompts`)."""
+    return tokenizer(open_vocab.prompts(classes, templates))
 
 
 def class_embeddings(model: nn.Module, tokens: torch.Tensor, n_classes: int, *, batch_size: int = 256) -> torch.Tensor:

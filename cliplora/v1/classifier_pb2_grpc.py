@@ -45,6 +45,11 @@ class ClassifierStub:
                 request_serializer=cliplora_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=cliplora_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/cliplora.v1.Classifier/Embed',
+                request_serializer=cliplora_dot_v1_dot_classifier__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=cliplora_dot_v1_dot_classifier__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -65,6 +70,13 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Image and/or text embeddings (L2-normalised) of a model exported with --open-vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=cliplora_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
                     response_serializer=cliplora_dot_v1_dot_classifier__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=cliplora_dot_v1_dot_classifier__pb2.EmbedRequest.FromString,
+                    response_serializer=cliplora_dot_v1_dot_classifier__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class Classifier:
             '/cliplora.v1.Classifier/ListModels',
             cliplora_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
             cliplora_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cliplora.v1.Classifier/Embed',
+            cliplora_dot_v1_dot_classifier__pb2.EmbedRequest.SerializeToString,
+            cliplora_dot_v1_dot_classifier__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

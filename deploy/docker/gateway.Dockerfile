@@ -15,13 +15,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 COPY deploy/docker/requirements-gateway.txt /tmp/requirements-gateway.txt
-RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements-gateway.txt
+# open_clip_torch as data only: the tokenizer reads CLIP's BPE vocabulary from the package
+# (never imported: it would need torch), so the wheel goes in without its dependencies.
+RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements-gateway.txt \
+    && /opt/venv/bin/pip install --only-binary=:all: --no-deps open_clip_torch==3.3.0
 # The project itself without its dependencies: its core dependencies include torch and
 # open_clip, which only `cliplora export` needs.
 COPY . /src
 RUN /opt/venv/bin/pip install --no-deps /src \
     && /opt/venv/bin/cliplora serve --help > /dev/null \
     && /opt/venv/bin/python -c "import cliplora.serve.server, cliplora.serve.stack" \
+    && /opt/venv/bin/python -c "from cliplora.core.tokenizer import get_tokenizer; get_tokenizer()(['a photo'])" \
     && /opt/venv/bin/python -m pip uninstall --yes pip
 
 # ---- runtime: the slim Python image, the environment, an unprivileged user ----

@@ -1,0 +1,144 @@
+"""Open vocabulary: labels chosen at request time, scored like the export's class head.
+
+The export folds a class head built this way; the gateway (``Classify`` with ``labels``)
+and `cliplora predict --labels` build the same head at request time from the adapted
+text encoder's embeddings, with the functions below:
+
+- every label goes into every template, ``_`` becoming a space (`prompts`);
+- the unit-norm prompt embeddings of one label are averaged over the templates and the
+  mean is normalised again (`label_embeddings`);
+- ``logit = logit_scale × cos(image_embeds, label)`` (`open_vocabulary_logits`).
+
+With the model's own classes and templates this is the folded head. The rules for labels
+and templates a caller may send, and their limits, are here too (`validate_labels`,
+`validate_templates`): the export, the gateway and the command line apply the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cliplora.core.errors import InvalidArgument, NotFound
+
+PLACEHOLDER = "{}"
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class VocabularyLimits:
+    """What one request may ask for (the gateway's ``--max-labels`` and friends)."""
+
+    max_labels: int = 1000
+    max_templates: int = 32
+    max_label_chars: int = 300
+
+    def __post_init__(self) -> None:
+        if min(self.max_labels, self.max_templates, self.max_label_chars) < 1:
+            raise InvalidArgument(f"vocabulary limits must be positive, got {self}")
+
+
+def validate_labels(labels: Sequence[str], limits: VocabularyLimits = VocabularyLimits(), what: str = "label") -> list[str]:
+    """Labels as given, or InvalidArgument: 1..max_labels of them, each non-empty after
+    stripping, at most max_label_chars long, on one line, and no label twice."""
+    labels = list(labels)
+    if not labels:
+        raise InvalidArgument(f"no {what}s given")
+    if len(labels) > limits.max_labels:
+        raise InvalidArgument(f"{len(labels)} {what}s; the limit is {limits.max_labels}")
+    seen: set[str] = set()
+    for index, label in enumerate(labels):
+        if not label.strip():
+            raise InvalidArgument(f"{what} {index} is empty")
+        if len(label) > limits.max_label_chars:
+            raise InvalidArgument(f"{what} {index} has {len(label)} characters; the limit is {limits.max_label_chars}")
+        if "\n" in label or "\r" in label:
+            raise InvalidArgument(f"{what} {index} spans several lines")
+        if label in seen:
+            raise InvalidArgument(f"{what} {index} ({_shown(label)}) is given twice")
+        seen.add(label)
+    return labels
+
+
+def validate_templates(templates: Sequence[str], limits: VocabularyLimits = VocabularyLimits()) -> list[str]:
+    """Templates as given (at least one), or InvalidArgument: each with exactly one ``{}``
+    where the label goes, none twice, at most max_templates of them."""
+    templates = list(templates)
+    if not templates:
+        raise InvalidArgument("no templates given")
+    if len(templates) > limits.max_templates:
+        raise InvalidArgument(f"{len(templates)} templates; the limit is {limits.max_templates}")
+    for index, template in enumerate(templates):
+        if template.count(PLACEHOLDER) != 1:
+            raise InvalidArgument(
+                f"template {index} ({_shown(template)}) must contain {PLACEHOLDER} exactly once, where the label goes")
+        if len(template) > limits.max_label_chars:
+            raise InvalidArgument(f"template {index} has {len(template)} characters; the limit is {limits.max_label_chars}")
+    if len(set(templates)) != len(templates):
+        raise InvalidArgument("a template is given twice")
+    return templates
+
+
+def read_names_file(path: str | Path, what: str = "labels") -> list[str]:
+    """Names from a text file (one per line; blank lines skipped) or a JSON list of
+    strings; each stripped. Used for ``--classes`` and ``--labels-file``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"{what} file not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+        raise InvalidArgument(f"cannot read {what} file {path}: {exc}") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{what} file {path} looks like JSON but is not valid: {exc}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InvalidArgument(f"{what} file {path}: the JSON must be a list of strings")
+        return [n.strip() for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def labels_argument(labels: str | None, labels_file: str | Path | None) -> list[str] | None:
+    """``--labels a,b,c`` (comma-separated) or ``--labels-file F``; None when neither."""
+    if labels is not None and labels_file is not None:
+        raise InvalidArgument("give --labels or --labels-file, not both")
+    if labels_file is not None:
+        return read_names_file(labels_file)
+    if labels is not None:
+        return [label.strip() for label in labels.split(",")]
+    return None
+
+
+def prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every label in every template, label-major: [L * T] prompts."""
+    return [template.replace(PLACEHOLDER, label.replace("_", " ")) for label in labels for template in templates]
+
+
+def label_embeddings(prompt_embeddings: np.ndarray, n_labels: int) -> np.ndarray:
+    """[L * T, D] unit-norm prompt embeddings (label-major) -> [L, D] unit-norm label embeddings."""
+    per_prompt = np.asarray(prompt_embeddings, dtype=np.float32)
+    if per_prompt.ndim != 2 or per_prompt.shape[0] % n_labels:
+        raise ValueError(f"{per_prompt.shape} prompt embeddings for {n_labels} labels")
+    mean = per_prompt.reshape(n_labels, per_prompt.shape[0] // n_labels, -1).mean(axis=1)
+    return normalise(mean)
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (as torch's F.normalize: a zero row stays zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def open_vocabulary_logits(image_embeddings: np.ndarray, labels: np.ndarray, logit_scale: float) -> np.ndarray:
+    """[N, D] image and [L, D] label embeddings (unit norm) -> [N, L] logits."""
+    return (np.float32(logit_scale) * np.asarray(image_embeddings, dtype=np.float32) @ labels.T).astype(np.float32)
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else f"{text[:limit]}...")

@@ -1,0 +1,87 @@
+"""Prompt embeddings for request-time labels and ``Embed``: tokenize, ask the text encoder,
+remember the answer.
+
+A prompt goes through the project's torch-free tokenizer (`cliplora.core.tokenizer`,
+identical to open_clip's ids) in the gateway's thread pool, then to the classifier's
+text encoder ``<name>_text`` in Triton, pinned to the classifier's version; the unit
+embeddings are kept in the bounded LRU cache (`serve.text_cache`), so a label set used
+again costs no text-encoder call. The tokenizer's vocabulary must be the one the model
+was exported with (its sha256 is in the model's config), or the gateway refuses rather
+than embed other token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from cliplora.core import contract
+from cliplora.core.errors import CliploraError, DeadlineExceeded, FailedPrecondition
+from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
+from cliplora.serve.metrics import GatewayMetrics
+from cliplora.serve.text_cache import TextEmbeddingCache
+from cliplora.serve.triton import ModelEntry, OpenVocabulary, Triton
+
+log = logging.getLogger(__name__)
+
+
+def require_open_vocabulary(entry: ModelEntry) -> OpenVocabulary:
+    """The model's open-vocabulary side, or FAILED_PRECONDITION naming the flag it lacks."""
+    if entry.open_vocabulary is None:
+        raise FailedPrecondition(
+            f"model {entry.name!r} was exported without --open-vocabulary: it has no text encoder, so "
+            "request-time labels and Embed are not available; export it again with --open-vocabulary")
+    return entry.open_vocabulary
+
+
+class TextEncoder:
+    def __init__(self, triton: Triton, metrics: GatewayMetrics, pool: ThreadPoolExecutor, cache_entries: int) -> None:
+        self.triton = triton
+        self.metrics = metrics
+        self.pool = pool
+        self.cache = TextEmbeddingCache(
+            cache_entries,
+            on_hits=lambda model, n: metrics.text_cache_hits.labels(model).inc(n),
+            on_misses=lambda model, n: metrics.text_cache_misses.labels(model).inc(n),
+            on_size=metrics.text_cache_entries.set,
+        )
+        self._tokenizer: ClipTokenizer | None = None
+
+    def tokenizer_for(self, entry: ModelEntry) -> ClipTokenizer:
+        """The gateway's tokenizer, checked against the vocabulary the model expects."""
+        wanted = require_open_vocabulary(entry).vocab_sha256
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = get_tokenizer()
+            except CliploraError as exc:
+                raise FailedPrecondition(f"the gateway cannot tokenize text for {entry.name!r}: {exc}") from None
+        if wanted and wanted != self._tokenizer.vocab_sha256:
+            raise FailedPrecondition(
+                f"model {entry.name!r} was exported with another BPE vocabulary (sha256 {wanted[:12]}...) than the "
+                f"gateway's ({self._tokenizer.vocab_sha256[:12]}...); point CLIPLORA_BPE_VOCAB at the model's")
+        return self._tokenizer
+
+    async def embed(self, entry: ModelEntry, version: int, prompts: Sequence[str], deadline: float) -> np.ndarray:
+        """[len(prompts), D] unit embeddings of `prompts` as given (no template), from the
+        cache or from version `version` of the model's text encoder."""
+        text = require_open_vocabulary(entry).text
+        tokenizer = self.tokenizer_for(entry)
+        loop = asyncio.get_running_loop()
+
+        async def compute(missing: list[str]) -> np.ndarray:
+            tokens = await loop.run_in_executor(self.pool, tokenizer, missing, contract.CONTEXT_LENGTH)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline exceeded before the text encoder ran")
+            started = time.perf_counter()
+            try:
+                return await self.triton.embed_texts(entry, version, tokens, remaining)
+            finally:
+                self.metrics.triton.labels(text.name).observe(time.perf_counter() - started)
+
+        return await self.cache.embed(text.name, version, prompts, compute, metric_model=entry.name)
