@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[serve,loadtest,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,serve,loadtest,test]'
 	touch $(STAMP)
 
 # The whole suite; it includes the layer contracts (lint-imports on the built wheel,

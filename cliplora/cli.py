@@ -55,6 +55,10 @@ def _export(args: argparse.Namespace) -> int:
         unmerged=args.unmerged,
         allow_random_weights=args.allow_random_weights,
         open_vocabulary=args.open_vocabulary,
+        calibration=args.calibration,
+        intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
+        spinning=args.spinning,
         max_batch_size=args.max_batch_size,
         probes=args.probes,
     )
@@ -229,9 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", required=True, help="model name in the repository ([A-Za-z0-9_-]{1,64})")
     export.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="Triton model repository folder")
     export.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
-    export.add_argument("--target", choices=("portable", "gpu"), default="portable",
+    export.add_argument("--target", choices=("portable", "gpu", "cpu-int8"), default="portable",
                         help="gpu: TensorRT FP16 with engine cache, one shape profile and warm-up in config.pbtxt "
-                             "(still loads on CPU); default portable")
+                             "(still loads on CPU); cpu-int8: an INT8 image tower for CPU serving, published only "
+                             "past an accuracy gate against the fp32 graph; default portable")
+    export.add_argument("--calibration", type=Path, metavar="DIR",
+                        help="cpu-int8: images (any depth) the INT8 graph must agree on with the fp32 one, "
+                             "besides the probes (with 100 or more, top-1 agreement must be at least 99%%)")
+    export.add_argument("--intra-op-threads", type=int, help="ONNX Runtime intra-op threads per instance "
+                        "(a config.pbtxt parameter; default: the cores shared between instances)")
+    export.add_argument("--inter-op-threads", type=int, help="ONNX Runtime inter-op threads (default 1)")
+    export.add_argument("--spinning", choices=("auto", "on", "off"),
+                        help="let idle ONNX Runtime threads spin-wait (local backend; default auto: only when the "
+                             "model is alone in its repository)")
     export.add_argument("--unmerged", action="store_true",
                         help="keep the LoRA branches in the graph (to measure what merging saves)")
     export.add_argument("--allow-random-weights", action="store_true",

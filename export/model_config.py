@@ -10,7 +10,17 @@ here (two instances let the batcher hand a batch of two to one instance while th
 idles: docs/benchmarks.md). fp16 models ask Triton's ONNX Runtime backend for its
 TensorRT accelerator in FP16 on GPUs (ignored on CPUs). ``target="gpu"`` adds what a
 production GPU server wants (`_gpu_blocks`); the instance kind stays portable, so the
-same file still loads on a CPU-only Triton.
+same file still loads on a CPU-only Triton. ``target="cpu-int8"`` pins the instance to the
+CPU (``KIND_CPU``): its INT8 graph is made for ONNX Runtime's CPU kernels, and the
+official image's native backend honours the kind.
+
+ONNX Runtime threads are model parameters (`RuntimeParameters`), written only when the
+export is told them: ``intra_op_thread_count`` and ``inter_op_thread_count`` are read by
+Triton's native ONNX Runtime backend and by ours; ``allow_spinning`` only by ours (the
+native backend has no such switch, and ignores parameters it does not know). Unset, our
+backend lets a model spin when it is the only model in its repository and not otherwise
+(spinning threads starve every other model on a small machine), and shares the cores
+between instances.
 """
 
 from __future__ import annotations
@@ -24,12 +34,38 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from cliplora.core import contract
 
-TARGETS = ("portable", "gpu")
+TARGETS = ("portable", "gpu", "cpu-int8")
+SPINNING = ("auto", "on", "off")
 TRT_CACHE_ROOT = "/cache/tensorrt"  # the deployment mounts a writable volume here (deploy/)
 TRT_WORKSPACE_BYTES = 2 * 1024**3
 TRT_OPT_BATCH = 8  # the TensorRT profile's tuning point: a typical dynamic batch under load
 MAX_QUEUE_DELAY_US = 2000
 ModelConfig = mc.ModelConfig
+
+
+@dataclass(frozen=True)
+class RuntimeParameters:
+    """ONNX Runtime settings for the model's instances; None: the backend's default."""
+
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    spinning: str | None = None  # auto | on | off
+
+    def __post_init__(self) -> None:
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1024:
+                raise ValueError(f"{name} must be 0 (ONNX Runtime's choice) to 1024, got {value}")
+        if self.spinning is not None and self.spinning not in SPINNING:
+            raise ValueError(f"spinning must be one of {', '.join(SPINNING)}, got {self.spinning!r}")
+
+    def apply(self, config: mc.ModelConfig) -> None:
+        if self.intra_op_threads is not None:
+            config.parameters[contract.PARAM_INTRA_OP_THREADS].string_value = str(self.intra_op_threads)
+        if self.inter_op_threads is not None:
+            config.parameters[contract.PARAM_INTER_OP_THREADS].string_value = str(self.inter_op_threads)
+        if self.spinning is not None:
+            config.parameters[contract.PARAM_SPINNING].string_value = self.spinning
 
 
 @dataclass(frozen=True)
@@ -50,6 +86,7 @@ def model_config(
     max_batch_size: int,
     target: str = "portable",
     open_vocabulary: OpenVocabularyParameters | None = None,
+    runtime: RuntimeParameters = RuntimeParameters(),
 ) -> mc.ModelConfig:
     """The classifier's configuration, as the message Triton reads. With `open_vocabulary`
     (and `spec.embedding_dim`), it also declares the ``image_embeds`` output."""
@@ -65,9 +102,10 @@ def model_config(
     if spec.embedding_dim is not None:
         config.output.add(name=contract.EMBEDS_NAME, data_type=mc.DataType.Value(contract.OUTPUT_TRITON_DTYPE),
                           dims=[spec.embedding_dim])
-    config.instance_group.add(count=1)
+    _instances(config, target)
     config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
     config.parameters[contract.PARAM_PRECISION].string_value = precision
+    runtime.apply(config)
     if open_vocabulary is not None:
         config.parameters[contract.PARAM_TEXT_MODEL].string_value = open_vocabulary.text_model
         config.parameters[contract.PARAM_LOGIT_SCALE].string_value = repr(float(open_vocabulary.logit_scale))
@@ -89,6 +127,7 @@ def text_model_config(
     target: str = "portable",
     *,
     vocab_sha256: str,
+    runtime: RuntimeParameters = RuntimeParameters(),
 ) -> mc.ModelConfig:
     """The text encoder's configuration: ``tokens`` INT32 [77] -> ``text_embeds`` FP32 [D]."""
     if target not in TARGETS:
@@ -98,9 +137,10 @@ def text_model_config(
                      dims=[contract.CONTEXT_LENGTH])
     config.output.add(name=contract.TEXT_OUTPUT_NAME, data_type=mc.DataType.Value(contract.OUTPUT_TRITON_DTYPE),
                       dims=[embedding_dim])
-    config.instance_group.add(count=1)
+    _instances(config, target)
     config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
     config.parameters[contract.PARAM_PRECISION].string_value = precision
+    runtime.apply(config)
     config.parameters[contract.PARAM_CLASSIFIER].string_value = classifier
     config.parameters[contract.PARAM_VOCAB_SHA256].string_value = vocab_sha256
     if target == "gpu":
@@ -109,6 +149,14 @@ def text_model_config(
     elif precision == "fp16":
         _tensorrt_fp16(config, {})
     return config
+
+
+def _instances(config: mc.ModelConfig, target: str) -> None:
+    """One instance; of no fixed kind (KIND_AUTO), except on the CPU for ``cpu-int8``."""
+    if target == "cpu-int8":
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    else:
+        config.instance_group.add(count=1)
 
 
 def render_config(

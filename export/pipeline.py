@@ -24,6 +24,7 @@ from cliplora.core.manifest import (
     NoLoraRecord,
     OnnxRecord,
     OpenVocabularyRecord,
+    QuantizationRecord,
     TensorRecord,
     TensorsRecord,
     TextEncoderManifest,
@@ -33,11 +34,12 @@ from cliplora.core.progress import Progress
 from cliplora.core.repository import render_labels, validate_model_name
 from cliplora.core.runtime import create_session, run_logits
 from cliplora.core.tokenizer import ClipTokenizer
-from cliplora.export import open_vocabulary, publish, verify
+from cliplora.export import open_vocabulary, publish, quantize, verify
 from cliplora.export.engine_key import stamp_engine_key
 from cliplora.export.model_config import (
     TARGETS,
     OpenVocabularyParameters,
+    RuntimeParameters,
     model_config,
     text_model_config,
 )
@@ -75,6 +77,10 @@ class ExportOptions:
     max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE
     probes: int = verify.DEFAULT_PROBES
     open_vocabulary: bool = False  # also publish the adapted text encoder as <name>_text
+    calibration: Path | None = None  # cpu-int8: more images for the accuracy gate
+    intra_op_threads: int | None = None  # ONNX Runtime model parameters (export/model_config.py)
+    inter_op_threads: int | None = None
+    spinning: str | None = None  # auto | on | off
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)
@@ -86,6 +92,25 @@ class ExportOptions:
             raise InvalidArgument(f"max batch size must be 1..1024, got {self.max_batch_size}")
         if self.probes < 1:
             raise InvalidArgument("at least one probe image is needed")
+        if self.target == "cpu-int8" and self.precision != "fp32":
+            raise InvalidArgument("--target cpu-int8 quantizes the fp32 graph to INT8: it does not go with "
+                                  f"--precision {self.precision}")
+        if self.calibration is not None and self.target != "cpu-int8":
+            raise InvalidArgument("--calibration feeds the INT8 accuracy gate: it goes with --target cpu-int8")
+        try:
+            RuntimeParameters(self.intra_op_threads, self.inter_op_threads, self.spinning)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc).replace("_", "-").replace("intra-op-threads", "--intra-op-threads")
+                                  .replace("inter-op-threads", "--inter-op-threads")) from None
+
+    @property
+    def runtime(self) -> RuntimeParameters:
+        return RuntimeParameters(self.intra_op_threads, self.inter_op_threads, self.spinning)
+
+    @property
+    def graph_precision(self) -> str:
+        """What the published graph computes in: int8 for cpu-int8, else --precision."""
+        return "int8" if self.target == "cpu-int8" else self.precision
 
 
 @dataclass(frozen=True)
@@ -123,12 +148,14 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
                                embedding_dim=base.embedding_dim if options.open_vocabulary else None)
     ov_parameters = OpenVocabularyParameters(text_name, base.logit_scale, tuple(templates), tokenizer.vocab_sha256) \
         if text_name and tokenizer else None
-    config = model_config(options.name, spec, options.precision, options.max_batch_size, options.target, ov_parameters)
+    config = model_config(options.name, spec, options.graph_precision, options.max_batch_size, options.target,
+                          ov_parameters, options.runtime)
     publish.check_compatible(options.repository, options.name, config, labels)
     text_config = None
     if text_name and tokenizer:
         text_config = text_model_config(text_name, options.name, base.embedding_dim, options.precision,
-                                        options.max_batch_size, options.target, vocab_sha256=tokenizer.vocab_sha256)
+                                        options.max_batch_size, options.target, vocab_sha256=tokenizer.vocab_sha256,
+                                        runtime=options.runtime)
         publish.check_compatible(options.repository, text_name, text_config, "")
 
     with progress.step(f"reading adapter {options.lora}"):
@@ -157,15 +184,17 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         staged = staging / "version"
         staged.mkdir()
         onnx_path = staged / contract.MODEL_FILENAME
+        int8 = options.target == "cpu-int8"
+        fp32_path = staging / "model.fp32.onnx" if int8 else onnx_path  # cpu-int8: quantized after verification
         with progress.step(f"exporting ONNX ({options.precision}{', unmerged branches' if options.unmerged else ''})"):
-            export_classifier(graph, base.image_size, onnx_path)
+            export_classifier(graph, base.image_size, fp32_path)
         engine_key = None
         if options.target == "gpu":
             with progress.step("keying the TensorRT engine cache to these weights"):
                 engine_key = stamp_engine_key(onnx_path)
 
         with progress.step(f"verifying against the unmerged PyTorch reference ({options.probes} probe images)"):
-            verification = _verify(options, base, merged, reference, text_matrix, reference_text, base_text, onnx_path)
+            verification = _verify(options, base, merged, reference, text_matrix, reference_text, base_text, fp32_path)
         if verification.failures:
             raise FailedPrecondition("verification failed, nothing published: " + "; ".join(verification.failures))
         progress.info(
@@ -173,6 +202,9 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             f"(tolerance {verification.tolerance:g}), top-1 agreement "
             f"{verification.onnx_vs_reference.top1_agreement:.0%}"
         )
+        quantization = None
+        if int8:
+            quantization = _quantize(options, base, fp32_path, onnx_path, progress)
         companions: list[publish.StagedModel] = []
         ov_record = None
         if text_name and tokenizer and text_config is not None:
@@ -180,7 +212,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             text_staged.mkdir()
             strings = [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS]
             text_verification, text_manifest = _export_text_encoder(
-                options, base, merged, reference, onnx_path, text_staged, strings, tokenizer, text_name)
+                options, base, merged, reference, fp32_path, text_staged, strings, tokenizer, text_name)
             progress.info(f"text encoder {text_name}: logit error bound ONNX vs reference "
                           f"{text_verification.text_vs_reference.max_logit_error:.2e} over {len(strings)} strings "
                           f"(tolerance {text_verification.tolerance:g})")
@@ -200,7 +232,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             merge=(merge_report.record(merge_mode) if merge_report else MergeRecord(mode=merge_mode)),
             classes=classes,
             templates=templates,
-            precision=options.precision,
+            precision=options.graph_precision,
             target=options.target,
             **({"gpu_serving": GpuServingRecord(
                 engine="TensorRT", engine_precision="fp16",
@@ -223,6 +255,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             environment=EnvironmentRecord(python=platform.python_version(), torch=torch.__version__),
             export_seconds=round(time.perf_counter() - started, 2),
             **({"open_vocabulary": ov_record} if ov_record else {}),
+            **({"quantization": quantization} if quantization else {}),
         )
         (staged / contract.MANIFEST_FILENAME).write_text(manifest.to_json(), encoding="utf-8")
         with progress.step(f"publishing {options.name}{f' and {text_name}' if text_name else ''} to {options.repository}"):
@@ -231,6 +264,23 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
     return ExportResult(options.name, version, options.repository / options.name / str(version),
                         manifest.model_copy(update={"version": version}),
                         options.repository / text_name / str(version) if text_name else None)
+
+
+def _quantize(options: ExportOptions, base: BaseModel, fp32_path: Path, int8_path: Path,
+              progress: Progress) -> QuantizationRecord:
+    """The INT8 graph of the verified fp32 one, published only past its gate."""
+    calibration = quantize.calibration_inputs(options.calibration, base.image_size)
+    with progress.step("quantizing the image tower to INT8 (dynamic, per channel)"):
+        record = quantize.quantize(fp32_path, int8_path)
+    probes = verify.product_inputs(verify.probe_images(base.image_size, options.probes), base.image_size)
+    n = len(probes) + (0 if calibration is None else len(calibration))
+    with progress.step(f"INT8 accuracy gate against the fp32 graph ({n} images)"):
+        result = quantize.gate(fp32_path, int8_path, probes, calibration, base.logit_scale)
+    if result.failures:
+        raise FailedPrecondition("INT8 accuracy gate failed, nothing published: " + "; ".join(result.failures))
+    progress.info(f"INT8 vs fp32: top-1 agreement {result.top1_agreement:.1%} of {result.images} images, "
+                  f"max |Δlogit| {result.max_abs_logit:.3g} (tolerance {result.tolerance:g})")
+    return quantize.with_gate(record, result)
 
 
 def _onnx_record(path: Path, engine_key: str | None) -> OnnxRecord:

@@ -44,7 +44,10 @@ CONTEXT_LENGTH = 77  # CLIP's text context: start token, up to 75 BPE tokens, en
 TEXT_MODEL_SUFFIX = "_text"
 # Model-config parameters that tell the gateway about the open-vocabulary part (Triton's
 # ONNX Runtime backend ignores model parameters it does not know, so they stay portable).
-PARAM_PRECISION = "precision"
+PARAM_PRECISION = "precision"  # fp32 | fp16 | int8: the graph's, for the session options
+PARAM_INTRA_OP_THREADS = "intra_op_thread_count"  # read by Triton's native ONNX Runtime backend and ours
+PARAM_INTER_OP_THREADS = "inter_op_thread_count"  # likewise
+PARAM_SPINNING = "allow_spinning"  # auto | on | off: ours only (the native backend has no such switch)
 PARAM_TEXT_MODEL = "text_model"  # on the classifier: its text encoder's model name
 PARAM_LOGIT_SCALE = "logit_scale"  # on the classifier: the model's exp(logit_scale)
 PARAM_TEMPLATES = "templates"  # on the classifier: a JSON list, the export's prompt templates

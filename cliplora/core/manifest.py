@@ -178,6 +178,33 @@ class OpenVocabularyRecord(Record):
     verification: TextVerificationRecord
 
 
+class QuantizationGateRecord(Record):
+    """`--target cpu-int8`: the INT8 graph against the fp32 graph of the same merged model."""
+
+    images: int  # probe images plus calibration images
+    calibration_images: int
+    tolerance_abs_logit: float
+    top1_agreement: float
+    max_abs_logit: float
+    mean_abs_logit: float
+    min_top1_margin: float  # the smallest fp32 top-1 lead over the runner-up among the images
+    flipped_clear_margin: int  # images with a clear fp32 margin whose INT8 top-1 differs
+    min_top1_agreement: float | None  # the agreement bound, when enough images were compared
+    passed: bool
+
+
+class QuantizationRecord(Record):
+    """How the INT8 graph was made (export/quantize.py) and its gate."""
+
+    method: Literal["dynamic"]
+    weight_type: str
+    per_channel: bool
+    op_types: list[str]
+    constant_weights_only: bool
+    excluded_nodes: list[str]  # kept fp32: the class head
+    gate: QuantizationGateRecord | None
+
+
 class EnvironmentRecord(Record):
     python: str
     torch: str
@@ -206,6 +233,7 @@ class Manifest(VersionedRecord):
     environment: EnvironmentRecord
     export_seconds: float
     open_vocabulary: OpenVocabularyRecord | None = None
+    quantization: QuantizationRecord | None = None  # `--target cpu-int8`
 
     @property
     def base_weights_id(self) -> str:

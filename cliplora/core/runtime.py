@@ -3,24 +3,83 @@
 fp16 graphs are created with ``ORT_ENABLE_EXTENDED`` optimisations: on the CPU
 provider (onnxruntime 1.32) the layout optimisations of ``ORT_ENABLE_ALL`` crash the
 process while creating a session for a half-precision ViT. fp32 graphs get
-``ORT_ENABLE_ALL``, as Triton's native ONNX Runtime backend does. Idle threads do not
-spin-wait: spinning threads slow every other process on a small machine (a gateway, a
-Triton beside a load generator) for a gain within noise.
+``ORT_ENABLE_ALL``, as Triton's native ONNX Runtime backend does (int8 graphs too). Idle
+threads do not spin-wait: spinning threads slow every other process on a small machine
+(a gateway, a Triton beside a load generator) for a gain within noise.
+
+**Providers.** ``onnxruntime`` (CPU, the ``cpu`` extra) and ``onnxruntime-gpu`` (CUDA, the
+``gpu`` extra) install the same module, so exactly one of them may be installed; with
+both, the module is whichever came last, and sessions fail with a message that says how
+to mend it (`check_installation`). A session runs on CUDA when the device is ``auto``
+(the default; ``CLIPLORA_DEVICE`` says otherwise) and this ONNX Runtime has the CUDA
+provider, and on the CPU otherwise, so `cliplora predict`, `evaluate` and the export's
+verification use a GPU host's GPU without a flag; ``cuda`` without the provider is an error.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from cliplora.core import contract, open_vocab
-from cliplora.core.errors import FailedPrecondition
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.manifest import TextEncoderManifest
 from cliplora.core.repository import ModelRepository, ModelVersion
 from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
+
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_ENV = "CLIPLORA_DEVICE"
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def installed_runtimes(distribution: object = metadata.distribution) -> list[str]:
+    """The ONNX Runtime wheels installed here (normally exactly one)."""
+    found = []
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            distribution(name)  # type: ignore[operator]
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def check_installation(runtimes: Sequence[str]) -> None:
+    """FailedPrecondition unless exactly one ONNX Runtime wheel is installed."""
+    if len(runtimes) > 1:
+        raise FailedPrecondition(
+            "both onnxruntime and onnxruntime-gpu are installed; they provide the same module and clash. "
+            "Keep one: pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'cliplora[cpu]' "
+            "(or 'cliplora[gpu]' on a CUDA host)")
+    if not runtimes:
+        raise FailedPrecondition("ONNX Runtime is not installed: pip install 'cliplora[cpu]' (or 'cliplora[gpu]')")
+
+
+@cache
+def _checked() -> bool:
+    check_installation(installed_runtimes())
+    return True
+
+
+def preferred_providers(device: str | None = None, available: Sequence[str] | None = None) -> list[str]:
+    """The execution providers for `device` (``auto``: CUDA when there, else the CPU)."""
+    device = (device or os.environ.get(DEVICE_ENV) or "auto").lower()
+    if device not in DEVICES:
+        raise InvalidArgument(f"device must be one of {', '.join(DEVICES)}, got {device!r} ({DEVICE_ENV}?)")
+    available = list(ort.get_available_providers() if available is None else available)
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise FailedPrecondition(f"device cuda, but this ONNX Runtime has no CUDA provider (it has "
+                                 f"{', '.join(available)}): install cliplora[gpu] on a CUDA host")
+    return ["CPUExecutionProvider"]
 
 
 def create_session(
@@ -28,8 +87,11 @@ def create_session(
     *,
     precision: str = "fp32",
     threads: int = 0,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] | None = None,
+    device: str | None = None,
 ) -> ort.InferenceSession:
+    """A session for an exported graph; `providers` default to `preferred_providers(device)`."""
+    _checked()
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -39,7 +101,8 @@ def create_session(
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=list(providers))
+    chosen = list(providers) if providers is not None else preferred_providers(device)
+    return ort.InferenceSession(str(path), options, providers=chosen)
 
 
 def run_logits(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
@@ -127,6 +190,7 @@ def open_text_encoder(model: PublishedModel, *, threads: int = 0) -> PublishedTe
     if tokenizer.vocab_sha256 != manifest.open_vocabulary.tokenizer.vocab_sha256:
         raise FailedPrecondition(f"model {name!r} was exported with another BPE vocabulary than this machine's "
                                  f"({manifest.open_vocabulary.tokenizer.vocab}); set CLIPLORA_BPE_VOCAB to it")
-    session = create_session(found.model_path, precision=manifest.precision, threads=threads)
+    precision = TextEncoderManifest.read(found.manifest_path).precision  # fp32 beside a cpu-int8 classifier
+    session = create_session(found.model_path, precision=precision, threads=threads)
     return PublishedTextEncoder(found, session, manifest.open_vocabulary.logit_scale, tuple(manifest.templates),
                                 tokenizer)

@@ -9,10 +9,13 @@ native backend (``platform: "onnxruntime_onnx"``) run here unchanged.
 - Tensor names and dtypes come from the model config, not from this file.
 - Dynamic batching: the requests of one `execute` call are concatenated along the batch
   dimension and run once.
-- ``parameters { key: "intra_op_thread_count" }`` sets ONNX Runtime's thread count; unset,
-  CPU instances share the cores (cores / instances each, at least 1). CPU threads never
-  spin-wait for work: with several models on one server, spinning threads of one
-  model's session starve the others (measured: docs/benchmarks.md).
+- ``parameters { key: "intra_op_thread_count" }`` and ``inter_op_thread_count`` set ONNX
+  Runtime's thread counts (the names Triton's native backend reads too); unset, CPU
+  instances share the cores (cores / instances each, at least 1) and use one inter-op
+  thread. ``allow_spinning`` (``on`` | ``off`` | ``auto``, ours only) says whether idle
+  intra-op threads spin-wait: ``auto`` (the default) lets a model spin when it is the
+  only model in its repository, and not otherwise, because spinning threads of one
+  model's session starve the others on a small machine (measured: docs/benchmarks.md).
 - GPU instances use the TensorRT / CUDA execution providers the config asks for
   (``optimization.execution_accelerators``) when this ONNX Runtime has them.
 - A failing batch answers each of its requests with an error; the instance lives on.
@@ -29,6 +32,15 @@ import triton_python_backend_utils as pb_utils
 
 def _parameter(config: dict, key: str, default: str) -> str:
     return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
+
+
+def _spinning(setting: str, model_folder: str) -> str:
+    """``on`` or ``off``: `setting`, where ``auto`` means on for the repository's only model."""
+    if setting in ("on", "off"):
+        return setting
+    root = os.path.dirname(os.path.abspath(model_folder))
+    models = [name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, "config.pbtxt"))]
+    return "on" if len(models) <= 1 else "off"
 
 
 def _providers(config: dict, kind: str, available: list[str]) -> list:
@@ -61,9 +73,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(_parameter(config, "intra_op_thread_count", str(default_threads)))
         options.inter_op_num_threads = int(_parameter(config, "inter_op_thread_count", "1"))
+        spinning = "off"
         if kind == "CPU":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # fp16 graphs crash ORT_ENABLE_ALL's CPU layout passes (see cliplora/core/runtime.py).
+            spinning = _spinning(_parameter(config, "allow_spinning", "auto"), args["model_repository"])
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning == "on" else "0")
+        # fp16 graphs crash ORT_ENABLE_ALL's CPU layout passes (see cliplora/core/runtime.py); int8 and fp32 take it.
         fp16 = _parameter(config, "precision", "fp32") == "fp16"
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if fp16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -72,7 +86,8 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.logger = pb_utils.Logger
         self.logger.log_info(f"onnxruntime backend: {path} on {self.session.get_providers()}, "
-                             f"{options.intra_op_num_threads} intra-op threads, {instances} instance(s)")
+                             f"{options.intra_op_num_threads} intra-op threads (spinning {spinning}), "
+                             f"{instances} instance(s)")
 
     def execute(self, requests: list) -> list:
         try:
