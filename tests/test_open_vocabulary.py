@@ -407,3 +407,12 @@ async def test_loadtest_sends_request_time_labels(triton, exported, tmp_path) ->
     bad = subprocess.run([CLI, "loadtest", "--target", "127.0.0.1:1", "--models", "ovlora:labels", "--report",
                           str(tmp_path / "r2")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "needs --labels-file" in bad.stderr
+
+
+def test_text_encoder_throughput_tool(triton) -> None:
+    from cliplora.loadtest.text_throughput import measure
+
+    report = asyncio.run(measure(triton.grpc_url, "ovlora_text", batch=4, concurrency=2, seconds=1.0, warmup=0.2))
+    assert report["requests"] > 0 and report["prompts_per_s"] == pytest.approx(
+        report["requests"] * 4 / report["seconds"], rel=0.05)
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
