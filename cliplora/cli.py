@@ -160,17 +160,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cliplora.serve.settings import ENV_PREFIX, GatewaySettings
     from cliplora.serve.stack import run_stack
+    from cliplora.serve.supervisor import ReadinessProbe, RestartPolicy
     from cliplora.serve.triton_launcher import TritonPorts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in vars(args).items() if v is not None}
     flags["repository"] = Path(args.repository)
+    # Every setting is parsed and checked here, before run_stack starts anything.
     settings = GatewaySettings.from_sources(flags)
-    http, grpc_port, metrics = (int(p) for p in args.triton_ports.split(","))
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s)
+    probe = ReadinessProbe(interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s,
+                           hang_s=args.triton_hang_s)
     # An existing Triton, named by flag or by CLIPLORA_TRITON_URL, means: the gateway only.
     existing_triton = args.triton_url is not None or bool(os.environ.get(f"{ENV_PREFIX}TRITON_URL"))
     run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=not existing_triton,
-              triton_ports=TritonPorts(http, grpc_port, metrics), prometheus_port=args.prometheus_port)
+              triton_ports=TritonPorts.parse(args.triton_ports), prometheus_port=args.prometheus_port,
+              restart_policy=policy, triton_probe=probe)
     return 0
 
 
@@ -206,7 +211,7 @@ def _add_vocabulary(parser: argparse.ArgumentParser) -> None:
 def _labels(args: argparse.Namespace) -> list[str] | None:
     from cliplora.core.open_vocab import labels_argument
 
-    return labels_argument(args.labels, args.labels_file)
+    return labels_argument(getattr(args, "labels", None), args.labels_file)
 
 
 def _loadtest(args: argparse.Namespace) -> int:
@@ -329,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"ports of the local Triton (default {triton_ports})")
     serve.add_argument("--prometheus-port", type=int, default=PROMETHEUS_PORT,
                        help=f"local Prometheus port (default {PROMETHEUS_PORT})")
+    from cliplora.serve.supervisor import ReadinessProbe, RestartPolicy
+
+    serve.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                       help="restarts of the local Triton or Prometheus allowed within --restart-window-s; one more "
+                            f"failure stops the stack with a non-zero status (default {RestartPolicy.max_restarts})")
+    serve.add_argument("--restart-window-s", type=float, default=RestartPolicy.window_s,
+                       help=f"the window of --max-restarts, in seconds (default {RestartPolicy.window_s:g})")
+    serve.add_argument("--triton-hang-s", type=float, default=ReadinessProbe.hang_s,
+                       help="the local Triton is hung, killed and restarted, after this long without an answer to "
+                            f"its readiness probe; 0: never (default {ReadinessProbe.hang_s:g})")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
 

@@ -5,5 +5,7 @@
 CPU; `triton_launcher` starts that server; `gateway` answers ``cliplora.v1.Classifier``
 calls by way of `triton` (one long-lived client, model discovery); `errors` maps
 domain errors to status codes; `metrics` and `health` report; `security` checks TLS
-and tokens; `server` wires them; `stack` is `cliplora serve`.
+and tokens; `server` wires them; `text_encoder` and `text_cache` embed request-time
+labels; `stack` is `cliplora serve`, whose `supervisor` restarts Triton and Prometheus
+and whose `child_guard` keeps any child from outliving it.
 """

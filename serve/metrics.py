@@ -53,6 +53,10 @@ class GatewayMetrics:
             "cliplora_gateway_model_info",
             "1 per served model; base_model/base_weights/lora from its manifest pair a LoRA model with its base.",
             ["model", "base_model", "base_weights", "lora"], registry=r)
+        # Of the local stack (`cliplora serve` without --triton-url): its supervisor counts here.
+        self.stack_restarts = Counter("cliplora_stack_restarts_total",
+                                      "Restarts of a local stack child (triton, prometheus) after it exited or hung.",
+                                      ["component"], registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

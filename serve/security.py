@@ -2,7 +2,8 @@
 
 Tokens come from a file (one per line; blank lines and ``#`` comments ignored) and/or
 ``CLIPLORA_AUTH_TOKENS`` (comma-separated). With tokens configured, every call except
-``grpc.health.v1.Health`` (probes must reach it) needs ``authorization: Bearer <token>``;
+``grpc.health.v1.Health`` (probes must reach it) needs ``authorization: Bearer <token>``
+(the scheme in any case);
 anything else is UNAUTHENTICATED. Tokens are compared in constant time, against every
 configured token, so timing says nothing about how close a guess was.
 """
@@ -37,6 +38,18 @@ def load_tokens(path: Path | None, environ: dict[str, str] | None = None) -> tup
     return tuple(t.encode() for t in tokens)
 
 
+def bearer_token(header: object) -> bytes:
+    """The token of an ``authorization: Bearer <token>`` value, b"" for anything else.
+
+    The scheme is case-insensitive (RFC 7235: ``bearer``, ``BEARER``), and whitespace around
+    the value or between scheme and token is not part of the token.
+    """
+    if not isinstance(header, str):
+        return b""
+    parts = header.split(None, 1)
+    return parts[1].strip().encode() if len(parts) == 2 and parts[0].lower() == "bearer" else b""
+
+
 def token_matches(presented: bytes, tokens: tuple[bytes, ...]) -> bool:
     """Constant time per token, and every token is compared (no early exit)."""
     matched = False
@@ -57,8 +70,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith(OPEN_METHODS_PREFIX):
             return await continuation(details)
-        header = dict(details.invocation_metadata or ()).get("authorization", "")
-        presented = header[7:].encode() if isinstance(header, str) and header.startswith("Bearer ") else b""
+        presented = bearer_token(dict(details.invocation_metadata or ()).get("authorization", ""))
         if presented and token_matches(presented, self.tokens):
             return await continuation(details)
         if self.on_reject:

@@ -44,7 +44,7 @@ class GatewayServer:
     async def start(self) -> None:
         s = self.settings
         self.triton = Triton(s.triton_url, s.triton_renew_s)
-        self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s)
+        self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s, s.health_timeout_s)
         self.service = ClassifierService(s, self.triton, self.metrics, self._pool)
         self.triton.on_refresh.append(self.service.publish_model_info)
         tokens = load_tokens(s.auth_tokens_file)

@@ -45,6 +45,7 @@ class GatewaySettings:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM; clients must then present a certificate it signed
     auth_tokens_file: Path | None = None  # bearer tokens, one per line (also CLIPLORA_AUTH_TOKENS)
+    health_timeout_s: float = 1.0  # each Triton readiness probe: a hung Triton shows within this + the interval
 
     def __post_init__(self) -> None:
         positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent", "preprocess_workers",

@@ -1,18 +1,30 @@
-"""`cliplora serve`: Triton + gateway (+ Prometheus when installed) on this machine."""
+"""`cliplora serve`: the gateway, and unless it is given a Triton, a supervised local Triton
+and Prometheus (when installed) on this machine.
+
+Order: every setting, the token file and the TLS files are checked first; then the
+gateway starts (its ports bound, NOT_SERVING), then Prometheus, then Triton, each under a
+`Supervisor` (serve/supervisor.py) that restarts it when it exits or hangs. The gateway
+itself never restarts: it answers UNAVAILABLE while Triton is away and turns SERVING
+again by itself. Ctrl-C / SIGTERM drains the gateway, then stops the children.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from cliplora.core.errors import InvalidArgument, PermissionDenied
 from cliplora.core.repository import ModelRepository
 from cliplora.serve.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
 from cliplora.serve.prometheus import LocalPrometheus, render_config
-from cliplora.serve.server import serve_until_signalled
+from cliplora.serve.security import load_tokens, server_credentials
+from cliplora.serve.server import GatewayServer, serve_until_signalled
 from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.supervisor import ReadinessProbe, RestartPolicy, Supervisor
 from cliplora.serve.triton_launcher import LocalTriton, TritonPorts
 
 log = logging.getLogger(__name__)
@@ -30,41 +42,138 @@ def run_stack(
     start_triton: bool,
     triton_ports: TritonPorts = TritonPorts(),
     prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
+    restart_policy: RestartPolicy = RestartPolicy(),
+    triton_probe: ReadinessProbe = ReadinessProbe(),
 ) -> None:
-    """Blocks until Ctrl-C / SIGTERM; stops everything it started."""
-    triton: LocalTriton | None = None
-    prometheus: LocalPrometheus | None = None
+    """Blocks until Ctrl-C / SIGTERM; stops everything it started. Raises `Unavailable`
+    (after stopping everything) when a child failed more often than `restart_policy` allows."""
+    if not start_triton:
+        check_before_start(settings, log_dir)
+        _print_endpoints(settings, repository, None, None)
+        try:
+            asyncio.run(serve_until_signalled(settings))
+        except KeyboardInterrupt:
+            pass
+        return
+    triton = LocalTriton(repository, ports=triton_ports, log_path=log_dir / "triton.log")
     try:
-        if start_triton:
-            _say(f"starting Triton on {repository} (log: {log_dir / 'triton.log'}) ...")
-            triton = LocalTriton(repository, ports=triton_ports, log_path=log_dir / "triton.log").start()
-            settings = replace(settings, triton_url=triton.grpc_url)
-        if _wants_prometheus(settings, triton):
-            config = render_config(f"{settings.host}:{settings.metrics_port}",
-                                   f"{triton.host}:{triton.ports.metrics}" if triton else None)
-            prometheus = LocalPrometheus(config, port=prometheus_port, log_path=log_dir / "prometheus.log").start()
-        _print_endpoints(settings, repository, triton, prometheus)
-        asyncio.run(serve_until_signalled(settings))
+        wants_prometheus = _wants_prometheus(settings)
+        check_before_start(settings, log_dir, triton=triton, prometheus_port=prometheus_port if wants_prometheus else None)
+        asyncio.run(_serve_stack(settings, triton, log_dir, prometheus_port if wants_prometheus else None,
+                                 restart_policy, triton_probe))
     except KeyboardInterrupt:
         pass
     finally:
+        triton.cleanup()
+
+
+def check_before_start(settings: GatewaySettings, log_dir: Path, *, triton: LocalTriton | None = None,
+                       prometheus_port: int | None = None) -> None:
+    """What can be known wrong before any child process starts: the token file and its
+    tokens, the TLS files, and with a local Triton the repository, the Triton wheel, ports
+    given twice and the log folder. (GatewaySettings, RestartPolicy and ReadinessProbe
+    check themselves when built.)"""
+    load_tokens(settings.auth_tokens_file)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if settings.health_timeout_s <= 0:
+        raise InvalidArgument(f"health_timeout_s must be positive, got {settings.health_timeout_s}")
+    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port}
+    if triton is not None:
+        triton.prepare()
+        ports |= {"Triton HTTP": triton.ports.http, "Triton gRPC": triton.ports.grpc,
+                  "Triton metrics": triton.ports.metrics}
+    if prometheus_port is not None:
+        if not 1 <= prometheus_port <= 65535:
+            raise InvalidArgument(f"--prometheus-port must be in 1..65535, got {prometheus_port}")
+        ports["--prometheus-port"] = prometheus_port
+    named: dict[int, str] = {}
+    for name, port in ports.items():
+        if port > 0 and port in named:  # 0: any free port; -1: off
+            raise InvalidArgument(f"port {port} is given twice: {named[port]} and {name}")
+        named[port] = name
+    if triton is None:
+        return  # the gateway alone writes no log files (its container's filesystem may be read-only)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionDenied(f"cannot create the log folder {log_dir}: {exc}") from None
+
+
+async def _serve_stack(settings: GatewaySettings, triton: LocalTriton, log_dir: Path, prometheus_port: int | None,
+                       policy: RestartPolicy, probe: ReadinessProbe) -> None:
+    settings = replace(settings, triton_url=triton.grpc_url)
+    gateway = GatewayServer(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    supervisors: list[tuple[Supervisor, asyncio.Task[None]]] = []
+    prometheus: LocalPrometheus | None = None
+    started = False
+    try:
+        await gateway.start()
+        started = True
+
+        def supervise(child: LocalTriton | LocalPrometheus, child_probe: ReadinessProbe) -> Supervisor:
+            supervisor = Supervisor(child, policy, child_probe, gateway.metrics.stack_restarts)
+            supervisors.append((supervisor, asyncio.create_task(supervisor.run(), name=f"supervise {child.name}")))
+            return supervisor
+
+        def tasks() -> list[asyncio.Task[None]]:
+            return [task for _, task in supervisors]
+
+        if prometheus_port is not None:
+            config = render_config(f"{settings.host}:{gateway.metrics_port}", f"{triton.host}:{triton.ports.metrics}")
+            prometheus = LocalPrometheus(config, port=prometheus_port, log_path=log_dir / "prometheus.log")
+            # Up before Triton is: SERVING then means the whole stack is there.
+            await _first_of(supervise(prometheus, replace(probe, hang_s=0)).settled.wait(), stop.wait(), *tasks())
+        if not stop.is_set() and not any(task.done() for task in tasks()):
+            _say(f"starting Triton on {triton.repository} (log: {triton.log_path}) ...")
+            ready = supervise(triton, probe).ready
+            if await _first_of(ready.wait(), stop.wait(), *tasks()) == 0:
+                shown = replace(settings, metrics_port=gateway.metrics_port) if settings.metrics_port >= 0 else settings
+                _print_endpoints(shown, triton.repository, triton, prometheus)
+                await _first_of(stop.wait(), *tasks())
+    finally:
         _say("stopping ...")
-        if prometheus:
+        if started:
+            await gateway.stop()
+        for supervisor, _ in supervisors:
+            supervisor.request_stop()
+        failures = [exc for exc in await asyncio.gather(*(task for _, task in supervisors), return_exceptions=True)
+                    if isinstance(exc, BaseException)]
+        await asyncio.gather(*(supervisor.stop_child() for supervisor, _ in supervisors))
+        if prometheus is not None:
             prometheus.cleanup()
-        if triton:
-            triton.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         _say("stopped")
+    if failures:
+        raise failures[0]
 
 
-def _wants_prometheus(settings: GatewaySettings, triton: LocalTriton | None) -> bool:
+async def _first_of(*awaitables: object) -> int:
+    """Wait for the first of `awaitables` to finish; its index. The others are left running
+    if they are tasks, cancelled otherwise."""
+    futures = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in awaitables]  # type: ignore[arg-type]
+    done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    for future, awaitable in zip(futures, awaitables, strict=True):
+        if future is not awaitable:
+            future.cancel()
+    return min(futures.index(f) for f in done)
+
+
+def _wants_prometheus(settings: GatewaySettings) -> bool:
     """Only for the local stack: `--triton-url` promises the gateway alone (its operator
     monitors it), and with `--metrics-port -1` there is nothing of ours to scrape."""
-    return triton is not None and settings.metrics_port >= 0 and LocalPrometheus.available()
+    return settings.metrics_port >= 0 and LocalPrometheus.available()
 
 
 def _print_endpoints(settings: GatewaySettings, repository: Path, triton: LocalTriton | None,
                      prometheus: LocalPrometheus | None) -> None:
-    models = ModelRepository(repository).model_names() if triton else []
+    found = ModelRepository(repository)  # classifiers only: text encoders are named by their model
+    models = [m for m in found.model_names() if found.text_encoder_of(m) is None] if triton else []
     lines = [
         "",
         "cliplora is serving:",
@@ -85,6 +194,9 @@ def _print_endpoints(settings: GatewaySettings, repository: Path, triton: LocalT
         lines += ["  Prometheus                                                off (gateway metrics are off)"]
     else:
         lines += ["  Prometheus                                                not installed (apt-get install -y prometheus)"]
+    if triton:
+        lines += ["  supervised: Triton and Prometheus restart when they exit or hang (logs in "
+                  f"{triton.log_path.parent})"]
     if models:
         lines += [f"  models: {', '.join(models)}", "",
                   "try:", f"  .venv/bin/cliplora classify --target {settings.host}:{settings.grpc_port} "

@@ -8,21 +8,32 @@ this virtual environment's ``bin`` so the stub's embedded Python finds our packa
 (onnxruntime, numpy), as PyTriton itself arranges it.
 
 Triton listens on loopback only, polls the repository (new exports appear by
-themselves), keeps running when one model fails to load, and logs to a file.
+themselves), keeps running when one model fails to load, and logs to a file. It runs
+under `cliplora.serve.child_guard`, so its Python-backend stubs never outlive it
+(docs/reliability.md, "Supervision and orphans").
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliplora.core.errors import FailedPrecondition, NotFound, Unavailable
-from cliplora.serve.processes import http_ok, stop_process, wait_http_ok
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cliplora.serve.processes import (
+    KILL_WAIT_S,
+    guarded_pid,
+    http_ok,
+    kill_guarded,
+    start_guarded,
+    stop_guarded,
+    wait_http_ok,
+)
 
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "onnxruntime" / "model.py"
 
@@ -32,6 +43,19 @@ class TritonPorts:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    def __post_init__(self) -> None:
+        ports = (self.http, self.grpc, self.metrics)
+        if not all(1 <= port <= 65535 for port in ports) or len(set(ports)) != 3:
+            raise InvalidArgument(f"Triton needs three different ports in 1..65535, got {ports}")
+
+    @classmethod
+    def parse(cls, text: str) -> TritonPorts:
+        """From ``HTTP,GRPC,METRICS`` (the ``--triton-ports`` flag)."""
+        parts = text.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise InvalidArgument(f"--triton-ports must be HTTP,GRPC,METRICS (three port numbers), got {text!r}")
+        return cls(*(int(p) for p in parts))
 
 
 def _pytriton_paths() -> tuple[Path, Path, Path, Path]:
@@ -62,7 +86,15 @@ def build_backend_directory(target: Path) -> Path:
 
 
 class LocalTriton:
-    """A tritonserver child process serving `repository`."""
+    """A tritonserver child process serving `repository`.
+
+    `process` is its guard (`cliplora.serve.child_guard`), which exits as tritonserver did;
+    `server_pid` is tritonserver itself.
+    """
+
+    name = "triton"
+    start_timeout_s = 120.0  # every model loaded (a cold ONNX Runtime session per instance)
+    EXIT_TIMEOUT_S = 10  # --exit-timeout-secs: in-flight inferences finish on SIGTERM
 
     def __init__(
         self,
@@ -80,6 +112,7 @@ class LocalTriton:
         self._work = Path(tempfile.mkdtemp(prefix="cliplora-triton-"))
         self.log_path = Path(log_path) if log_path else self._work / "triton.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._prepared = False
 
     @property
     def grpc_url(self) -> str:
@@ -93,6 +126,15 @@ class LocalTriton:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.ports.metrics}/metrics"
 
+    @property
+    def ready_url(self) -> str:
+        return f"{self.http_url}/v2/health/ready"
+
+    @property
+    def server_pid(self) -> int | None:
+        """The tritonserver process (the guard's only child), None when not running."""
+        return guarded_pid(self.process)
+
     def command(self) -> list[str]:
         binary = _pytriton_paths()[0]
         return [
@@ -103,7 +145,7 @@ class LocalTriton:
             f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
             "--model-control-mode=poll", f"--repository-poll-secs={self.poll_seconds}",
-            "--exit-on-error=false", "--strict-readiness=false", "--exit-timeout-secs=10",
+            "--exit-on-error=false", "--strict-readiness=false", f"--exit-timeout-secs={self.EXIT_TIMEOUT_S}",
             "--log-verbose=0",
         ]
 
@@ -114,24 +156,31 @@ class LocalTriton:
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         return env
 
-    def start(self, timeout_s: float = 120.0) -> LocalTriton:
+    def prepare(self) -> None:
+        """Check the repository and lay out the backend folder (once; every restart reuses it)."""
         if not self.repository.is_dir():
             raise NotFound(f"model repository {self.repository} does not exist")
-        build_backend_directory(self._work / "backends")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                                        start_new_session=True)
-        log.close()
+        if not self._prepared:
+            build_backend_directory(self._work / "backends")
+            self._prepared = True
+
+    def launch(self) -> None:
+        """Start tritonserver (under its guard) and return at once; `start` also waits."""
+        self.prepare()
+        self.process = start_guarded(self.command(), self.log_path, env=self.environment(),
+                                     grace_s=self.EXIT_TIMEOUT_S + KILL_WAIT_S)
+
+    def start(self, timeout_s: float = start_timeout_s) -> LocalTriton:
+        self.launch()
         self.wait_ready(timeout_s)
         return self
 
     def is_ready(self) -> bool:
-        return http_ok(f"{self.http_url}/v2/health/ready")
+        return http_ok(self.ready_url)
 
     def wait_ready(self, timeout_s: float) -> None:
         assert self.process is not None, "start() first"
-        outcome = wait_http_ok(self.process, f"{self.http_url}/v2/health/ready", timeout_s)
+        outcome = wait_http_ok(self.process, self.ready_url, timeout_s)
         if outcome == "ready":
             return
         if outcome == "exited":
@@ -145,17 +194,28 @@ class LocalTriton:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (Triton drains), then SIGKILL after `timeout_s`."""
-        stop_process(self.process, timeout_s)
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 2 * KILL_WAIT_S) -> None:
+        """SIGTERM (Triton drains), then its whole process group SIGKILLed after the guard's
+        grace period (or `timeout_s`, whichever comes first)."""
+        stop_guarded(self.process, timeout_s)
         self.process = None
 
     def kill(self) -> None:
-        """Hard stop, as a crash would (tests of the gateway's fault handling)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """SIGKILL to tritonserver alone, as a crash would (tests of the fault handling);
+        the guard then ends its stubs. Returns once all of it is gone."""
+        pid = self.server_pid
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        if self.process is not None:
+            try:
+                self.process.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                kill_guarded(self.process)
         self.process = None
+
+    def kill_group(self) -> None:
+        """tritonserver and everything it started SIGKILLed now (a hung Triton, a restart)."""
+        kill_guarded(self.process)
 
     def cleanup(self) -> None:
         self.stop()

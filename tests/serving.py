@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
 import struct
 import subprocess
@@ -12,13 +13,14 @@ import sys
 import time
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,8 +30,9 @@ from cliplora.serve.processes import stop_process
 from cliplora.serve.server import GatewayServer
 from cliplora.serve.settings import GatewaySettings
 from cliplora.serve.triton_launcher import TritonPorts
+from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from tests import factories
+from tests import factories, leftovers
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]
 
@@ -158,6 +161,41 @@ async def wait_for_health(port: int, status: str, timeout_s: float, poll_s: floa
         await asyncio.sleep(poll_s)
 
 
+def small_request(model: str = "base") -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=model, images=[pb.Image(encoded=encoded(factories.make_image(64, 48), "JPEG"))])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: str  # status code name, "OK" included
+    started: float  # time.monotonic()
+    finished: float
+    results: int = 0  # classifications in the reply
+    details: str = ""  # the status message, for failures
+    deadline: float = 0.0  # the deadline the call was given, in seconds
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+async def timed_call(stub: pb_grpc.ClassifierStub, request: pb.ClassifyRequest, timeout: float) -> Outcome:
+    started = time.monotonic()
+    try:
+        reply = await stub.Classify(request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return Outcome(exc.code().name, started, time.monotonic(), details=exc.details() or "", deadline=timeout)
+    return Outcome("OK", started, time.monotonic(), len(reply.results), deadline=timeout)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` every 0.05 s; fail the test naming `what` after `timeout_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
 def classifier_stub(port: int) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierStub]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return channel, pb_grpc.ClassifierStub(channel)
@@ -245,3 +283,67 @@ async def _health_or_none(port: int) -> str | None:
         return await health(port)
     except grpc.aio.AioRpcError:
         return None
+
+
+@dataclass
+class StackProcess(GatewayProcess):
+    """A whole `cliplora serve` stack (gateway, supervised Triton and Prometheus) as a child
+    process; everything it starts carries `marker` in its environment."""
+
+    marker: str
+    triton: TritonPorts
+    prometheus_port: int
+
+    def descendants(self, name: str) -> list[psutil.Process]:
+        """Its live descendants called `name` ("tritonserver", "prometheus", "triton_python_backend_stub")."""
+        found = []
+        for child in psutil.Process(self.pid).children(recursive=True):
+            try:
+                if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def leftovers(self, timeout_s: float) -> list[psutil.Process]:
+        """Processes of this stack (the serve process included) still running after `timeout_s`."""
+        return leftovers.still_running(leftovers.CASE_VARIABLE, self.marker, timeout_s)
+
+
+@asynccontextmanager
+async def stack_process(repository: Path, log_dir: Path, *flags: str, wait_serving: bool = True,
+                        triton: TritonPorts | None = None) -> AsyncIterator[StackProcess]:
+    """`cliplora serve --repository ...` on free ports (gateway, metrics, Triton, Prometheus).
+    On the way out: SIGTERM unless the test ended it, then a check that nothing it started
+    is still running (named, killed, and the test failed if something is)."""
+    port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
+    ports = triton or triton_ports()
+    marker = os.urandom(8).hex()
+    log_path = log_dir / f"stack-{port}.log"
+    command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--repository", str(repository),
+               "--grpc-port", str(port), "--metrics-port", str(metrics_port),
+               "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}", "--prometheus-port", str(prometheus_port),
+               "--log-dir", str(log_dir / f"logs-{port}"), *flags]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, leftovers.CASE_VARIABLE: marker})
+    stack = StackProcess(process, port, metrics_port, log_path, marker, ports, prometheus_port)
+    failed = False
+    try:
+        started = time.monotonic()
+        while wait_serving and (await _health_or_none(port)) != "SERVING":
+            assert process.poll() is None, f"stack exited with {process.returncode}:\n{stack.log_tail()}"
+            assert time.monotonic() - started < 90, f"stack not SERVING after 90 s:\n{stack.log_tail()}"
+            await asyncio.sleep(0.1)
+        yield stack
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        stop_process(process, 30)
+        left = stack.leftovers(10)
+        if left:
+            report = leftovers.describe(left)
+            leftovers.kill(left)
+            if not failed:
+                raise AssertionError(f"processes of the stack still running after it ended:\n{report}")

@@ -1,7 +1,8 @@
 """deploy/k8s: both overlays render with the pinned kubectl's kustomize and validate offline
 (kubernetes-validate, strict, oldest and newest supported Kubernetes); the Prometheus-operator
 objects validate against the vendored CRD schemas; every Deployment has probes, limits and a
-non-root, read-only, unprivileged container; the PrometheusRule carries exactly
+non-root, read-only, unprivileged container; Triton's liveness probe detects a hang (its
+script run here against a hung stand-in); the PrometheusRule carries exactly
 deploy/prometheus/rules.yml."""
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
     triton = deployments["triton"]["spec"]["template"]["spec"]["containers"][0]
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    _check_triton_liveness(triton)
     assert "--model-control-mode=explicit" in triton["args"] and "--load-model=*" in triton["args"]
     mounts = {m["mountPath"] for m in triton["volumeMounts"]}
     assert model_config.TRT_CACHE_ROOT in mounts and "/tmp" in mounts  # the engine cache of `--target gpu`
@@ -101,6 +102,77 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
     assert pause > 10 + GatewaySettings().refresh_interval_s
     headless = [d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == "triton-grpc"]
     assert headless and headless[0]["spec"]["clusterIP"] == "None"  # one address per pod: round robin spreads calls
+
+
+def _check_triton_liveness(triton: dict) -> None:
+    """The liveness probe detects a hang as `cliplora serve --triton-hang-s` does: a timed
+    request to /v2/health/ready, failing within about the stack's default window."""
+    from cliplora.serve.supervisor import ReadinessProbe
+
+    live = triton["livenessProbe"]
+    command = live["exec"]["command"]
+    assert command[:2] == ["python3", "-c"] and "/v2/health/ready" in command[2], command
+    script_timeout = float(re.search(r"timeout=([0-9.]+)", command[2]).group(1))
+    assert script_timeout < live["timeoutSeconds"]  # the script's own timeout answers first, not the kubelet's
+    window = live["periodSeconds"] * live["failureThreshold"]
+    assert window <= ReadinessProbe.hang_s + live["periodSeconds"], window  # a hung pod restarted in ~15 s
+    ready = triton["readinessProbe"]
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= window  # out of the Service before restarted
+
+
+def _liveness_script(port: int) -> str:
+    """The rendered Triton liveness script, aimed at `port` instead of Triton's 8000."""
+    triton = by_kind(render(K8S / "overlays" / "cpu"), "Deployment")["triton"]["spec"]["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]}["http"] == 8000
+    script = triton["livenessProbe"]["exec"]["command"][2]
+    assert script.count("8000") == 1, script
+    return script.replace("8000", str(port))
+
+
+@needs_kubectl
+def test_triton_liveness_probe_fails_on_a_hang_not_on_a_model_loading() -> None:
+    """The probe's own script, run here against stand-ins for Triton: ready (200) and not
+    ready (400, a model loading) pass; a server that accepts the connection but never
+    answers (a SIGSTOPped tritonserver) and no server at all fail, the hang within the
+    script's timeout."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_GET(self) -> None:
+            self.send_response(self.status)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    def probe(port: int) -> tuple[int, float]:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", _liveness_script(port)], capture_output=True, timeout=30)
+        return done.returncode, time.monotonic() - started
+
+    for status in (200, 400):
+        server = http.server.HTTPServer(("127.0.0.1", 0), type("Handler", (Answer,), {"status": status}))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            assert probe(server.server_port)[0] == 0, status
+        finally:
+            server.shutdown()
+            server.server_close()
+    with socket.socket() as hung:  # the kernel completes the handshake; nobody ever reads
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        code, seconds = probe(hung.getsockname()[1])
+        assert code != 0 and seconds < 5, (code, seconds)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert probe(port)[0] != 0
 
 
 def _gateway_settings(args: list[str], env: dict[str, str]):

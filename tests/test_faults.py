@@ -16,25 +16,26 @@ import statistics
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+import psutil
 import pytest
 
 from cliplora.serve.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from tests import factories
 from tests.serving import (
     GatewayProcess,
+    Outcome,
     add_slow_model,
     classifier_stub,
-    encoded,
     gateway_process,
     health,
+    small_request,
     smooth_png,
+    timed_call,
     triton_ports,
+    until,
     wait_for_health,
 )
 
@@ -55,32 +56,6 @@ def repository(tmp_path_factory, tiny_repository) -> Path:
 def triton(repository):
     with LocalTriton(repository, ports=triton_ports()) as server:
         yield server
-
-
-def small_request(model: str = "base") -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=model, images=[pb.Image(encoded=encoded(factories.make_image(64, 48), "JPEG"))])
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: str  # status code name, "OK" included
-    started: float  # time.monotonic()
-    finished: float
-    results: int = 0  # classifications in the reply
-    details: str = ""  # the status message, for failures
-
-    @property
-    def seconds(self) -> float:
-        return self.finished - self.started
-
-
-async def timed_call(stub: pb_grpc.ClassifierStub, request: pb.ClassifyRequest, timeout: float) -> Outcome:
-    started = time.monotonic()
-    try:
-        reply = await stub.Classify(request, timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        return Outcome(exc.code().name, started, time.monotonic(), details=exc.details() or "")
-    return Outcome("OK", started, time.monotonic(), len(reply.results))
 
 
 # -- overload -------------------------------------------------------------------------------
@@ -141,16 +116,10 @@ async def _stream(stub: pb_grpc.ClassifierStub, request: pb.ClassifyRequest, sto
         await asyncio.sleep(STREAM_PAUSE_S)
 
 
-async def _until(condition, timeout_s: float, what: str) -> None:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
-        await asyncio.sleep(0.05)
-
-
 async def test_triton_killed_under_load_unavailable_then_recovers(repository, tmp_path) -> None:
     """SIGKILL Triton under a steady stream of calls: health NOT_SERVING within 2 s (default
-    0.5 s probes), every failed call UNAVAILABLE, and the same gateway process serves again
+    0.5 s probes), every failed call UNAVAILABLE, its Python-backend stubs gone with it (one
+    busy with a request used to live on for good), and the same gateway process serves again
     once a new Triton is up on the same ports."""
     ports = triton_ports()
     with ExitStack() as cleanup:
@@ -162,13 +131,16 @@ async def test_triton_killed_under_load_unavailable_then_recovers(repository, tm
                 stop = asyncio.Event()
                 workers = [asyncio.create_task(_stream(stub, small_request(), stop, outcomes))
                            for _ in range(STREAM_WORKERS)]
-                await _until(lambda: sum(o.code == "OK" for o in outcomes) >= 10, 30, "calls before the kill")
+                await until(lambda: sum(o.code == "OK" for o in outcomes) >= 10, 30, "calls before the kill")
 
+                stubs = psutil.Process(first.server_pid).children()
                 killed = time.monotonic()
-                first.kill()
+                first.kill()  # tritonserver alone, as a crash would: its guard must end the stubs
                 await wait_for_health(gateway.port, "NOT_SERVING", timeout_s=10)
                 not_serving_after = time.monotonic() - killed
-                await _until(lambda: sum(o.started > killed for o in outcomes) >= 20, 10, "calls in the outage")
+                _, alive = psutil.wait_procs(stubs, timeout=5)
+                assert stubs and not alive, f"Python-backend stubs outlived their tritonserver: {alive}"
+                await until(lambda: sum(o.started > killed for o in outcomes) >= 20, 10, "calls in the outage")
 
                 restarting = time.monotonic()
                 second = LocalTriton(repository, ports=ports)
@@ -176,7 +148,7 @@ async def test_triton_killed_under_load_unavailable_then_recovers(repository, tm
                 await asyncio.get_running_loop().run_in_executor(None, second.start)
                 await wait_for_health(gateway.port, "SERVING", timeout_s=30)
                 back = time.monotonic()
-                await _until(lambda: sum(o.code == "OK" and o.started > back for o in outcomes) >= 10, 30,
+                await until(lambda: sum(o.code == "OK" and o.started > back for o in outcomes) >= 10, 30,
                              "calls after Triton came back")
                 stop.set()
                 await asyncio.gather(*workers)
@@ -205,7 +177,7 @@ async def test_slow_triton_caller_deadline_honoured(triton, tmp_path) -> None:
         channel, stub = classifier_stub(gateway.port)
         async with channel:
             slow = await timed_call(stub, small_request("slow"), DEADLINE_S)
-            await _until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == 0, SLACK_S,
+            await until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == 0, SLACK_S,
                          "the gateway releasing the call")
             released = time.monotonic() - slow.started
             fast = await timed_call(stub, small_request("base"), 30)
@@ -237,7 +209,7 @@ async def _sigterm_with_calls_in_flight(
     """IN_FLIGHT calls on the slow model; once the gateway holds every one of them, SIGTERM.
     Returns the calls and when the signal went."""
     calls = [asyncio.create_task(timed_call(stub, small_request("slow"), 60)) for _ in range(IN_FLIGHT)]
-    await _until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == IN_FLIGHT, 10, "calls arriving")
+    await until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == IN_FLIGHT, 10, "calls arriving")
     signalled = time.monotonic()
     gateway.process.send_signal(signal.SIGTERM)
     return calls, signalled

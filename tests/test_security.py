@@ -286,3 +286,36 @@ async def test_evaluate_cli_over_tls_and_mutual_tls(triton: LocalTriton, tiny_re
         _assert_evaluated(result, expected, gateway.port)
         code, _, err = await _evaluate_cli(data, gateway.port, *ca)  # no client certificate
         assert code == 1 and "cliplora evaluate: UNAVAILABLE" in err, err
+
+
+def test_bearer_scheme_is_case_insensitive_and_whitespace_is_not_the_token() -> None:
+    from cliplora.serve.security import bearer_token
+
+    for header in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER {TOKEN}", f"  Bearer   {TOKEN}  ", f"bEaReR\t{TOKEN}"):
+        assert bearer_token(header) == TOKEN.encode(), header
+    for header in (f"Basic {TOKEN}", f"Bearer{TOKEN}", "Bearer", "Bearer   ", "", None, b"Bearer x"):
+        assert bearer_token(header) == b"", header
+
+
+async def test_bearer_scheme_in_any_case_over_grpc(tmp_path) -> None:
+    """RFC 7235: the scheme is case-insensitive; spaces around the value are not the token."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    gateway = await _gateway(auth_tokens_file=tokens)
+
+    async def list_models(value: str) -> str:
+        try:
+            await pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=5,
+                                                             metadata=(("authorization", value),))
+            return "OK"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            for value in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer  {TOKEN} ", f" Bearer {TOKEN}"):
+                assert await list_models(value) == "OK", value
+            for value in (f"Basic {TOKEN}", f"Bearer{TOKEN}", f"bearer {TOKEN}x"):
+                assert await list_models(value) == "UNAUTHENTICATED", value
+    finally:
+        await gateway.stop(1)
