@@ -22,7 +22,7 @@ from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import factories
 from tests.fakes import Aborted, FakeContext, service
-from tests.serving import encoded, free_port, png_header, triton_ports
+from tests.serving import encoded, free_port, png_header
 
 SEEDS = [encoded(factories.make_image(37, 23, mode, seed=i), fmt)
          for i, (mode, fmt) in enumerate([("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "GIF"), ("L", "BMP"), ("RGB", "WEBP")])]
@@ -130,23 +130,21 @@ def test_whole_requests_end_in_a_clean_status() -> None:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_repository, tmp_path_factory):
-    """A real Triton and the gateway as its own process (`cliplora serve --triton-url`)."""
-    from cliplora.serve.triton_launcher import LocalTriton
+def served(tiny_triton, tmp_path_factory):
+    """The session's real Triton and the gateway as its own process (`cliplora serve --triton-url`)."""
     from tests.serving import wait_for_health
 
     logs = tmp_path_factory.mktemp("fuzz-gateway")
-    with LocalTriton(tiny_repository, ports=triton_ports()) as triton:
-        port = free_port()
-        command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--triton-url", triton.grpc_url,
-                   "--grpc-port", str(port), "--metrics-port", "-1", "--max-images", "4", "--max-image-bytes", "4096"]
-        with open(logs / "gateway.log", "wb") as log:
-            gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            asyncio.run(wait_for_health(port, "SERVING", timeout_s=60))
-            yield port
-        finally:
-            stop_process(gateway, 20)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--triton-url", tiny_triton.grpc_url,
+               "--grpc-port", str(port), "--metrics-port", "-1", "--max-images", "4", "--max-image-bytes", "4096"]
+    with open(logs / "gateway.log", "wb") as log:
+        gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(wait_for_health(port, "SERVING", timeout_s=60))
+        yield port
+    finally:
+        stop_process(gateway, 20)
 
 
 def test_whole_requests_against_the_real_triton(served: int) -> None:

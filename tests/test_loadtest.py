@@ -217,24 +217,21 @@ def test_generated_images_are_jpegs() -> None:
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make test installs it)")
-async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
+async def test_verdict_from_scraped_data(tmp_path, tiny_repository, tiny_triton) -> None:
     """Triton + gateway + a real Prometheus: the report's server side comes from scrapes."""
     from cliplora.serve.prometheus import LocalPrometheus, render_config
     from cliplora.serve.server import GatewayServer
     from cliplora.serve.settings import GatewaySettings
-    from cliplora.serve.triton_launcher import LocalTriton
     from tests.serving import (
         free_port,
         metrics_text,
-        triton_ports,
         wait_for_health,
     )
 
     repository = tiny_repository
-    triton = LocalTriton(repository, ports=triton_ports())
+    triton = tiny_triton
     gateway = prometheus = None
     try:
-        await asyncio.get_running_loop().run_in_executor(None, triton.start)
         gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=0, triton_url=triton.grpc_url,
                                                 repository=repository, health_interval_s=0.2))
         await gateway.start()
@@ -286,7 +283,6 @@ async def test_verdict_from_scraped_data(tmp_path, tiny_repository) -> None:
             prometheus.cleanup()
         if gateway is not None:
             await gateway.stop(1)
-        triton.cleanup()
 
 
 def test_soak_report_helpers() -> None:

@@ -11,14 +11,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cliplora.serve.triton_launcher import LocalTriton
-from tests.serving import free_port, in_process_gateway, triton_ports
+from tests.serving import free_port, in_process_gateway
 
 MODELS = ("base", "lora")
 CLI = str(Path(sys.executable).with_name("cliplora"))
@@ -26,14 +25,9 @@ SHORT = ["--models", ",".join(MODELS), "--warmup", "0.5", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_repository: Path) -> Iterator[LocalTriton]:
-    """A real tritonserver on the tiny `base` and `lora`, stopped when the module ends."""
-    server = LocalTriton(tiny_repository, ports=triton_ports())
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
+def triton(tiny_triton: LocalTriton) -> LocalTriton:
+    """The session's tritonserver on the tiny `base` and `lora`."""
+    return tiny_triton
 
 
 def _command(report: Path, *flags: str) -> list[str]:

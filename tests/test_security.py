@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ from cliplora.serve.settings import GatewaySettings
 from cliplora.serve.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-from tests.serving import CLASSES, free_port, in_process_gateway, triton_ports
+from tests.serving import CLASSES, free_port, in_process_gateway
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -166,14 +165,9 @@ EVALUATED = ("base", "lora")
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_repository: Path) -> Iterator[LocalTriton]:
-    """A real tritonserver on the tiny `base` and `lora`, stopped when the module ends."""
-    server = LocalTriton(tiny_repository, ports=triton_ports())
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
+def triton(tiny_triton: LocalTriton) -> LocalTriton:
+    """The session's tritonserver on the tiny `base` and `lora`."""
+    return tiny_triton
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,8 @@ def repository(tiny_repository) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton(repository):
-    server = LocalTriton(repository, ports=triton_ports()).start()
-    yield server
-    server.cleanup()
+def triton(tiny_triton):
+    return tiny_triton
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ def repository(tiny_repository) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton(repository):
-    with LocalTriton(repository, ports=triton_ports()) as server:
-        yield server
+def triton(tiny_triton):
+    return tiny_triton
 
 
 def _inferences(server: LocalTriton, model: str) -> int:
