@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a config.pbtxt parameter; default: the cores shared between instances)")
     export.add_argument("--inter-op-threads", type=int, help="ONNX Runtime inter-op threads (default 1)")
     export.add_argument("--spinning", choices=("auto", "on", "off"),
-                        help="let idle ONNX Runtime threads spin-wait (local backend; default auto: only when the "
-                             "model is alone in its repository)")
+                        help="let idle ONNX Runtime threads spin-wait (local backend; unset: off; auto: only when "
+                             "the model is alone in its repository)")
     export.add_argument("--unmerged", action="store_true",
                         help="keep the LoRA branches in the graph (to measure what merging saves)")
     export.add_argument("--allow-random-weights", action="store_true",

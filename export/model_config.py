@@ -18,9 +18,9 @@ ONNX Runtime threads are model parameters (`RuntimeParameters`), written only wh
 export is told them: ``intra_op_thread_count`` and ``inter_op_thread_count`` are read by
 Triton's native ONNX Runtime backend and by ours; ``allow_spinning`` only by ours (the
 native backend has no such switch, and ignores parameters it does not know). Unset, our
-backend lets a model spin when it is the only model in its repository and not otherwise
-(spinning threads starve every other model on a small machine), and shares the cores
-between instances.
+backend does not spin (measured to cost the local stack 21-35% of its throughput on 2
+cores: docs/benchmarks.md) and shares the cores between instances; ``auto`` spins only
+for a model alone in its repository, ``on`` always (a dedicated CPU server).
 """
 
 from __future__ import annotations

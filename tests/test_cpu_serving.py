@@ -173,27 +173,29 @@ async def test_an_int8_model_serves_through_triton_as_predict_computes_it(int8, 
 
 
 def test_runtime_parameters_reach_the_local_backend(inputs, tiny_config, tmp_path) -> None:
-    """--intra-op-threads / --spinning are config parameters the backend reads; unset, a
-    model alone in its repository spins and one among several does not."""
+    """--intra-op-threads / --spinning are config parameters the backend reads; unset, no
+    model spins; `auto` spins for a model alone in its repository, not for one among several."""
     alone = tmp_path / "alone"
-    run_export(_options(inputs, tiny_config, alone, name="solo", target="portable", probes=2))
+    run_export(_options(inputs, tiny_config, alone, name="solo", target="portable", probes=2, spinning="auto"))
     crowded = tmp_path / "crowded"
-    run_export(_options(inputs, tiny_config, crowded, name="one", target="portable", probes=2))
+    run_export(_options(inputs, tiny_config, crowded, name="one", target="portable", probes=2, spinning="auto"))
+    run_export(_options(inputs, tiny_config, crowded, name="default", target="portable", probes=2))
     run_export(_options(inputs, tiny_config, crowded, name="two", target="portable", probes=2, intra_op_threads=1,
                         inter_op_threads=1, spinning="on"))
     config = model_config.parse_config((crowded / "two" / "config.pbtxt").read_text())
     assert {k: v.string_value for k, v in config.parameters.items()}.items() >= {
         "intra_op_thread_count": "1", "inter_op_thread_count": "1", "allow_spinning": "on"}.items()
-    plain = model_config.parse_config((crowded / "one" / "config.pbtxt").read_text())
+    plain = model_config.parse_config((crowded / "default" / "config.pbtxt").read_text())
     assert "allow_spinning" not in plain.parameters and "intra_op_thread_count" not in plain.parameters
     lines = {}
     for repository in (alone, crowded):
         with LocalTriton(repository, ports=triton_ports()) as triton:
             lines.update({m: re.search(rf"{m}/1/model.onnx on .*? (\d+) intra-op threads \(spinning (\w+)\)",
-                                       triton.log_path.read_text()) for m in ("solo", "one", "two") if
-                          (repository / m).exists()})
-    assert lines["solo"] and lines["solo"].group(2) == "on"  # alone: may spin
-    assert lines["one"] and lines["one"].group(2) == "off"  # one of two: must not
+                                       triton.log_path.read_text()) for m in ("solo", "one", "two", "default")
+                          if (repository / m).exists()})
+    assert lines["solo"] and lines["solo"].group(2) == "on"  # auto, alone: spins
+    assert lines["one"] and lines["one"].group(2) == "off"  # auto, one of three: does not
+    assert lines["default"] and lines["default"].group(2) == "off"  # unset: does not
     assert lines["two"] and lines["two"].groups() == ("1", "on")  # told so
 
 

@@ -13,9 +13,10 @@ native backend (``platform: "onnxruntime_onnx"``) run here unchanged.
   Runtime's thread counts (the names Triton's native backend reads too); unset, CPU
   instances share the cores (cores / instances each, at least 1) and use one inter-op
   thread. ``allow_spinning`` (``on`` | ``off`` | ``auto``, ours only) says whether idle
-  intra-op threads spin-wait: ``auto`` (the default) lets a model spin when it is the
-  only model in its repository, and not otherwise, because spinning threads of one
-  model's session starve the others on a small machine (measured: docs/benchmarks.md).
+  intra-op threads spin-wait; ``auto`` lets a model spin only when it is the only model
+  in its repository. Unset it is ``off``: on the 2-core machine measured
+  (docs/benchmarks.md) spinning cost the full stack 21% of its throughput with one model
+  and 35% with three, because the spinning threads starve the gateway and other models.
 - GPU instances use the TensorRT / CUDA execution providers the config asks for
   (``optimization.execution_accelerators``) when this ONNX Runtime has them.
 - A failing batch answers each of its requests with an error; the instance lives on.
@@ -75,7 +76,7 @@ class TritonPythonModel:
         options.inter_op_num_threads = int(_parameter(config, "inter_op_thread_count", "1"))
         spinning = "off"
         if kind == "CPU":
-            spinning = _spinning(_parameter(config, "allow_spinning", "auto"), args["model_repository"])
+            spinning = _spinning(_parameter(config, "allow_spinning", "off"), args["model_repository"])
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning == "on" else "0")
         # fp16 graphs crash ORT_ENABLE_ALL's CPU layout passes (see cliplora/core/runtime.py); int8 and fp32 take it.
         fp16 = _parameter(config, "precision", "fp32") == "fp16"
