@@ -212,11 +212,11 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
             text_staged.mkdir()
             strings = [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS]
             text_verification, text_manifest = _export_text_encoder(
-                options, base, merged, reference, fp32_path, text_staged, strings, tokenizer, text_name)
+                options, base, merged, reference, onnx_path, text_staged, strings, tokenizer, text_name)
             progress.info(f"text encoder {text_name}: logit error bound ONNX vs reference "
                           f"{text_verification.text_vs_reference.max_logit_error:.2e} over {len(strings)} strings "
                           f"(tolerance {text_verification.tolerance:g})")
-            companions.append(publish.StagedModel(text_name, text_staged, text_config))
+            companions.append(publish.StagedModel(text_name, text_staged, text_config, text_encoder=True))
             ov_record = OpenVocabularyRecord(text_model=text_name, tokenizer=text_manifest.tokenizer,
                                              embedding_dim=base.embedding_dim, logit_scale=base.logit_scale,
                                              verification=text_manifest.verification)
@@ -314,9 +314,10 @@ def _export_text_encoder(
     expected = open_vocabulary.text_embeddings(reference, torch_tokens)
     scale = base.logit_scale
     images = verify.probe_images(base.image_size, options.probes)
-    classifier = create_session(classifier_path, precision=options.precision)
+    classifier = create_session(classifier_path, precision=options.graph_precision)  # what is published
     image_embeds = classifier.run([contract.EMBEDS_NAME],
                                   {contract.INPUT_NAME: verify.product_inputs(images, base.image_size)})[0]
+    reference_images = verify.reference_features(reference, images, base.image_size, base.mean, base.std)
     result = open_vocabulary.TextVerification(
         precision=options.precision,
         tolerance=verify.tolerance(options.precision, scale),
@@ -327,8 +328,11 @@ def _export_text_encoder(
             open_vocabulary.text_embeddings(merged, torch_tokens), expected, scale),
         text_vs_base=open_vocabulary.compare_embeddings(
             open_vocabulary.text_embeddings(base.model, torch_tokens), expected, scale) if merged is not base.model else None,
-        image_embeds_vs_reference=open_vocabulary.compare_embeddings(
-            image_embeds, verify.reference_features(reference, images, base.image_size, base.mean, base.std), scale),
+        image_embeds_vs_reference=open_vocabulary.compare_embeddings(image_embeds, reference_images, scale),
+        image_label_logit_error=open_vocabulary.label_logit_error(image_embeds, reference_images, expected, scale),
+        image_tolerance=(quantize.INT8_COSINE_TOLERANCE * scale if options.target == "cpu-int8"
+                         else verify.tolerance(options.precision, scale)),
+        int8=options.target == "cpu-int8",
         tokenizer_matches=True,  # check_tokenizer already refused any disagreement
     )
     if result.failures:

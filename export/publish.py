@@ -21,7 +21,6 @@ version, in Triton's layout. ``config.pbtxt`` itself comes from `model_config`.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import tempfile
@@ -126,6 +125,7 @@ class StagedModel:
     folder: Path
     config: ModelConfig
     labels: str | None = None
+    text_encoder: bool = False  # its manifest is a TextEncoderManifest
 
 
 def publish_version(root: Path, name: str, staged_version: Path, *, config: ModelConfig, labels: str,
@@ -138,7 +138,7 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
     the models' locks (taken in one order: the classifier's, then its companions').
     If anything fails, whatever this call put in the repository is taken out again.
     """
-    models = [*companions, StagedModel(name, staged_version, config, labels)]
+    models = [*companions, StagedModel(name, staged_version, config, labels)]  # companions first
     with ExitStack() as locks:
         for model in sorted(models, key=lambda m: m.name != name):
             locks.enter_context(model_lock(root, model.name))
@@ -149,12 +149,14 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
         for companion in companions:
             taken = [v for v in repository.versions(companion.name) if v >= version]
             if taken:
-                raise FailedPrecondition(f"{companion.name} already has version {taken[0]}, the version {name} "
-                                         f"would take next; the repository is inconsistent, nothing published")
+                raise FailedPrecondition(
+                    f"{companion.name} already has version {taken[0]}, the version {name} would take next (an "
+                    f"earlier export stopped half-way?): remove {root / companion.name / str(taken[0])} if {name} "
+                    f"has no version {taken[0]}; nothing published")
         installed: list[Callable[[], None]] = []
         try:
             for model in models:
-                _stamp_version(model.folder, version)
+                _stamp_version(model.folder, version, TextEncoderManifest if model.text_encoder else Manifest)
                 installed.append(_install(root, model, version))
         except BaseException as exc:
             for undo in reversed(installed):
@@ -189,10 +191,8 @@ def _install(root: Path, model: StagedModel, version: int) -> Callable[[], None]
     return undo
 
 
-def _stamp_version(staged_version: Path, version: int) -> None:
+def _stamp_version(staged_version: Path, version: int, record: type[Manifest] | type[TextEncoderManifest]) -> None:
     """Write the version number into the staged manifest (a classifier's or a text encoder's)."""
     path = staged_version / contract.MANIFEST_FILENAME
-    data = json.loads(path.read_text(encoding="utf-8"))
-    record = TextEncoderManifest if "classifier" in data else Manifest
-    stamped = record.from_dict(data, str(path)).model_copy(update={"version": version})
+    stamped = record.read(path).model_copy(update={"version": version})
     path.write_text(stamped.to_json(), encoding="utf-8")

@@ -75,14 +75,21 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
 
 
+def _backend_region(path: str) -> bool:
+    """A Python-based backend's own region (``triton_<backend>_backend_shm_region_<uuid>``),
+    not one a client registered through Triton's shared-memory API: only those are ours to remove."""
+    name = path.removeprefix(SHM)
+    return name.startswith("triton_") and "_backend_shm_region_" in name
+
+
 def _mapped_shm(pid: int) -> set[str]:
-    """The /dev/shm files `pid` has mapped (the path is the sixth field of a maps line)."""
+    """The Python backend's /dev/shm regions `pid` has mapped (the path is the sixth field of a maps line)."""
     found = set()
     try:
         with open(f"/proc/{pid}/maps") as maps:
             for line in maps:
                 parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].startswith(SHM):
+                if len(parts) == 6 and parts[5].startswith(SHM) and _backend_region(parts[5]):
                     found.add(parts[5].strip())
     except OSError:
         pass

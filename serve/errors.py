@@ -7,6 +7,8 @@
 | Triton down or unreachable | UNAVAILABLE |
 | over the concurrency limit | RESOURCE_EXHAUSTED |
 | the caller's deadline passed | DEADLINE_EXCEEDED |
+| labels / Embed on a model without a text encoder; another BPE vocabulary | FAILED_PRECONDITION |
+| shutting down: a call still running when the grace period ends | UNAVAILABLE |
 | anything else | INTERNAL, details only in the log |
 
 Domain errors (`cliplora.core.errors`) carry their code's name; Triton client errors are

@@ -35,13 +35,14 @@ from cliplora.core.repository import ModelRepository, validate_model_name
 from cliplora.serve.errors import to_status
 from cliplora.serve.metrics import UNKNOWN, GatewayMetrics
 from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.text_encoder import TextEncoder, require_open_vocabulary
-from cliplora.serve.triton import ModelEntry, Triton, check_raw_size
+from cliplora.serve.text_encoder import TextEncoder
+from cliplora.serve.triton import ModelEntry, Triton, check_raw_size, require_open_vocabulary
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
+DEADLINE_SLACK_S = 0.1
 T = TypeVar("T")
 
 
@@ -63,7 +64,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                       work: Callable[[dict[str, str]], Awaitable[T]]) -> T:
         """Concurrency limit, metrics and the error table around one call.
 
-        The work runs as a task of its own, so that `cut_in_flight` can end it when the
+        The work runs as a task of its own, so that `drain` can end it when the
         shutdown's grace period is over and the caller still hears UNAVAILABLE (not a
         bare CANCELLED). A call gRPC cancels itself is counted as DEADLINE_EXCEEDED when
         its deadline had passed (what the caller sees), CANCELLED otherwise.
@@ -89,8 +90,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():  # gRPC ended the call: deadline or the caller
+                    # The caller's own deadline fires a little before ours (ours started when the
+                    # call arrived), and its cancellation reaches us first: within DEADLINE_SLACK_S
+                    # of our deadline it is the deadline that ended the call.
                     remaining = context.time_remaining()
-                    expired = remaining is not None and remaining <= 0
+                    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
                     code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                     raise
                 code, message = to_status(Unavailable(
@@ -99,9 +103,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 code, message = to_status(exc, method)
             finally:
                 self._calls.discard(task)
+                self._observe(method, labels, code, start)  # before the slot is seen free
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
-                self._observe(method, labels, code, start)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
@@ -162,15 +166,19 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             if request.templates:
                 validate_templates(request.templates, limits)
 
-        entry, version = await self.triton.lookup(request.model, request.version)
+        entry, version = await self.triton.lookup(request.model, request.version, text=vocabulary is not None)
         labels.update(model=entry.name, version=str(version))
         if vocabulary is None:
             logits, version = await self._images(request.images, entry, request.version, deadline, contract.OUTPUT_NAME)
             names: Sequence[str] = entry.labels
         else:
             ov = require_open_vocabulary(entry)
-            templates = validate_templates(request.templates or ov.templates, limits)
+            templates = (validate_templates(request.templates, limits) if request.templates
+                         else open_vocab.model_templates(ov.templates))
+            open_vocab.check_prompt_budget(vocabulary, templates, limits.max_prompts)
             # Image and text side pinned to one version: they are published together.
+            version = entry.pinned(request.version)
+            labels.update(version=str(version))
             embeddings, prompt_embeddings = await _together(
                 self._images(request.images, entry, version, deadline, contract.EMBEDS_NAME),
                 self.text.embed(entry, version, open_vocab.prompts(vocabulary, templates), deadline))
@@ -204,9 +212,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             if len(text) > limits.max_label_chars:
                 raise InvalidArgument(f"text {index} has {len(text)} characters; the limit is {limits.max_label_chars}")
 
-        entry, version = await self.triton.lookup(request.model, request.version)
-        labels.update(model=entry.name, version=str(version))
+        entry, version = await self.triton.lookup(request.model, request.version, text=True)
         require_open_vocabulary(entry)
+        version = entry.pinned(request.version)
+        labels.update(model=entry.name, version=str(version))
         parts = []
         if request.images:
             parts.append(self._images(request.images, entry, version, deadline, contract.EMBEDS_NAME))

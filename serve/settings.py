@@ -40,6 +40,7 @@ class GatewaySettings:
     max_labels: int = 1000  # request-time labels per call (open vocabulary); also Embed's texts
     max_templates: int = 32  # request-time templates per call
     max_label_chars: int = 300  # characters per label, template or text
+    max_prompts: int = 32_000  # labels x templates per call: what one call may make the text encoder embed
     text_cache_entries: int = 100_000  # prompt embeddings kept (LRU); 0: none
     tls_cert: Path | None = None  # PEM; with tls_key, the gateway speaks TLS only
     tls_key: Path | None = None
@@ -50,7 +51,7 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent", "preprocess_workers",
                     "default_timeout_s", "refresh_interval_s", "health_interval_s", "max_labels", "max_templates",
-                    "max_label_chars")
+                    "max_label_chars", "max_prompts")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
@@ -78,7 +79,7 @@ class GatewaySettings:
 
     @property
     def vocabulary_limits(self) -> VocabularyLimits:
-        return VocabularyLimits(self.max_labels, self.max_templates, self.max_label_chars)
+        return VocabularyLimits(self.max_labels, self.max_templates, self.max_label_chars, self.max_prompts)
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> GatewaySettings:

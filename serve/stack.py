@@ -137,13 +137,18 @@ async def _serve_stack(settings: GatewaySettings, triton: LocalTriton, log_dir: 
                 await _first_of(stop.wait(), *tasks())
     finally:
         _say("stopping ...")
-        if started:
-            await gateway.stop()
+        failures = []
+        if started:  # every later step runs even if the drain fails: no child may be left
+            try:
+                await gateway.stop()
+            except Exception as exc:
+                log.exception("stopping the gateway failed")
+                failures.append(exc)
         for supervisor, _ in supervisors:
             supervisor.request_stop()
-        failures = [exc for exc in await asyncio.gather(*(task for _, task in supervisors), return_exceptions=True)
-                    if isinstance(exc, BaseException)]
-        await asyncio.gather(*(supervisor.stop_child() for supervisor, _ in supervisors))
+        failures += [exc for exc in await asyncio.gather(*(task for _, task in supervisors), return_exceptions=True)
+                     if isinstance(exc, BaseException)]
+        await asyncio.gather(*(supervisor.stop_child() for supervisor, _ in supervisors), return_exceptions=True)
         if prometheus is not None:
             prometheus.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):

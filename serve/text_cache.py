@@ -3,8 +3,12 @@
 Keyed by (text encoder, version, prompt): a new model version never reuses an old
 version's embeddings. Prompts that several calls need at the same moment are computed
 once: the later callers wait for the first one's result instead of asking Triton again.
-With ``capacity`` 0 nothing is kept (every prompt is a miss), which is useful to measure
-the cold path. Lives on the event loop only (no locks needed).
+If that first computation fails (its caller was cancelled, its own deadline passed, its
+image was bad and its text side was dropped), the waiters do not inherit its error: they
+compute those prompts themselves, under their own deadline. Each entry is a copy of its
+row (a view would keep the whole batch it came from alive). With ``capacity`` 0 nothing
+is kept (every prompt is a miss), which is useful to measure the cold path. Lives on the
+event loop only (no locks needed).
 """
 
 from __future__ import annotations
@@ -74,14 +78,22 @@ class TextEmbeddingCache:
             finally:
                 for prompt in missing:
                     self._pending.pop((model, version, prompt), None)
+        orphans = []
         for prompt, future in waiting.items():
-            found[prompt] = await asyncio.shield(future)
+            try:
+                found[prompt] = await asyncio.shield(future)
+            except Exception:  # another call's failure, not ours: compute it ourselves
+                orphans.append(prompt)
+        if orphans:
+            for prompt, row in zip(orphans, await self.embed(model, version, orphans, compute, metric_model),
+                                   strict=True):
+                found[prompt] = row
         return np.stack([found[prompt] for prompt in prompts])
 
     def _store(self, key: Key, row: np.ndarray) -> None:
         if not self.capacity:
             return
-        self._entries[key] = row
+        self._entries[key] = np.array(row, dtype=np.float32, copy=True)
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

@@ -20,23 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.errors import CliploraError, DeadlineExceeded, FailedPrecondition
 from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
 from cliplora.serve.metrics import GatewayMetrics
 from cliplora.serve.text_cache import TextEmbeddingCache
-from cliplora.serve.triton import ModelEntry, OpenVocabulary, Triton
+from cliplora.serve.triton import ModelEntry, Triton, require_open_vocabulary
 
 log = logging.getLogger(__name__)
-
-
-def require_open_vocabulary(entry: ModelEntry) -> OpenVocabulary:
-    """The model's open-vocabulary side, or FAILED_PRECONDITION naming the flag it lacks."""
-    if entry.open_vocabulary is None:
-        raise FailedPrecondition(
-            f"model {entry.name!r} was exported without --open-vocabulary: it has no text encoder, so "
-            "request-time labels and Embed are not available; export it again with --open-vocabulary")
-    return entry.open_vocabulary
 
 
 class TextEncoder:
@@ -52,25 +43,23 @@ class TextEncoder:
         )
         self._tokenizer: ClipTokenizer | None = None
 
-    def tokenizer_for(self, entry: ModelEntry) -> ClipTokenizer:
-        """The gateway's tokenizer, checked against the vocabulary the model expects."""
+    async def tokenizer_for(self, entry: ModelEntry) -> ClipTokenizer:
+        """The gateway's tokenizer (loaded once, in the pool: reading the vocabulary takes a
+        tenth of a second), checked against the vocabulary the model expects."""
         wanted = require_open_vocabulary(entry).vocab_sha256
         if self._tokenizer is None:
             try:
-                self._tokenizer = get_tokenizer()
+                self._tokenizer = await asyncio.get_running_loop().run_in_executor(self.pool, get_tokenizer)
             except CliploraError as exc:
                 raise FailedPrecondition(f"the gateway cannot tokenize text for {entry.name!r}: {exc}") from None
-        if wanted and wanted != self._tokenizer.vocab_sha256:
-            raise FailedPrecondition(
-                f"model {entry.name!r} was exported with another BPE vocabulary (sha256 {wanted[:12]}...) than the "
-                f"gateway's ({self._tokenizer.vocab_sha256[:12]}...); point CLIPLORA_BPE_VOCAB at the model's")
+        open_vocab.check_vocabulary(entry.name, wanted, self._tokenizer.vocab_sha256)
         return self._tokenizer
 
     async def embed(self, entry: ModelEntry, version: int, prompts: Sequence[str], deadline: float) -> np.ndarray:
         """[len(prompts), D] unit embeddings of `prompts` as given (no template), from the
         cache or from version `version` of the model's text encoder."""
         text = require_open_vocabulary(entry).text
-        tokenizer = self.tokenizer_for(entry)
+        tokenizer = await self.tokenizer_for(entry)
         loop = asyncio.get_running_loop()
 
         async def compute(missing: list[str]) -> np.ndarray:

@@ -29,12 +29,13 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from cliplora.core import contract
-from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cliplora.core import contract, open_vocab
+from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
 from cliplora.serve.errors import from_triton
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 5.0
+CHUNKS_IN_FLIGHT = 4  # max_batch_size chunks one call has at Triton at once
 
 
 def channel_args() -> list[tuple[str, Any]]:
@@ -89,7 +90,20 @@ class ModelEntry:
     num_classes: int
     max_batch_size: int
     labels: tuple[str, ...]
-    open_vocabulary: OpenVocabulary | None = None  # None: exported without --open-vocabulary
+    open_vocabulary: OpenVocabulary | None = None  # None: no (ready) text encoder
+    text_model: str | None = None  # the text encoder the config names, ready or not
+
+    def pinned(self, version: int) -> int:
+        """The version for an open-vocabulary call: `version`, or for 0 the newest version
+        that the classifier and its text encoder both have ready (they are one export)."""
+        if version or self.open_vocabulary is None:
+            return self.resolve(version)
+        common = sorted(set(self.versions) & set(self.open_vocabulary.text.versions))
+        if not common:
+            raise Unavailable(f"model {self.name!r} and its text encoder {self.open_vocabulary.text.name!r} have no "
+                              f"ready version in common yet ({list(self.versions)} vs "
+                              f"{list(self.open_vocabulary.text.versions)})")
+        return common[-1]
 
     def resolve(self, version: int) -> int:
         """The version to run: `version`, or the latest ready one for 0."""
@@ -98,6 +112,22 @@ class ModelEntry:
         if version not in self.versions:
             raise NotFound(f"model {self.name!r} has no ready version {version} (ready: {list(self.versions)})")
         return version
+
+
+def require_open_vocabulary(entry: ModelEntry) -> OpenVocabulary:
+    """The model's open-vocabulary side. FAILED_PRECONDITION naming the flag for a model
+    exported without it; UNAVAILABLE for one whose text encoder is not ready (yet)."""
+    if entry.open_vocabulary is not None:
+        return entry.open_vocabulary
+    if entry.text_model:
+        raise Unavailable(f"the text encoder {entry.text_model!r} of model {entry.name!r} is not ready in Triton")
+    raise open_vocab.not_open_vocabulary(entry.name)
+
+
+def _text_missing(entry: ModelEntry, version: int) -> bool:
+    if entry.open_vocabulary is None:
+        return entry.text_model is not None
+    return bool(version) and version not in entry.open_vocabulary.text.versions
 
 
 def _open_vocabulary(name: str, config: dict[str, Any], shape: contract.ClassifierShape,
@@ -242,7 +272,8 @@ class Triton:
         shape = contract.classifier_shape(name, config)
         labels = await self._labels_of(name, versions[-1], shape.image_size, shape.num_classes)
         return ModelEntry(name, tuple(versions), shape.image_size, shape.num_classes, shape.max_batch_size, labels,
-                          _open_vocabulary(name, config, shape, texts))
+                          _open_vocabulary(name, config, shape, texts),
+                          contract.parameter(config, contract.PARAM_TEXT_MODEL) or None)
 
     async def _labels_of(self, name: str, version: int, size: int, classes: int) -> tuple[str, ...]:
         """Labels via Triton's classification extension (``"value:index:label"`` strings)."""
@@ -264,10 +295,12 @@ class Triton:
             self._labels[key] = tuple(labels)  # type: ignore[arg-type]
         return self._labels[key]
 
-    async def lookup(self, name: str, version: int) -> tuple[ModelEntry, int]:
-        """The model entry and concrete version for a request, refreshing once if unknown."""
+    async def lookup(self, name: str, version: int, *, text: bool = False) -> tuple[ModelEntry, int]:
+        """The model entry and concrete version for a request, refreshing once if unknown;
+        with `text` (request-time labels, Embed) also when the model's text encoder, or its
+        version, was not ready at the last look (the two models load one after the other)."""
         entry = self._models.get(name)
-        if entry is None or (version and version not in entry.versions):
+        if entry is None or (version and version not in entry.versions) or (text and _text_missing(entry, version)):
             await self.refresh()
             entry = self._models.get(name)
         if entry is None:
@@ -313,25 +346,24 @@ class Triton:
 
     @staticmethod
     def _text_of(entry: ModelEntry) -> TextEntry:
-        if entry.open_vocabulary is None:
-            raise FailedPrecondition(f"model {entry.name!r} has no text encoder (not exported with --open-vocabulary)")
-        return entry.open_vocabulary.text
+        return require_open_vocabulary(entry).text
 
     def _embedding_dim(self, entry: ModelEntry) -> int:
-        if entry.open_vocabulary is None:
-            raise FailedPrecondition(f"model {entry.name!r} has no image_embeds output (not exported with "
-                                     "--open-vocabulary)")
-        return entry.open_vocabulary.embedding_dim
+        return require_open_vocabulary(entry).embedding_dim
 
     async def _chunked(self, model: str, version: int, batch: np.ndarray, max_batch: int, timeout_s: float,
                        input_name: str, wire_dtype: str, output: str, width: int,
                        fallback_version: Callable[[], int]) -> tuple[np.ndarray, int]:
         limit = max_batch or len(batch)
         chunks = [batch[i : i + limit] for i in range(0, len(batch), limit)]
-        results = await asyncio.gather(*(
-            self._infer_chunk(model, version, chunk, timeout_s, input_name, wire_dtype, output, width,
-                              fallback_version)
-            for chunk in chunks))
+        in_flight = asyncio.Semaphore(CHUNKS_IN_FLIGHT)  # one call's share of Triton, however many prompts
+
+        async def one(chunk: np.ndarray) -> tuple[np.ndarray, int]:
+            async with in_flight:
+                return await self._infer_chunk(model, version, chunk, timeout_s, input_name, wire_dtype, output, width,
+                                               fallback_version)
+
+        results = await asyncio.gather(*(one(chunk) for chunk in chunks))
         return np.concatenate([values for values, _ in results]), max(answered for _, answered in results)
 
     async def _infer_chunk(

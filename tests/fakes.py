@@ -60,8 +60,9 @@ class FakeTriton:
         self.delay, self.fail = delay, fail
         self.batches: list[np.ndarray] = []
         self.token_batches: list[np.ndarray] = []
+        self.texts_done = 0  # embed_texts calls that ran to the end
 
-    async def lookup(self, name: str, version: int):
+    async def lookup(self, name: str, version: int, *, text: bool = False):
         if name not in MODELS:
             raise NotFound(f"model {name!r} not found (models: m, ov)")
         return MODELS[name], MODELS[name].resolve(version)
@@ -84,6 +85,7 @@ class FakeTriton:
         await asyncio.sleep(self.delay)
         if self.fail:
             raise self.fail
+        self.texts_done += 1
         return fake_embeddings(tokens)
 
     async def refresh(self):

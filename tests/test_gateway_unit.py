@@ -155,3 +155,39 @@ def test_settings_from_flags_and_environment() -> None:
         GatewaySettings.from_sources({}, {"CLIPLORA_MAX_CONCURRENT": "0"})
     with pytest.raises(InvalidArgument, match="cannot parse"):
         GatewaySettings.from_sources({}, {"CLIPLORA_MAX_PIXELS": "lots"})
+
+
+async def test_a_bad_image_cancels_the_text_side_of_a_labels_call() -> None:
+    """Labels with an undecodable image: INVALID_ARGUMENT at once, without waiting for the
+    (slow) text encoder, whose work is cancelled rather than left running."""
+    triton = FakeTriton(delay=1.0)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(Aborted) as caught:
+        await service(triton).Classify(pb.ClassifyRequest(model="ov", images=[pb.Image(encoded=b"garbage")],
+                                                          labels=["wolf", "fox"]), FakeContext())
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.get_running_loop().time() - started < 0.5  # not the text encoder's 1 s
+    await asyncio.sleep(1.2)
+    assert triton.texts_done == 0  # the text side was cancelled, not left running
+
+
+async def test_labels_through_the_stand_in() -> None:
+    """The head is built as the export builds it: label embeddings are the re-normalised
+    mean of their prompts' embeddings, logits are logit_scale x cosine."""
+    from cliplora.core import open_vocab
+    from cliplora.core.tokenizer import get_tokenizer
+    from tests.fakes import OPEN, fake_embeddings
+
+    image = image_bytes()
+    reply = await service().Classify(pb.ClassifyRequest(model="ov", images=[pb.Image(encoded=image)], top_k=0,
+                                                        labels=["wolf", "red_fox"], templates=["a {}", "the {}."]),
+                                     FakeContext())
+    prompts = open_vocab.prompts(["wolf", "red_fox"], ["a {}", "the {}."])
+    assert prompts == ["a wolf", "the wolf.", "a red fox", "the red fox."]
+    heads = open_vocab.label_embeddings(fake_embeddings(get_tokenizer()(prompts)), 2)
+    from cliplora.core.preprocess import preprocess_bytes
+
+    crop = preprocess_bytes(image, 16)[None]
+    expected = OPEN.open_vocabulary.logit_scale * fake_embeddings(crop.reshape(1, -1)) @ heads.T
+    got = {p.label: p.logit for p in reply.results[0].predictions}
+    np.testing.assert_allclose([got["wolf"], got["red_fox"]], expected[0], atol=1e-5)

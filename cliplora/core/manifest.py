@@ -163,8 +163,10 @@ class TextVerificationRecord(Record):
     text_vs_reference: EmbeddingComparisonRecord
     merged_torch_vs_reference: EmbeddingComparisonRecord
     text_vs_base: EmbeddingComparisonRecord | None  # how far the adapter moved the text embeddings
-    image_embeds_vs_reference: EmbeddingComparisonRecord
-    tokenizer_matches: bool
+    image_embeds_vs_reference: EmbeddingComparisonRecord  # the published classifier's (INT8 for cpu-int8)
+    image_label_logit_error: float  # its logits' error against the verified strings as labels
+    image_embeds_tolerance_abs_logit: float  # on max_logit_error; for cpu-int8 on image_label_logit_error
+    tokenizer_matches: bool  # the gateway's tokenizer gave open_clip's ids (else nothing is published)
     passed: bool
 
 
@@ -187,8 +189,7 @@ class QuantizationGateRecord(Record):
     top1_agreement: float
     max_abs_logit: float
     mean_abs_logit: float
-    min_top1_margin: float  # the smallest fp32 top-1 lead over the runner-up among the images
-    flipped_clear_margin: int  # images with a clear fp32 margin whose INT8 top-1 differs
+    min_top1_margin: float | None  # the smallest fp32 top-1 lead over the runner-up; None for one class
     min_top1_agreement: float | None  # the agreement bound, when enough images were compared
     passed: bool
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
 
 PLACEHOLDER = "{}"
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -36,9 +36,10 @@ class VocabularyLimits:
     max_labels: int = 1000
     max_templates: int = 32
     max_label_chars: int = 300
+    max_prompts: int = 32_000  # labels × templates: what one request may make the text encoder embed
 
     def __post_init__(self) -> None:
-        if min(self.max_labels, self.max_templates, self.max_label_chars) < 1:
+        if min(self.max_labels, self.max_templates, self.max_label_chars, self.max_prompts) < 1:
             raise InvalidArgument(f"vocabulary limits must be positive, got {self}")
 
 
@@ -81,6 +82,38 @@ def validate_templates(templates: Sequence[str], limits: VocabularyLimits = Voca
     if len(set(templates)) != len(templates):
         raise InvalidArgument("a template is given twice")
     return templates
+
+
+def not_open_vocabulary(model: str) -> FailedPrecondition:
+    """The refusal of labels (or embeddings) for a model exported without a text encoder."""
+    return FailedPrecondition(
+        f"model {model!r} was exported without --open-vocabulary: it has no text encoder, so request-time "
+        "labels and embeddings are not available; export it again with --open-vocabulary")
+
+
+def check_vocabulary(model: str, expected_sha256: str, actual_sha256: str) -> None:
+    """FailedPrecondition when this tokenizer's BPE vocabulary is not the one the model was
+    exported with (its token ids would mean other words)."""
+    if expected_sha256 and expected_sha256 != actual_sha256:
+        raise FailedPrecondition(
+            f"model {model!r} was exported with another BPE vocabulary (sha256 {expected_sha256[:12]}...) than "
+            f"this tokenizer's ({actual_sha256[:12]}...); point CLIPLORA_BPE_VOCAB at the model's")
+
+
+def model_templates(templates: Sequence[str]) -> list[str]:
+    """The templates a model was exported with: trusted (the export checked them), so only
+    the one-``{}`` rule applies, not a request's limits (CLIP's 80 ImageNet templates pass)."""
+    templates = list(templates)
+    longest = max((len(t) for t in templates), default=1)
+    return validate_templates(templates, VocabularyLimits(max_templates=max(len(templates), 1),
+                                                          max_label_chars=max(longest, 1)))
+
+
+def check_prompt_budget(labels: Sequence[str], templates: Sequence[str], max_prompts: int) -> None:
+    """InvalidArgument when labels × templates exceed what one request may ask to embed."""
+    if len(labels) * len(templates) > max_prompts:
+        raise InvalidArgument(f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} "
+                              f"prompts; the limit is {max_prompts} per request")
 
 
 def read_names_file(path: str | Path, what: str = "labels") -> list[str]:

@@ -11,7 +11,9 @@ names the file and the field at fault:
   versions it reads (a newer writer's file is refused, not half-read).
 
 A file without ``schema_version`` is version 1: the manifests and run records written
-before the field existed have exactly version 1's fields.
+before the field existed have version 1's required fields. Version 1 may gain optional
+fields (absent: not written, read as absent), so an old file always loads; a change that
+an older reader could not skip over takes a new version.
 """
 
 from __future__ import annotations

@@ -163,7 +163,9 @@ class PublishedTextEncoder:
         """[L, D] unit label embeddings (the head), checked and built exactly as the gateway does;
         `templates` default to the model's own."""
         labels = open_vocab.validate_labels(labels, limits)
-        chosen = open_vocab.validate_templates(list(templates) if templates else list(self.templates), limits)
+        chosen = (open_vocab.validate_templates(templates, limits) if templates
+                  else open_vocab.model_templates(self.templates))
+        open_vocab.check_prompt_budget(labels, chosen, limits.max_prompts)
         return open_vocab.label_embeddings(self.embed(open_vocab.prompts(labels, chosen)), len(labels))
 
     def logits(self, image_embeddings: np.ndarray, heads: np.ndarray) -> np.ndarray:
@@ -182,14 +184,10 @@ def open_text_encoder(model: PublishedModel, *, threads: int = 0) -> PublishedTe
     manifest = model.found.manifest()
     name = model.found.name
     if manifest.open_vocabulary is None:
-        raise FailedPrecondition(
-            f"model {name!r} was exported without --open-vocabulary: it has no text encoder, so labels other "
-            "than its classes cannot be scored; export it again with --open-vocabulary")
+        raise open_vocab.not_open_vocabulary(name)
     found = model.repository.get(manifest.open_vocabulary.text_model, model.found.version)
     tokenizer = get_tokenizer()
-    if tokenizer.vocab_sha256 != manifest.open_vocabulary.tokenizer.vocab_sha256:
-        raise FailedPrecondition(f"model {name!r} was exported with another BPE vocabulary than this machine's "
-                                 f"({manifest.open_vocabulary.tokenizer.vocab}); set CLIPLORA_BPE_VOCAB to it")
+    open_vocab.check_vocabulary(name, manifest.open_vocabulary.tokenizer.vocab_sha256, tokenizer.vocab_sha256)
     precision = TextEncoderManifest.read(found.manifest_path).precision  # fp32 beside a cpu-int8 classifier
     session = create_session(found.model_path, precision=precision, threads=threads)
     return PublishedTextEncoder(found, session, manifest.open_vocabulary.logit_scale, tuple(manifest.templates),

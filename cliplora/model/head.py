@@ -16,7 +16,6 @@ from torch import nn
 
 from cliplora.core import open_vocab
 from cliplora.core.errors import InvalidArgument
-from cliplora.core.open_vocab import VocabularyLimits
 
 PLACEHOLDER = open_vocab.PLACEHOLDER
 DEFAULT_TEMPLATE = open_vocab.DEFAULT_TEMPLATE
@@ -47,9 +46,7 @@ def validate_classes(names: Sequence[str], source: str) -> list[str]:
 def validate_templates(templates: Sequence[str]) -> list[str]:
     """`--template`s (default ``a photo of a {}.``) by the rule the gateway applies to
     request-time templates (`cliplora.core.open_vocab`), without its request limits."""
-    templates = list(templates) or [DEFAULT_TEMPLATE]
-    unlimited = VocabularyLimits(max_templates=max(len(templates), 1), max_label_chars=max(map(len, templates)))
-    return open_vocab.validate_templates(templates, unlimited)
+    return open_vocab.model_templates(list(templates) or [DEFAULT_TEMPLATE])
 
 
 def prompts(class_name: str, templates: Sequence[str]) -> list[str]:

@@ -36,12 +36,14 @@ def _parameter(config: dict, key: str, default: str) -> str:
 
 
 def _spinning(setting: str, model_folder: str) -> str:
-    """``on`` or ``off``: `setting`, where ``auto`` means on for the repository's only model."""
+    """``on`` or ``off``: `setting`, where ``auto`` means on for the repository's only model
+    (an open-vocabulary model's ``<name>_text`` beside it does not count as another)."""
     if setting in ("on", "off"):
         return setting
     root = os.path.dirname(os.path.abspath(model_folder))
-    models = [name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, "config.pbtxt"))]
-    return "on" if len(models) <= 1 else "off"
+    models = {name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, "config.pbtxt"))}
+    classifiers = {m for m in models if not (m.endswith("_text") and m.removesuffix("_text") in models)}
+    return "on" if len(classifiers) <= 1 else "off"
 
 
 def _providers(config: dict, kind: str, available: list[str]) -> list:
