@@ -68,6 +68,11 @@ def children_of(pid: int) -> list[int]:
     return [child for child, parent, _ in _processes() if parent == pid]
 
 
+def group_alive(pgid: int) -> bool:
+    """True while some process is in process group `pgid`."""
+    return any(group == pgid for _, _, group in _processes())
+
+
 def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:

@@ -3,6 +3,7 @@ waiting until they answer, stopping them for sure, saying how they ended."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Literal
 
-from cliplora.serve.child_guard import children_of, guarded
+from cliplora.serve.child_guard import children_of, group_alive, guarded
 
 KILL_WAIT_S = 5.0  # a guard ends its child's group at once on SIGHUP: this is only a bound
 
@@ -84,15 +85,26 @@ def stop_guarded(guard: subprocess.Popen[bytes] | None, timeout_s: float) -> Non
 
 
 def kill_guarded(guard: subprocess.Popen[bytes] | None) -> None:
-    """The command's whole process group SIGKILLed now (SIGHUP to its guard), then waited for."""
+    """The command's whole process group SIGKILLed now (SIGHUP to its guard), then waited for.
+
+    If the guard itself is stuck, it is SIGKILLed and the command dies by PDEATHSIG, but
+    what the command started (Triton's stubs) would be re-parented to init: so the
+    command's process group, which it leads, is SIGKILLed from here as well.
+    """
     if guard is None or guard.poll() is not None:
         return
+    group = guarded_pid(guard)
     guard.send_signal(signal.SIGHUP)
     try:
         guard.wait(KILL_WAIT_S)
-    except subprocess.TimeoutExpired:  # the guard itself is stuck: its child dies by PDEATHSIG
+    except subprocess.TimeoutExpired:
         guard.kill()
         guard.wait()
+        if group is not None and group_alive(group):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def describe_exit(returncode: int) -> str:

@@ -79,13 +79,3 @@ def tiny_triton(tiny_repository: Path):
 @pytest.fixture()
 def classes_file(tmp_path: Path) -> Path:
     return factories.write_classes(tmp_path / "classes.txt")
-
-
-def tree_snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under `root` with its content (None for folders), to prove nothing changed."""
-    if not root.exists():
-        return {}
-    return {
-        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-        for p in sorted(root.rglob("*"))
-    }

@@ -183,3 +183,13 @@ def write_shapes_dataset(root: Path, per_class: int, seed: int = 0) -> Path:
     from cliplora.finetune.demo_data import write_shapes
 
     return write_shapes(root, per_class, seed=seed)
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its content (None for folders), to prove nothing changed."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }

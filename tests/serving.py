@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import os
 import socket
 import struct
@@ -283,6 +284,19 @@ async def _health_or_none(port: int) -> str | None:
         return await health(port)
     except grpc.aio.AioRpcError:
         return None
+
+
+def listening(pid: int) -> dict[int, set[str]]:
+    """port -> the addresses a process and its children listen on (TCP)."""
+    found: dict[int, set[str]] = {}
+    root = psutil.Process(pid)
+    for process in (root, *root.children(recursive=True)):
+        for connection in process.net_connections(kind="tcp"):
+            if connection.status == psutil.CONN_LISTEN:
+                address = ipaddress.ip_address(connection.laddr.ip)
+                mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is still loopback only
+                found.setdefault(connection.laddr.port, set()).add(str(mapped or address))
+    return found
 
 
 @dataclass

@@ -22,7 +22,7 @@ from cliplora.predict import predict_files
 from cliplora.serve.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
-from tests.conftest import tree_snapshot
+from tests.factories import tree_snapshot
 from tests.serving import CLASSES, in_process_gateway, triton_ports
 
 CLI = str(Path(sys.executable).with_name("cliplora"))

@@ -11,9 +11,10 @@ OUTSIDE = re.compile(r"DESIGN\.md|STYLE\.md|\.\./shared|\.\./\.library")
 
 
 def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    return [ROOT / n for n in names if n.endswith((".py", ".md", ".sh", ".yaml", ".yml", ".toml", ".txt", ".proto"))
-            and (ROOT / n).is_file()]
+    """Every tracked file that is text (binary files, e.g. images, hold a NUL byte)."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    paths = [ROOT / n for n in names if n and (ROOT / n).is_file()]
+    return [p for p in paths if b"\0" not in p.read_bytes()[:8192]]
 
 
 def test_nothing_cites_files_outside_the_repository() -> None:
@@ -26,3 +27,14 @@ def test_nothing_cites_files_outside_the_repository() -> None:
 
 def test_the_check_finds_a_citation() -> None:
     assert OUTSIDE.search('"""The error table (DESIGN.md §4)."""') and not OUTSIDE.search("docs/architecture.md")
+
+
+# `python -m serve.x` and friends: the module paths from before the single namespace.
+BARE_MODULE = re.compile(r"-m\s+(export|serve|loadtest|finetune)\.")
+
+
+def test_commands_name_modules_by_their_installed_path() -> None:
+    found = [f"{path.relative_to(ROOT)}:{number}" for path in tracked_text_files() if path.name != "test_docs.py"
+             for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if BARE_MODULE.search(line)]
+    assert found == []
+    assert BARE_MODULE.search("python -m loadtest.paths") and not BARE_MODULE.search("python -m cliplora.loadtest.paths")

@@ -29,7 +29,7 @@ from cliplora.model.lora import load_adapter
 from cliplora.model.merge import merge_adapter
 from cliplora.model.reference import build_reference
 from tests import factories
-from tests.conftest import tree_snapshot
+from tests.factories import tree_snapshot
 
 FP16_BOUND = 5e-3 / 0.07  # 5e-3 x the tiny model's logit scale 1/0.07: 0.0714286
 

@@ -41,6 +41,7 @@ from tests.serving import (
     StackProcess,
     classifier_stub,
     free_port,
+    listening,
     small_request,
     stack_process,
     timed_call,
@@ -188,6 +189,29 @@ def test_guard_ends_everything_when_its_parent_is_sigkilled() -> None:
         killed = time.monotonic()
         left = leftovers.still_running(leftovers.CASE_VARIABLE, marker, 5)
         print(f"\nguard: everything gone {time.monotonic() - killed:.2f} s after its parent was SIGKILLed")
+        assert not left, leftovers.describe(left)
+    finally:
+        leftovers.kill(leftovers.marked(leftovers.CASE_VARIABLE, marker))
+
+
+def test_a_stuck_guard_is_killed_and_its_childs_group_with_it(monkeypatch) -> None:
+    """A guard that cannot answer SIGHUP (here SIGSTOPped): kill_guarded SIGKILLs it, its
+    child dies by PDEATHSIG, and what the child started (re-parented to init, as a stub
+    would be) dies with the child's process group instead of living on."""
+    from cliplora.serve import processes
+
+    monkeypatch.setattr(processes, "KILL_WAIT_S", 0.5)
+    marker = os.urandom(8).hex()
+    guard = _guarded(["sh", "-c", "sleep 300 & sleep 300"], marker)
+    try:
+        deadline = time.monotonic() + 10
+        while sum(p.name() == "sleep" for p in leftovers.marked(leftovers.CASE_VARIABLE, marker)) < 2:
+            assert time.monotonic() < deadline, "the guarded sleeps did not start"
+            time.sleep(0.05)
+        guard.send_signal(signal.SIGSTOP)
+        processes.kill_guarded(guard)
+        assert guard.returncode == -signal.SIGKILL
+        left = leftovers.still_running(leftovers.CASE_VARIABLE, marker, 5)
         assert not left, leftovers.describe(left)
     finally:
         leftovers.kill(leftovers.marked(leftovers.CASE_VARIABLE, marker))
@@ -410,6 +434,10 @@ def _scraped_since(prometheus_port: int, since: float) -> set[str]:
 @pytest.mark.skipif(not LocalPrometheus.available(), reason="prometheus is not installed")
 async def test_prometheus_killed_is_restarted_and_scrapes_again(tiny_repository: Path, tmp_path: Path) -> None:
     async with stack_process(tiny_repository, tmp_path) as stack:
+        sockets = listening(stack.pid)  # no --host: every port of the stack on loopback only
+        for port in (stack.port, stack.metrics_port, stack.triton.http, stack.triton.grpc, stack.triton.metrics,
+                     stack.prometheus_port):
+            assert sockets.get(port) == {"127.0.0.1"}, (port, sockets)
         old = _only(stack, "prometheus")
         killed, killed_wall = time.monotonic(), time.time()
         old.kill()
