@@ -2,7 +2,14 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# The ONNX Runtime wheel: cpu (onnxruntime) or gpu (onnxruntime-gpu, CUDA 12). They provide the
+# same module, so the other one is removed first: `make install ORT=gpu` on a CUDA host.
+ORT    ?= cpu
+OTHER_ORT := $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu)
+STAMP  := $(VENV)/.installed-$(ORT)
+ifeq ($(filter cpu gpu,$(ORT)),)
+$(error ORT must be cpu or gpu, got '$(ORT)')
+endif
 
 .PHONY: install test lint serve clean proto prometheus soak fuzz
 
@@ -13,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[cpu,serve,loadtest,test]'
+	$(PY) -m pip uninstall --quiet -y $(OTHER_ORT) 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[$(ORT),serve,loadtest,test]'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
 # The whole suite; it includes the layer contracts (lint-imports on the built wheel,

@@ -209,6 +209,22 @@ def test_provider_selection_falls_back_to_the_cpu() -> None:
         runtime.preferred_providers("tpu", ["CPUExecutionProvider"])
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider .CUDAExecutionProvider. is not in available")
+def test_a_cuda_provider_that_does_not_start_falls_back_or_refuses(int8, monkeypatch, caplog) -> None:
+    """What onnxruntime-gpu does on a host without a usable GPU: it lists CUDA, then builds a
+    CPU session. `auto` lands on the CPU (logged); `cuda` is refused, not quietly run on the CPU."""
+    model = int8["int8"].path / "model.onnx"
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [runtime.CUDA, "CPUExecutionProvider"])
+    monkeypatch.delenv(runtime.DEVICE_ENV, raising=False)
+    with caplog.at_level("WARNING", logger=runtime.__name__):
+        session = runtime.create_session(model, device="auto")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert any("did not start" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FailedPrecondition, match="could not start its CUDA provider"):
+        runtime.create_session(model, device="cuda")
+    assert runtime.create_session(model, device="cpu").get_providers() == ["CPUExecutionProvider"]
+
+
 def test_one_onnx_runtime_wheel_at_a_time(int8) -> None:
     assert runtime.installed_runtimes() == ["onnxruntime"]  # `make install` takes the cpu extra
     session = runtime.create_session(int8["int8"].path / "model.onnx")

@@ -14,10 +14,17 @@ to mend it (`check_installation`). A session runs on CUDA when the device is ``a
 (the default; ``CLIPLORA_DEVICE`` says otherwise) and this ONNX Runtime has the CUDA
 provider, and on the CPU otherwise, so `cliplora predict`, `evaluate` and the export's
 verification use a GPU host's GPU without a flag; ``cuda`` without the provider is an error.
+``onnxruntime-gpu`` lists the CUDA provider even on a host whose GPU or CUDA libraries are
+missing, and then quietly builds a CPU session: so the session's own providers are
+checked, and a session that asked for CUDA and got none is an error for ``cuda`` and a
+logged fallback for ``auto``. CUDA sessions run fp32 as fp32 (``use_tf32`` off): the
+export's verification holds graphs to 1e-5-scale tolerances that TF32's 10-bit mantissa
+would not meet.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +41,11 @@ from cliplora.core.manifest import TextEncoderManifest
 from cliplora.core.repository import ModelRepository, ModelVersion
 from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
 
+log = logging.getLogger(__name__)
+
 DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CUDA_OPTIONS = {"use_tf32": "0"}  # fp32 graphs in full fp32 on Ampere and later
 DEVICE_ENV = "CLIPLORA_DEVICE"
 RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 
@@ -74,8 +85,8 @@ def preferred_providers(device: str | None = None, available: Sequence[str] | No
     if device not in DEVICES:
         raise InvalidArgument(f"device must be one of {', '.join(DEVICES)}, got {device!r} ({DEVICE_ENV}?)")
     available = list(ort.get_available_providers() if available is None else available)
-    if device != "cpu" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "cpu" and CUDA in available:
+        return [CUDA, "CPUExecutionProvider"]
     if device == "cuda":
         raise FailedPrecondition(f"device cuda, but this ONNX Runtime has no CUDA provider (it has "
                                  f"{', '.join(available)}): install cliplora[gpu] on a CUDA host")
@@ -102,7 +113,15 @@ def create_session(
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = list(providers) if providers is not None else preferred_providers(device)
-    return ort.InferenceSession(str(path), options, providers=chosen)
+    with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in chosen]
+    session = ort.InferenceSession(str(path), options, providers=with_options)
+    if CUDA in chosen and CUDA not in session.get_providers():
+        said = (device or os.environ.get(DEVICE_ENV) or "auto").lower()
+        if said == "cuda":
+            raise FailedPrecondition(f"device cuda, but ONNX Runtime could not start its CUDA provider for {path} "
+                                     "(no GPU visible, or CUDA/cuDNN libraries missing); see its warnings above")
+        log.warning("the CUDA provider did not start for %s: running on the CPU", path)
+    return session
 
 
 def run_logits(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
