@@ -252,6 +252,8 @@ async def test_every_vocabulary_error_from_a_real_request(triton, exported, imag
          "4 labels; the limit is 3"),
         (pb.ClassifyRequest(model="ovlora", images=one, labels=["a", " "]), "INVALID_ARGUMENT", "label 1 is empty"),
         (pb.ClassifyRequest(model="ovlora", images=one, labels=["a", "a"]), "INVALID_ARGUMENT", "given twice"),
+        (pb.ClassifyRequest(model="ovlora", images=one, labels=["red_panda", "Red  panda"]), "INVALID_ARGUMENT",
+         "label 1 ('Red  panda') is label 0 ('red_panda') again"),
         (pb.ClassifyRequest(model="ovlora", images=one, labels=["x" * 41]), "INVALID_ARGUMENT",
          "41 characters; the limit is 40"),
         (pb.ClassifyRequest(model="ovlora", images=one, labels=["a"], templates=["no placeholder"]),

@@ -75,6 +75,8 @@ def classify_files(
     `labels` (and `templates`) rank request-time labels instead of the model's classes
     (a model exported with ``--open-vocabulary``). The bearer token comes from `token` or
     ``CLIPLORA_TOKEN``; `tls_ca` switches to TLS (with `tls_cert`/`tls_key` for mutual TLS).
+    The batches after the first ask for the version that answered it (version 0: the
+    latest), so a version published meanwhile does not split one run over two models.
     """
     validate_top_k(top_k)
     if not images:
@@ -89,6 +91,7 @@ def classify_files(
                                          images=[pb.Image(encoded=data) for data in payloads[start : start + batch]],
                                          labels=list(labels or ()), templates=list(templates or ()))
             response = _call(stub.Classify, request, timeout_s, token)
+            version = version or response.version  # one version for every batch of the run
             for path, result in zip(images[start : start + batch], response.results, strict=True):
                 predictions = [Prediction(p.label, p.index, p.score, p.logit) for p in result.predictions]
                 results.append(result_json(str(path), predictions))
@@ -110,7 +113,9 @@ def embed_files(
     tls_key: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Embeddings through the gateway: ``{"image": PATH, "embedding": [...]}`` for each image,
-    then ``{"text": S, "embedding": [...]}`` for each text, in the order given."""
+    then ``{"text": S, "embedding": [...]}`` for each text, in the order given. The calls
+    after the first ask for the version that answered it, so that a version published in
+    between cannot mix two models' embeddings."""
     if not images and not texts:
         raise InvalidArgument("nothing to embed: give images and/or --text")
     payloads = [read_image_bytes(p) for p in images]
@@ -120,12 +125,14 @@ def embed_files(
             request = pb.EmbedRequest(model=model, version=version,
                                       images=[pb.Image(encoded=data) for data in payloads[start : start + batch]])
             response = _call(stub.Embed, request, timeout_s, token)
+            version = version or response.version
             results += [{"image": str(path), "embedding": list(e.values)}
                         for path, e in zip(images[start : start + batch], response.images, strict=True)]
         texts = list(texts)
         for start in range(0, len(texts), TEXT_BATCH):
             request = pb.EmbedRequest(model=model, version=version, texts=texts[start : start + TEXT_BATCH])
             response = _call(stub.Embed, request, timeout_s, token)
+            version = version or response.version
             results += [{"text": text, "embedding": list(e.values)}
                         for text, e in zip(texts[start : start + TEXT_BATCH], response.texts, strict=True)]
     return results

@@ -45,13 +45,15 @@ class VocabularyLimits:
 
 def validate_labels(labels: Sequence[str], limits: VocabularyLimits = VocabularyLimits(), what: str = "label") -> list[str]:
     """Labels as given, or InvalidArgument: 1..max_labels of them, each non-empty after
-    stripping, at most max_label_chars long, on one line, and no label twice."""
+    stripping, at most max_label_chars long, on one line, and no label twice, where two
+    labels the tokenizer reads alike (``red_panda`` and ``Red  panda``: case, runs of spaces
+    and ``_`` aside) are the same label: they would be one row twice."""
     labels = list(labels)
     if not labels:
         raise InvalidArgument(f"no {what}s given")
     if len(labels) > limits.max_labels:
         raise InvalidArgument(f"{len(labels)} {what}s; the limit is {limits.max_labels}")
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for index, label in enumerate(labels):
         if not label.strip():
             raise InvalidArgument(f"{what} {index} is empty")
@@ -59,9 +61,14 @@ def validate_labels(labels: Sequence[str], limits: VocabularyLimits = Vocabulary
             raise InvalidArgument(f"{what} {index} has {len(label)} characters; the limit is {limits.max_label_chars}")
         if "\n" in label or "\r" in label:
             raise InvalidArgument(f"{what} {index} spans several lines")
-        if label in seen:
-            raise InvalidArgument(f"{what} {index} ({_shown(label)}) is given twice")
-        seen.add(label)
+        key = " ".join(label.replace("_", " ").split()).lower()
+        if key in seen:
+            first = seen[key]
+            if labels[first] == label:
+                raise InvalidArgument(f"{what} {index} ({_shown(label)}) is given twice")
+            raise InvalidArgument(f"{what} {index} ({_shown(label)}) is {what} {first} ({_shown(labels[first])}) again: "
+                                  "case, spaces and '_' do not change what the model reads")
+        seen[key] = index
     return labels
 
 
