@@ -21,7 +21,8 @@ Verification, with the classifier's tolerances (`cliplora.export.verify.toleranc
 
 A name ``x`` exported with ``--open-vocabulary`` reserves ``x_text``: no classifier may be
 called ``x_text`` while ``x`` has a text encoder, and ``x`` cannot take one while a
-classifier ``x_text`` exists (`check_names`).
+classifier ``x_text`` exists (`cliplora.export.publish.check_names`, before the export and
+again under the publishing locks).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from cliplora.core.manifest import (
     TextVerificationRecord,
     TokenizerRecord,
 )
-from cliplora.core.repository import MODEL_NAME_PATTERN, ModelRepository
 from cliplora.core.runtime import create_session
 from cliplora.core.tokenizer import ClipTokenizer, default_vocab_path
 
@@ -58,24 +58,6 @@ PROBE_STRINGS = (
     "<start_of_text> inside <end_of_text> the text",
     " ".join(["a long caption that goes on"] * 30),  # longer than 77 tokens: truncated
 )
-
-
-def check_names(root: Path, name: str, open_vocabulary: bool) -> None:
-    """Refuse a name that shadows, or is shadowed by, an open-vocabulary text encoder."""
-    repository = ModelRepository(root)
-    if open_vocabulary:
-        text = contract.text_model_name(name)
-        if not MODEL_NAME_PATTERN.fullmatch(text):
-            raise InvalidArgument(f"--open-vocabulary needs the name {text!r} for the text encoder: "
-                                  f"use a --name of at most {64 - len(contract.TEXT_MODEL_SUFFIX)} characters")
-        if text in repository.model_names() and repository.text_encoder_of(text) != name:
-            raise FailedPrecondition(f"{root} already has a model called {text!r}, the name the text encoder of "
-                                     f"{name!r} needs; export under another --name")
-    if name.endswith(contract.TEXT_MODEL_SUFFIX):
-        owner = name.removesuffix(contract.TEXT_MODEL_SUFFIX)
-        if owner and repository.has_text_encoder(owner):
-            raise FailedPrecondition(f"{name!r} is the text encoder of the open-vocabulary model {owner!r}; "
-                                     "export under another --name")
 
 
 def tokenizer_record(tokenizer: ClipTokenizer) -> TokenizerRecord:

@@ -131,7 +131,7 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
     templates = head.validate_templates(options.templates)
     labels = render_labels(classes)
     publish.preflight(options.repository, options.name, labels)
-    open_vocabulary.check_names(options.repository, options.name, options.open_vocabulary)
+    publish.check_names(options.repository, options.name, options.open_vocabulary)
 
     with progress.step(f"loading base model {options.model}"):
         base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)

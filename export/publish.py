@@ -34,9 +34,9 @@ from google.protobuf import text_format
 
 from cliplora.core import contract
 from cliplora.core.atomic import write_text_atomically
-from cliplora.core.errors import FailedPrecondition, PermissionDenied
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from cliplora.core.manifest import Manifest, TextEncoderManifest
-from cliplora.core.repository import ModelRepository, validate_model_name
+from cliplora.core.repository import MODEL_NAME_PATTERN, ModelRepository, validate_model_name
 from cliplora.export.model_config import ModelConfig, parse_config, to_text
 
 
@@ -82,6 +82,26 @@ def check_compatible(root: Path, name: str, config: ModelConfig | None, labels: 
             f"model {name!r} already exists in {root} with a different configuration (input size, "
             "precision, target, batch size); a new version must keep it. Export under a new --name."
         )
+
+
+def check_names(root: Path, name: str, open_vocabulary: bool) -> None:
+    """Refuse a name that shadows, or is shadowed by, an open-vocabulary text encoder: `x` with
+    ``--open-vocabulary`` reserves ``x_text``. Checked before the export starts, and again by
+    `publish_version` under the models' locks (an export of the other name may have landed since)."""
+    repository = ModelRepository(root)
+    if open_vocabulary:
+        text = contract.text_model_name(name)
+        if not MODEL_NAME_PATTERN.fullmatch(text):
+            raise InvalidArgument(f"--open-vocabulary needs the name {text!r} for the text encoder: "
+                                  f"use a --name of at most {64 - len(contract.TEXT_MODEL_SUFFIX)} characters")
+        if text in repository.model_names() and repository.text_encoder_of(text) != name:
+            raise FailedPrecondition(f"{root} already has a model called {text!r}, the name the text encoder of "
+                                     f"{name!r} needs; export under another --name")
+    if name.endswith(contract.TEXT_MODEL_SUFFIX):
+        owner = name.removesuffix(contract.TEXT_MODEL_SUFFIX)
+        if owner and repository.has_text_encoder(owner):
+            raise FailedPrecondition(f"{name!r} is the text encoder of the open-vocabulary model {owner!r}; "
+                                     "export under another --name")
 
 
 def preflight(root: Path, name: str, labels: str) -> None:
@@ -143,6 +163,7 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
         for model in sorted(models, key=lambda m: m.name != name):
             locks.enter_context(model_lock(root, model.name))
         repository = ModelRepository(root)
+        check_names(root, name, any(c.text_encoder for c in companions))
         for model in models:
             check_compatible(root, model.name, model.config, model.labels or "")
         version = (repository.versions(name) or [0])[-1] + 1

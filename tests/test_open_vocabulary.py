@@ -146,6 +146,25 @@ def test_names_are_reserved_both_ways(exported) -> None:
         run_export(ExportOptions(lora="none", name="x" * 60, open_vocabulary=True, **common))
 
 
+def test_names_are_checked_again_under_the_publishing_locks(exported, monkeypatch) -> None:
+    """An export of `ovlora_text` whose early checks ran before `ovlora --open-vocabulary`
+    had landed (here: the export's early checks skipped) is refused when it publishes,
+    under the locks, naming the reservation, and publishes nothing."""
+    import types
+
+    from cliplora.export import pipeline, publish
+
+    early = types.SimpleNamespace(**vars(publish))  # what run_export calls before publishing
+    early.preflight = early.check_compatible = early.check_names = lambda *args, **kwargs: None
+    monkeypatch.setattr(pipeline, "publish", early)
+    root = exported["repository"]
+    before = sorted(p.name for p in (root / "ovlora_text").iterdir())
+    with pytest.raises(FailedPrecondition, match="'ovlora_text' is the text encoder of the open-vocabulary model"):
+        run_export(ExportOptions(lora="none", name="ovlora_text", **exported["common"]))
+    assert sorted(p.name for p in (root / "ovlora_text").iterdir()) == before
+    assert TextEncoderManifest.read(root / "ovlora_text" / "1" / "manifest.json")  # still the text encoder
+
+
 # -- serving ---------------------------------------------------------------------------------
 
 async def test_own_labels_and_templates_give_the_fixed_head(triton, exported, images) -> None:
