@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The ONNX Runtime wheel: cpu (onnxruntime) or gpu (onnxruntime-gpu, CUDA 12). They provide the
-# same module, so the other one is removed first: `make install ORT=gpu` on a CUDA host.
-ORT    ?= cpu
+# same module, so the other one is removed first: `make install ORT=gpu` on a CUDA host. The
+# choice is remembered (.venv/.ort), so a later `make serve` or `make test` keeps it.
+ORT    ?= $(or $(shell cat .venv/.ort 2>/dev/null),cpu)
 OTHER_ORT := $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu)
 STAMP  := $(VENV)/.installed-$(ORT)
 ifeq ($(filter cpu gpu,$(ORT)),)
@@ -23,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip uninstall --quiet -y $(OTHER_ORT) 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[$(ORT),serve,loadtest,test]'
 	rm -f $(VENV)/.installed $(VENV)/.installed-*
+	echo $(ORT) > $(VENV)/.ort
 	touch $(STAMP)
 
 # The whole suite; it includes the layer contracts (lint-imports on the built wheel,
