@@ -68,11 +68,6 @@ def children_of(pid: int) -> list[int]:
     return [child for child, parent, _ in _processes() if parent == pid]
 
 
-def group_alive(pgid: int) -> bool:
-    """True while some process is in process group `pgid`."""
-    return any(group == pgid for _, _, group in _processes())
-
-
 def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
@@ -105,7 +100,8 @@ def _say(text: str) -> None:
     os.write(2, f"child_guard: {text}\n".encode())
 
 
-def _signal_quietly(kill: object, target: int, signum: int) -> None:
+def signal_quietly(kill: object, target: int, signum: int) -> None:
+    """`kill(target, signum)` (os.kill or os.killpg), ignoring a target already gone."""
     try:
         kill(target, signum)  # type: ignore[operator]
     except (ProcessLookupError, PermissionError):
@@ -125,7 +121,7 @@ class _Guard:
 
     def _on_terminate(self, signum: int, frame: object) -> None:
         if self.kill_at is None and self.child > 0:
-            _signal_quietly(os.kill, self.child, signal.SIGTERM)
+            signal_quietly(os.kill, self.child, signal.SIGTERM)
             self.kill_at = time.monotonic() + self.grace_s
 
     def _on_hangup(self, signum: int, frame: object) -> None:
@@ -171,9 +167,9 @@ class _Guard:
         for pid in doomed:  # a stub still maps the shared memory its dead tritonserver made
             self.shm |= _mapped_shm(pid)
         if not self.group_gone:
-            _signal_quietly(os.killpg, self.child, signal.SIGKILL)
+            signal_quietly(os.killpg, self.child, signal.SIGKILL)
         for pid in doomed:
-            _signal_quietly(os.kill, pid, signal.SIGKILL)
+            signal_quietly(os.kill, pid, signal.SIGKILL)
 
     def _reap(self) -> bool:
         """Reap what has exited; True once no child of ours is left."""

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Literal
 
-from cliplora.serve.child_guard import children_of, group_alive, guarded
+from cliplora.serve.child_guard import children_of, guarded, signal_quietly
 
 KILL_WAIT_S = 5.0  # a guard ends its child's group at once on SIGHUP: this is only a bound
 
@@ -100,11 +100,8 @@ def kill_guarded(guard: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         guard.kill()
         guard.wait()
-        if group is not None and group_alive(group):
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if group is not None:
+            signal_quietly(os.killpg, group, signal.SIGKILL)
 
 
 def describe_exit(returncode: int) -> str:
