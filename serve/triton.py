@@ -66,7 +66,6 @@ class TextEntry:
     embedding_dim: int
     max_batch_size: int
     classifier: str  # the model it belongs to, from its config
-    vocab_sha256: str  # the BPE vocabulary its token ids come from
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,11 @@ class OpenVocabulary:
     text: TextEntry
     logit_scale: float
     templates: tuple[str, ...]
-    embedding_dim: int
-    vocab_sha256: str
+    vocab_sha256: str  # the BPE vocabulary the text encoder's token ids come from
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.text.embedding_dim  # the image side's, too: a mismatch is no open vocabulary
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,7 @@ def _open_vocabulary(name: str, config: dict[str, Any], shape: contract.Classifi
     if not math.isfinite(scale) or scale <= 0 or not templates or not all(isinstance(t, str) for t in templates):
         log.warning("model %s has no usable logit scale or templates: no open vocabulary", name)
         return None
-    return OpenVocabulary(text, scale, templates, shape.embedding_dim,
-                          contract.parameter(config, contract.PARAM_VOCAB_SHA256) or "")
+    return OpenVocabulary(text, scale, templates, contract.parameter(config, contract.PARAM_VOCAB_SHA256) or "")
 
 
 class Triton:
@@ -250,8 +251,7 @@ class Triton:
                         continue
                     texts[name] = TextEntry(name, tuple(sorted(ready[name])), shape.embedding_dim,
                                             shape.max_batch_size,
-                                            contract.parameter(config, contract.PARAM_CLASSIFIER) or "",
-                                            contract.parameter(config, contract.PARAM_VOCAB_SHA256) or "")
+                                            contract.parameter(config, contract.PARAM_CLASSIFIER) or "")
             found: dict[str, ModelEntry] = {}
             for name, config in configs.items():
                 if name in texts:

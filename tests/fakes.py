@@ -22,8 +22,8 @@ ENTRY = ModelEntry("m", (1, 2), image_size=16, num_classes=3, max_batch_size=4, 
 EMBEDDING_DIM = 8
 OPEN = ModelEntry("ov", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"),
                   open_vocabulary=OpenVocabulary(
-                      TextEntry("ov_text", (1, 2), EMBEDDING_DIM, max_batch_size=4, classifier="ov", vocab_sha256=""),
-                      logit_scale=10.0, templates=("a photo of a {}.",), embedding_dim=EMBEDDING_DIM, vocab_sha256=""))
+                      TextEntry("ov_text", (1, 2), EMBEDDING_DIM, max_batch_size=4, classifier="ov"),
+                      logit_scale=10.0, templates=("a photo of a {}.",), vocab_sha256=""))
 MODELS = {"m": ENTRY, "ov": OPEN}
 
 
