@@ -79,11 +79,17 @@ def _checked() -> bool:
     return True
 
 
-def preferred_providers(device: str | None = None, available: Sequence[str] | None = None) -> list[str]:
-    """The execution providers for `device` (``auto``: CUDA when there, else the CPU)."""
+def resolve_device(device: str | None = None) -> str:
+    """`device`, else ``CLIPLORA_DEVICE``, else ``auto``; InvalidArgument for another name."""
     device = (device or os.environ.get(DEVICE_ENV) or "auto").lower()
     if device not in DEVICES:
         raise InvalidArgument(f"device must be one of {', '.join(DEVICES)}, got {device!r} ({DEVICE_ENV}?)")
+    return device
+
+
+def preferred_providers(device: str | None = None, available: Sequence[str] | None = None) -> list[str]:
+    """The execution providers for `device` (``auto``: CUDA when there, else the CPU)."""
+    device = resolve_device(device)
     available = list(ort.get_available_providers() if available is None else available)
     if device != "cpu" and CUDA in available:
         return [CUDA, "CPUExecutionProvider"]
@@ -116,8 +122,7 @@ def create_session(
     with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in chosen]
     session = ort.InferenceSession(str(path), options, providers=with_options)
     if CUDA in chosen and CUDA not in session.get_providers():
-        said = (device or os.environ.get(DEVICE_ENV) or "auto").lower()
-        if said == "cuda":
+        if resolve_device(device) == "cuda":
             raise FailedPrecondition(f"device cuda, but ONNX Runtime could not start its CUDA provider for {path} "
                                      "(no GPU visible, or CUDA/cuDNN libraries missing); see its warnings above")
         log.warning("the CUDA provider did not start for %s: running on the CPU", path)
