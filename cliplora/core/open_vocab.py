@@ -61,7 +61,9 @@ def validate_labels(labels: Sequence[str], limits: VocabularyLimits = Vocabulary
             raise InvalidArgument(f"{what} {index} has {len(label)} characters; the limit is {limits.max_label_chars}")
         if "\n" in label or "\r" in label:
             raise InvalidArgument(f"{what} {index} spans several lines")
-        key = " ".join(label.replace("_", " ").split()).lower()
+        # tokenizer.clean_text's whitespace and case rules on the prompt's label; its ftfy and
+        # HTML fixes are left out here, where every label of every call passes, cache hit or not
+        key = " ".join(prompt_label(label).split()).lower()
         if key in seen:
             first = seen[key]
             if labels[first] == label:
@@ -155,9 +157,14 @@ def labels_argument(labels: str | None, labels_file: str | Path | None) -> list[
     return None
 
 
+def prompt_label(label: str) -> str:
+    """A label as it goes into a template: ``_`` becomes a space."""
+    return label.replace("_", " ")
+
+
 def prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Every label in every template, label-major: [L * T] prompts."""
-    return [template.replace(PLACEHOLDER, label.replace("_", " ")) for label in labels for template in templates]
+    return [template.replace(PLACEHOLDER, prompt_label(label)) for label in labels for template in templates]
 
 
 def label_embeddings(prompt_embeddings: np.ndarray, n_labels: int) -> np.ndarray:
