@@ -158,13 +158,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self._check_request(request.model, request.version, request.images, 1)
         top_k = validate_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K)
         limits = self.settings.vocabulary_limits
-        vocabulary = None
+        vocabulary = templates = None
         if request.labels or request.templates:
             if not request.labels:
                 raise InvalidArgument("templates go with labels: send the labels to rank with them")
             vocabulary = validate_labels(request.labels, limits)
             if request.templates:
-                validate_templates(request.templates, limits)
+                templates = validate_templates(request.templates, limits)
 
         entry, version = await self.triton.lookup(request.model, request.version, text=vocabulary is not None)
         labels.update(model=entry.name, version=str(version))
@@ -173,8 +173,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             names: Sequence[str] = entry.labels
         else:
             ov = require_open_vocabulary(entry)
-            templates = (validate_templates(request.templates, limits) if request.templates
-                         else open_vocab.model_templates(ov.templates))
+            templates = templates or open_vocab.model_templates(ov.templates)
             open_vocab.check_prompt_budget(vocabulary, templates, limits.max_prompts)
             # Image and text side pinned to one version: they are published together.
             version = entry.pinned(request.version)
