@@ -139,11 +139,13 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         progress.warn("exporting RANDOM weights (--allow-random-weights): this model is for tests and demos only")
     progress.info(f"activation {'QuickGELU' if base.quick_gelu else 'GELU'}, image size {base.image_size}, "
                   f"logit scale {base.logit_scale:.4g}")
-    text_name = contract.text_model_name(options.name) if options.open_vocabulary else None
-    tokenizer = None
+    text_name = tokenizer = None
+    text_strings: list[str] = []
     if options.open_vocabulary:
-        tokenizer = open_vocabulary.check_tokenizer(
-            base.tokenizer, [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS])
+        text_name = contract.text_model_name(options.name)
+        # The strings the text encoder is verified on: the model's own prompts, then the probes.
+        text_strings = [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS]
+        tokenizer = open_vocabulary.check_tokenizer(base.tokenizer, text_strings)
     spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(classes),
                                embedding_dim=base.embedding_dim if options.open_vocabulary else None)
     ov_parameters = OpenVocabularyParameters(text_name, base.logit_scale, tuple(templates), tokenizer.vocab_sha256) \
@@ -210,11 +212,10 @@ def run_export(options: ExportOptions, progress: Progress | None = None) -> Expo
         if text_name and tokenizer and text_config is not None:
             text_staged = staging / "text-version"
             text_staged.mkdir()
-            strings = [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS]
             text_verification, text_manifest = _export_text_encoder(
-                options, base, merged, reference, onnx_path, text_staged, strings, tokenizer, text_name)
+                options, base, merged, reference, onnx_path, text_staged, text_strings, tokenizer, text_name)
             progress.info(f"text encoder {text_name}: logit error bound ONNX vs reference "
-                          f"{text_verification.text_vs_reference.max_logit_error:.2e} over {len(strings)} strings "
+                          f"{text_verification.text_vs_reference.max_logit_error:.2e} over {len(text_strings)} strings "
                           f"(tolerance {text_verification.tolerance:g})")
             companions.append(publish.StagedModel(text_name, text_staged, text_config, text_encoder=True))
             ov_record = OpenVocabularyRecord(text_model=text_name, tokenizer=text_manifest.tokenizer,
