@@ -34,7 +34,6 @@ verified against the unmerged reference first) on the probe images and on every
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from cliplora.core import contract
 from cliplora.core.manifest import QuantizationGateRecord, QuantizationRecord
 from cliplora.core.preprocess import preprocess_file
 from cliplora.core.runtime import create_session, run_logits
+from cliplora.export.verify import compare, top1_margins
 
 INT8_COSINE_TOLERANCE = 2e-2
 MIN_TOP1_AGREEMENT = 0.99
@@ -141,25 +141,16 @@ def gate(fp32_path: Path, int8_path: Path, probes: np.ndarray, calibration: np.n
 
     expected = logits(reference, crops).astype(np.float64)
     got = logits(quantized, crops).astype(np.float64)
-    tolerance = INT8_COSINE_TOLERANCE * logit_scale
-    difference = np.abs(got - expected)
-    agree = got.argmax(axis=1) == expected.argmax(axis=1)
-    margin = None
-    if expected.shape[1] > 1:
-        top2 = np.sort(expected, axis=1)[:, -2:]
-        margin = float((top2[:, 1] - top2[:, 0]).min())
+    comparison = compare(got, expected)
+    margins = top1_margins(expected)
     return Gate(
-        images=len(crops), calibration_images=0 if calibration is None else len(calibration), tolerance=tolerance,
-        top1_agreement=float(agree.mean()), max_abs_logit=float(difference.max()),
-        mean_abs_logit=float(difference.mean()), min_top1_margin=margin,
+        images=len(crops), calibration_images=0 if calibration is None else len(calibration),
+        tolerance=INT8_COSINE_TOLERANCE * logit_scale, top1_agreement=comparison.top1_agreement,
+        max_abs_logit=comparison.max_abs_logit, mean_abs_logit=float(np.abs(got - expected).mean()),
+        min_top1_margin=None if margins is None else float(margins.min()),
     )
 
 
 def with_gate(record: QuantizationRecord, result: Gate) -> QuantizationRecord:
     return record.model_copy(update={"gate": result.record()})
 
-
-def probe_inputs(images: Sequence[object], size: int) -> np.ndarray:
-    from cliplora.export.verify import product_inputs
-
-    return product_inputs(images, size)  # type: ignore[arg-type]

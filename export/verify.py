@@ -106,12 +106,20 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> Comparison:
     )
 
 
+def top1_margins(expected: np.ndarray) -> np.ndarray | None:
+    """How far each row's top-1 logit leads the runner-up; None with a single class."""
+    if expected.shape[1] < 2:
+        return None
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def top1_margin_ok(actual: np.ndarray, expected: np.ndarray, bound: float) -> bool:
     """Top-1 agrees on every probe whose reference top-1 leads the runner-up by > 2·bound."""
-    if expected.shape[1] < 2:
+    margins = top1_margins(expected)
+    if margins is None:
         return True
-    top2 = np.sort(expected, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * bound
+    clear = margins > 2 * bound
     return bool((actual.argmax(axis=1) == expected.argmax(axis=1))[clear].all())
 
 
