@@ -120,13 +120,13 @@ def _check_triton_liveness(triton: dict) -> None:
     assert ready["periodSeconds"] * ready["failureThreshold"] <= window  # out of the Service before restarted
 
 
-def _liveness_script(port: int) -> str:
-    """The rendered Triton liveness script, aimed at `port` instead of Triton's 8000."""
+def _liveness_script() -> str:
+    """The rendered Triton liveness script (it asks Triton's HTTP port, 8000)."""
     triton = by_kind(render(K8S / "overlays" / "cpu"), "Deployment")["triton"]["spec"]["template"]["spec"]["containers"][0]
     assert {p["name"]: p["containerPort"] for p in triton["ports"]}["http"] == 8000
     script = triton["livenessProbe"]["exec"]["command"][2]
     assert script.count("8000") == 1, script
-    return script.replace("8000", str(port))
+    return script
 
 
 @needs_kubectl
@@ -150,9 +150,13 @@ def test_triton_liveness_probe_fails_on_a_hang_not_on_a_model_loading() -> None:
         def log_message(self, *args: object) -> None:
             pass
 
+    script = _liveness_script()
+
     def probe(port: int) -> tuple[int, float]:
+        """The script aimed at `port` instead of Triton's 8000: its exit code and duration."""
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", _liveness_script(port)], capture_output=True, timeout=30)
+        done = subprocess.run([sys.executable, "-c", script.replace("8000", str(port))], capture_output=True,
+                              timeout=30)
         return done.returncode, time.monotonic() - started
 
     for status in (200, 400):
@@ -168,7 +172,7 @@ def test_triton_liveness_probe_fails_on_a_hang_not_on_a_model_loading() -> None:
         hung.bind(("127.0.0.1", 0))
         hung.listen()
         code, seconds = probe(hung.getsockname()[1])
-        waits = float(re.search(r"timeout=(\d+(?:\.\d+)?)", _liveness_script(8000)).group(1))
+        waits = float(re.search(r"timeout=(\d+(?:\.\d+)?)", script).group(1))
         # it failed because its own timeout ran out, not sooner and not much later
         assert code != 0 and waits - 0.1 <= seconds < waits + 5, (code, seconds, waits)
     with socket.socket() as closed:
