@@ -173,14 +173,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             names: Sequence[str] = entry.labels
         else:
             ov = require_open_vocabulary(entry)
-            templates = templates or open_vocab.model_templates(ov.templates)
-            open_vocab.check_prompt_budget(vocabulary, templates, limits.max_prompts)
+            text_prompts = open_vocab.request_prompts(vocabulary, templates, ov.templates, limits.max_prompts)
             # Image and text side pinned to one version: they are published together.
             version = entry.pinned(request.version)
             labels.update(version=str(version))
             embeddings, prompt_embeddings = await _together(
                 self._images(request.images, entry, version, deadline, contract.EMBEDS_NAME),
-                self.text.embed(entry, version, open_vocab.prompts(vocabulary, templates), deadline))
+                self.text.embed(entry, version, text_prompts, deadline))
             image_embeddings, version = embeddings
             heads = open_vocab.label_embeddings(prompt_embeddings, len(vocabulary))
             logits = open_vocab.open_vocabulary_logits(image_embeddings, heads, ov.logit_scale)

@@ -125,6 +125,16 @@ def check_prompt_budget(labels: Sequence[str], templates: Sequence[str], max_pro
                               f"prompts; the limit is {max_prompts} per request")
 
 
+def request_prompts(labels: Sequence[str], templates: Sequence[str] | None, exported_templates: Sequence[str],
+                    max_prompts: int) -> list[str]:
+    """The prompts to embed for validated `labels`: in the request's validated `templates`,
+    else in the model's own (`model_templates`), within the prompt budget. The gateway and
+    `cliplora predict --labels` both go through here."""
+    chosen = list(templates) if templates else model_templates(exported_templates)
+    check_prompt_budget(labels, chosen, max_prompts)
+    return prompts(labels, chosen)
+
+
 def read_names_file(path: str | Path, what: str = "labels") -> list[str]:
     """Names from a text file (one per line; blank lines skipped) or a JSON list of
     strings; each stripped. Used for ``--classes`` and ``--labels-file``."""

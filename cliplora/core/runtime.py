@@ -187,10 +187,9 @@ class PublishedTextEncoder:
         """[L, D] unit label embeddings (the head), checked and built exactly as the gateway does;
         `templates` default to the model's own."""
         labels = open_vocab.validate_labels(labels, limits)
-        chosen = (open_vocab.validate_templates(templates, limits) if templates
-                  else open_vocab.model_templates(self.templates))
-        open_vocab.check_prompt_budget(labels, chosen, limits.max_prompts)
-        return open_vocab.label_embeddings(self.embed(open_vocab.prompts(labels, chosen)), len(labels))
+        given = open_vocab.validate_templates(templates, limits) if templates else None
+        prompts = open_vocab.request_prompts(labels, given, self.templates, limits.max_prompts)
+        return open_vocab.label_embeddings(self.embed(prompts), len(labels))
 
     def logits(self, image_embeddings: np.ndarray, heads: np.ndarray) -> np.ndarray:
         """[N, L] logits of [N, D] image embeddings against [L, D] label heads."""
