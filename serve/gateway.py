@@ -28,7 +28,7 @@ import numpy as np
 from cliplora.core import contract, open_vocab
 from cliplora.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from cliplora.core.manifest import Manifest
-from cliplora.core.open_vocab import validate_labels, validate_templates
+from cliplora.core.open_vocab import validate_labels, validate_templates, validate_texts
 from cliplora.core.predictions import rank, validate_top_k
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.repository import ModelRepository, validate_model_name
@@ -201,14 +201,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                      labels: dict[str, str]) -> pb.EmbedResponse:
         deadline = time.monotonic() + self._budget(context)
         self._check_request(request.model, request.version, request.images, 0)
-        limits = self.settings.vocabulary_limits
         if not request.images and not request.texts:
             raise InvalidArgument("nothing to embed: send images, texts or both")
-        if len(request.texts) > limits.max_labels:
-            raise InvalidArgument(f"{len(request.texts)} texts; the limit is {limits.max_labels}")
-        for index, text in enumerate(request.texts):
-            if len(text) > limits.max_label_chars:
-                raise InvalidArgument(f"text {index} has {len(text)} characters; the limit is {limits.max_label_chars}")
+        texts = validate_texts(request.texts, self.settings.vocabulary_limits)
 
         entry, version = await self.triton.lookup(request.model, request.version, text=True)
         require_open_vocabulary(entry)
@@ -218,7 +213,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         if request.images:
             parts.append(self._images(request.images, entry, version, deadline, contract.EMBEDS_NAME))
         if request.texts:
-            parts.append(self.text.embed(entry, version, list(request.texts), deadline))
+            parts.append(self.text.embed(entry, version, texts, deadline))
         results = await _together(*parts)
         images = results.pop(0)[0] if request.images else np.zeros((0, 0), dtype=np.float32)
         texts = results.pop(0) if request.texts else np.zeros((0, 0), dtype=np.float32)

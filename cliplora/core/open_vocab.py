@@ -9,9 +9,10 @@ text encoder's embeddings, with the functions below:
   mean is normalised again (`label_embeddings`);
 - ``logit = logit_scale × cos(image_embeds, label)`` (`open_vocabulary_logits`).
 
-With the model's own classes and templates this is the folded head. The rules for labels
-and templates a caller may send, and their limits, are here too (`validate_labels`,
-`validate_templates`): the export, the gateway and the command line apply the same ones.
+With the model's own classes and templates this is the folded head. The rules for labels,
+templates and ``Embed`` texts a caller may send, and their limits, are here too
+(`validate_labels`, `validate_templates`, `validate_texts`): the export, the gateway and
+the command line apply the same ones.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def validate_labels(labels: Sequence[str], limits: VocabularyLimits = Vocabulary
                                   "case, spaces and '_' do not change what the model reads")
         seen[key] = index
     return labels
+
+
+def validate_texts(texts: Sequence[str], limits: VocabularyLimits = VocabularyLimits()) -> list[str]:
+    """``Embed``'s texts as given, or InvalidArgument: at most max_labels of them, each at
+    most max_label_chars long (repeats and empty strings are allowed: each is embedded)."""
+    texts = list(texts)
+    if len(texts) > limits.max_labels:
+        raise InvalidArgument(f"{len(texts)} texts; the limit is {limits.max_labels}")
+    for index, text in enumerate(texts):
+        if len(text) > limits.max_label_chars:
+            raise InvalidArgument(f"text {index} has {len(text)} characters; the limit is {limits.max_label_chars}")
+    return texts
 
 
 def validate_templates(templates: Sequence[str], limits: VocabularyLimits = VocabularyLimits()) -> list[str]:
