@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from cliplora.loadtest.stats import summary_ms
+
 
 async def measure(url: str, model: str, batch: int, concurrency: int, seconds: float, warmup: float) -> dict:
     import tritonclient.grpc.aio as triton_aio
@@ -51,12 +53,10 @@ async def measure(url: str, model: str, batch: int, concurrency: int, seconds: f
         elapsed = time.monotonic() - started
     finally:
         await client.close()
-    ms = np.array(latencies) * 1e3
     return {"model": model, "batch": batch, "concurrency": concurrency, "seconds": round(elapsed, 2),
             "requests": len(latencies), "prompts_per_s": round(len(latencies) * batch / elapsed, 1),
             "requests_per_s": round(len(latencies) / elapsed, 2),
-            "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 1), "p90": round(float(np.percentile(ms, 90)), 1),
-                           "p99": round(float(np.percentile(ms, 99)), 1)}}
+            "latency_ms": {k: round(v, 1) for k, v in summary_ms(np.array(latencies)).items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
