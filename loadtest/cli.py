@@ -98,6 +98,7 @@ def _vocabulary(models: list[str], args: argparse.Namespace) -> dict[str, tuple[
     from cliplora.core.open_vocab import read_names_file, validate_labels, validate_templates
 
     found = {}
+    vocabulary: tuple[list[str], list[str]] | None = None  # read once, for every NAME:labels entry
     for entry in models:
         name, _, variant = entry.partition(":")
         validate_model_name(name)
@@ -109,9 +110,10 @@ def _vocabulary(models: list[str], args: argparse.Namespace) -> dict[str, tuple[
             raise InvalidArgument(f"--models entry {entry!r}: request-time labels go through the gateway")
         if not args.labels_file:
             raise InvalidArgument(f"--models entry {entry!r} needs --labels-file")
-        labels = validate_labels(read_names_file(args.labels_file))
-        templates = validate_templates(args.template) if args.template else []
-        found[entry] = (name, labels, templates, variant == "labels-cold")
+        if vocabulary is None:
+            vocabulary = (validate_labels(read_names_file(args.labels_file)),
+                          validate_templates(args.template) if args.template else [])
+        found[entry] = (name, *vocabulary, variant == "labels-cold")
     return found
 
 
