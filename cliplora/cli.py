@@ -8,7 +8,6 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import astuple
 from pathlib import Path
 
 from cliplora.core.errors import CliploraError
@@ -155,30 +154,6 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import logging
-
-    from cliplora.serve.settings import ENV_PREFIX, GatewaySettings
-    from cliplora.serve.stack import run_stack
-    from cliplora.serve.supervisor import ReadinessProbe, RestartPolicy
-    from cliplora.serve.triton_launcher import TritonPorts
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    flags = {k: v for k, v in vars(args).items() if v is not None}
-    flags["repository"] = Path(args.repository)
-    # Every setting is parsed and checked here, before run_stack starts anything.
-    settings = GatewaySettings.from_sources(flags)
-    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s)
-    probe = ReadinessProbe(interval_s=settings.health_interval_s, timeout_s=settings.health_timeout_s,
-                           hang_s=args.triton_hang_s)
-    # An existing Triton, named by flag or by CLIPLORA_TRITON_URL, means: the gateway only.
-    existing_triton = args.triton_url is not None or bool(os.environ.get(f"{ENV_PREFIX}TRITON_URL"))
-    run_stack(settings, Path(args.repository), Path(args.log_dir), start_triton=not existing_triton,
-              triton_ports=TritonPorts.parse(args.triton_ports), prometheus_port=args.prometheus_port,
-              restart_policy=policy, triton_probe=probe)
-    return 0
-
-
 def _classify(args: argparse.Namespace) -> int:
     from cliplora.core.client import classify_files
 
@@ -318,34 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.set_defaults(func=_predict)
 
-    from cliplora.serve.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
-    from cliplora.serve.settings import GatewaySettings, add_arguments
-    from cliplora.serve.triton_launcher import TritonPorts
+    from cliplora.serve import cli as serve_cli
 
     serve = sub.add_parser("serve", help="run Triton, the gRPC gateway and Prometheus (when installed) locally")
-    serve.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
-    serve.add_argument("--grpc-port", type=int, default=GatewaySettings.grpc_port)
-    serve.add_argument("--metrics-port", type=int, default=GatewaySettings.metrics_port)
-    serve.add_argument("--triton-url", help="HOST:PORT of an existing Triton (gRPC); then only the gateway starts")
-    serve.add_argument("--host", default=None, help="gateway bind address (default 127.0.0.1)")
-    serve.add_argument("--log-dir", default="logs", help="Triton and Prometheus logs (default logs/)")
-    triton_ports = ",".join(str(port) for port in astuple(TritonPorts()))
-    serve.add_argument("--triton-ports", default=triton_ports, metavar="HTTP,GRPC,METRICS",
-                       help=f"ports of the local Triton (default {triton_ports})")
-    serve.add_argument("--prometheus-port", type=int, default=PROMETHEUS_PORT,
-                       help=f"local Prometheus port (default {PROMETHEUS_PORT})")
-    from cliplora.serve.supervisor import ReadinessProbe, RestartPolicy
-
-    serve.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
-                       help="restarts of the local Triton or Prometheus allowed within --restart-window-s; one more "
-                            f"failure stops the stack with a non-zero status (default {RestartPolicy.max_restarts})")
-    serve.add_argument("--restart-window-s", type=float, default=RestartPolicy.window_s,
-                       help=f"the window of --max-restarts, in seconds (default {RestartPolicy.window_s:g})")
-    serve.add_argument("--triton-hang-s", type=float, default=ReadinessProbe.hang_s,
-                       help="the local Triton is hung, killed and restarted, after this long without an answer to "
-                            f"its readiness probe; 0: never (default {ReadinessProbe.hang_s:g})")
-    add_arguments(serve)
-    serve.set_defaults(func=_serve)
+    serve_cli.add_arguments(serve)
+    serve.set_defaults(func=serve_cli.run)
 
     classify = sub.add_parser("classify", help="classify images through the gateway (gRPC)")
     classify.add_argument("--target", required=True, help="gateway HOST:PORT")

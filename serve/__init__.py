@@ -1,11 +1,9 @@
-"""`cliplora.serve`: the local Triton stack and the asyncio gRPC classification gateway.
+"""`cliplora.serve`: serving, in two parts (docs/architecture.md).
 
-`triton_backend/` is the small Python-based ``onnxruntime`` backend that lets the
-``tritonserver`` binary of the nvidia-pytriton wheel serve the exported ONNX models on
-CPU; `triton_launcher` starts that server; `gateway` answers ``cliplora.v1.Classifier``
-calls by way of `triton` (one long-lived client, model discovery); `errors` maps
-domain errors to status codes; `metrics` and `health` report; `security` checks TLS
-and tokens; `server` wires them; `text_encoder` and `text_cache` embed request-time
-labels; `stack` is `cliplora serve`, whose `supervisor` restarts Triton and Prometheus
-and whose `child_guard` keeps any child from outliving it.
+- `cliplora.serve.gateway`: the asyncio gRPC gateway in front of Triton, and all the
+  gateway image runs. It never imports the stack (an import-linter contract).
+- `cliplora.serve.stack`: the local stack of `cliplora serve`: a supervised Triton (with
+  the Python-based ``onnxruntime`` backend of `stack/triton_backend/`) and Prometheus,
+  each under a guard so that no child outlives it, and the gateway in front of them.
+- `cliplora.serve.cli`: the ``serve`` command's flags and its entry point.
 """

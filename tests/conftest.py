@@ -69,7 +69,7 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path)
 def tiny_triton(tiny_repository: Path):
     """One real tritonserver on `tiny_repository` for every test that only reads it (a test
     that adds a model takes it out again; tests that kill or stall Triton start their own)."""
-    from cliplora.serve.triton_launcher import LocalTriton
+    from cliplora.serve.stack.triton_launcher import LocalTriton
     from tests.serving import triton_ports
 
     with LocalTriton(tiny_repository, ports=triton_ports()) as server:

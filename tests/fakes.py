@@ -11,10 +11,10 @@ import numpy as np
 
 from cliplora.core import contract
 from cliplora.core.errors import NotFound
-from cliplora.serve.gateway import ClassifierService
-from cliplora.serve.metrics import GatewayMetrics
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.triton import ModelEntry, OpenVocabulary, TextEntry
+from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.service import ClassifierService
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.gateway.triton import ModelEntry, OpenVocabulary, TextEntry
 from tests import factories
 from tests.serving import encoded
 

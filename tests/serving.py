@@ -27,10 +27,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cliplora.export.pipeline import ExportOptions, run_export
-from cliplora.serve.processes import stop_process
-from cliplora.serve.server import GatewayServer
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.triton_launcher import TritonPorts
+from cliplora.serve.gateway.server import GatewayServer
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.stack.processes import stop_process
+from cliplora.serve.stack.triton_launcher import TritonPorts
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import factories, leftovers

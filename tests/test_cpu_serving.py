@@ -19,7 +19,7 @@ from cliplora.core.manifest import Manifest
 from cliplora.export import model_config, quantize
 from cliplora.export.pipeline import ExportOptions, run_export
 from cliplora.predict import predict_files
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.factories import tree_snapshot

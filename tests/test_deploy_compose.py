@@ -220,7 +220,7 @@ def test_the_gateway_needs_no_torch() -> None:
         before = set(sys.modules)
         from cliplora.cli import build_parser
         build_parser().parse_args(["serve", "--triton-url", "triton:8001"])
-        import cliplora.serve.server, cliplora.serve.stack, cliplora.serve.gateway
+        import cliplora.serve.gateway.server, cliplora.serve.stack.run, cliplora.serve.gateway.service
         owners = importlib.metadata.packages_distributions()
         top = {m.split(".")[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)
         print(json.dumps(sorted({d for m in top for d in owners.get(m, [])})))

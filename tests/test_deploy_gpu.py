@@ -23,7 +23,7 @@ import pytest
 
 from cliplora.core import contract
 from cliplora.export import model_config
-from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.gateway.settings import GatewaySettings
 from tests.deploy_checks import (
     DEPLOY,
     GPU_METRICS,
@@ -96,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterat
     """`--target gpu` exports (one with --open-vocabulary: its text encoder gets the GPU blocks
     too) and a portable base export, served by the local Triton."""
     from cliplora.export.pipeline import ExportOptions, run_export
-    from cliplora.serve.triton_launcher import LocalTriton
+    from cliplora.serve.stack.triton_launcher import LocalTriton
     from tests import factories
 
     root = tmp_path_factory.mktemp("deploy")
@@ -225,7 +225,7 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
             assert GPU_METRICS.isdisjoint(exported)  # this Triton has no GPU: the allowlist is needed, and only for these
 
             # Every query also parses and evaluates in a real Prometheus that loads our rules.
-            from cliplora.serve.prometheus import LocalPrometheus
+            from cliplora.serve.stack.prometheus import LocalPrometheus
 
             if not LocalPrometheus.available():
                 pytest.skip("prometheus not installed (make test installs it): queries checked by name only")
@@ -273,7 +273,7 @@ def _query(base: str, expr: str) -> dict:
 
 
 async def test_container_health_check_script(stack: dict) -> None:
-    from cliplora.serve.server import GatewayServer
+    from cliplora.serve.gateway.server import GatewayServer
 
     script = DEPLOY / "docker" / "grpc_health_check.py"
     async with in_process_gateway(stack["triton"].grpc_url, metrics_port=-1) as (gateway, _stub):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from cliplora.export import model_config
-from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.gateway.settings import GatewaySettings
 from tests.deploy_checks import (
     CRD_SCHEMAS,
     DEPLOY,
@@ -107,7 +107,7 @@ def test_every_deployment_has_probes_limits_and_a_locked_down_container(overlay:
 def _check_triton_liveness(triton: dict) -> None:
     """The liveness probe detects a hang as `cliplora serve --triton-hang-s` does: a timed
     request to /v2/health/ready, failing within about the stack's default window."""
-    from cliplora.serve.supervisor import ReadinessProbe
+    from cliplora.serve.stack.supervisor import ReadinessProbe
 
     live = triton["livenessProbe"]
     command = live["exec"]["command"]

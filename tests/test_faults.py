@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests.serving import (

@@ -337,7 +337,7 @@ def test_ctrl_c_saves_and_resume_finishes_bit_exact(tmp_path, tiny_config) -> No
 
 
 async def test_evaluate_through_the_gateway_equals_in_process(trained, tmp_path, tiny_config) -> None:
-    from cliplora.serve.triton_launcher import LocalTriton
+    from cliplora.serve.stack.triton_launcher import LocalTriton
     from tests.serving import in_process_gateway, triton_ports
 
     repository = tmp_path / "repo"

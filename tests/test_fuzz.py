@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.preprocess import clip_crop, decode_image
-from cliplora.serve.processes import stop_process
+from cliplora.serve.stack.processes import stop_process
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import factories

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cliplora.core.errors import Unavailable
-from cliplora.serve.errors import to_status
-from cliplora.serve.settings import GatewaySettings
+from cliplora.serve.gateway.errors import to_status
+from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.v1 import classifier_pb2 as pb
 from tests.fakes import Aborted, FakeContext, FakeTriton, image_bytes, service
 from tests.serving import png_header

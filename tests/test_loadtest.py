@@ -219,9 +219,9 @@ def test_generated_images_are_jpegs() -> None:
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make test installs it)")
 async def test_verdict_from_scraped_data(tmp_path, tiny_repository, tiny_triton) -> None:
     """Triton + gateway + a real Prometheus: the report's server side comes from scrapes."""
-    from cliplora.serve.prometheus import LocalPrometheus, render_config
-    from cliplora.serve.server import GatewayServer
-    from cliplora.serve.settings import GatewaySettings
+    from cliplora.serve.gateway.server import GatewayServer
+    from cliplora.serve.gateway.settings import GatewaySettings
+    from cliplora.serve.stack.prometheus import LocalPrometheus, render_config
     from tests.serving import (
         free_port,
         metrics_text,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from tests.serving import free_port, in_process_gateway
 
 MODELS = ("base", "lora")
@@ -104,7 +104,7 @@ def _wait_scraping(url: str, job: str, timeout_s: float = 30.0) -> None:
 def test_direct_triton_verdict_needs_only_triton_figures(triton: LocalTriton, tmp_path: Path) -> None:
     """With `--direct-triton` no gateway saw the load, so its figures cannot exist: the verdict
     requires Triton's compute figure alone, and is computed from it."""
-    from cliplora.serve.prometheus import LocalPrometheus, render_config
+    from cliplora.serve.stack.prometheus import LocalPrometheus, render_config
 
     bound = 10.0
     prometheus = LocalPrometheus(render_config(f"127.0.0.1:{free_port()}", f"127.0.0.1:{triton.ports.metrics}",

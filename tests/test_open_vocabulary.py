@@ -32,7 +32,7 @@ from cliplora.export.verify import reference_features
 from cliplora.model.lora import load_adapter
 from cliplora.model.reference import build_reference
 from cliplora.predict import predict_files
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.serving import CLASSES, in_process_gateway, metrics_text, triton_ports
@@ -298,7 +298,7 @@ async def test_every_vocabulary_error_from_a_real_request(triton, exported, imag
 
 def test_labels_and_templates_fuzzed_never_internal(triton, exported, images) -> None:
     """Through a real gateway process: any labels and templates end OK or INVALID_ARGUMENT."""
-    from cliplora.serve.processes import stop_process
+    from cliplora.serve.stack.processes import stop_process
     from cliplora.v1 import classifier_pb2_grpc as pb_grpc
     from tests.serving import free_port, wait_for_health
 

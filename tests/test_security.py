@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cliplora.core.client import client_channel
 from cliplora.core.errors import InvalidArgument
-from cliplora.serve.security import load_tokens, token_matches
-from cliplora.serve.server import GatewayServer
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.gateway.security import load_tokens, token_matches
+from cliplora.serve.gateway.server import GatewayServer
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests.serving import CLASSES, free_port, in_process_gateway
@@ -283,7 +283,7 @@ async def test_evaluate_cli_over_tls_and_mutual_tls(triton: LocalTriton, tiny_re
 
 
 def test_bearer_scheme_is_case_insensitive_and_whitespace_is_not_the_token() -> None:
-    from cliplora.serve.security import bearer_token
+    from cliplora.serve.gateway.security import bearer_token
 
     for header in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER {TOKEN}", f"  Bearer   {TOKEN}  ", f"bEaReR\t{TOKEN}"):
         assert bearer_token(header) == TOKEN.encode(), header

@@ -17,7 +17,7 @@ import pytest
 
 from cliplora.export import model_config
 from cliplora.predict import predict_files
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.serving import (

@@ -30,10 +30,15 @@ from prometheus_client import Counter as PromCounter
 
 from cliplora.cli import main
 from cliplora.core.errors import InvalidArgument, Unavailable
-from cliplora.serve import child_guard
-from cliplora.serve.processes import describe_exit
-from cliplora.serve.prometheus import LocalPrometheus
-from cliplora.serve.supervisor import ReadinessProbe, RestartHistory, RestartPolicy, Supervisor
+from cliplora.serve.stack import child_guard
+from cliplora.serve.stack.processes import describe_exit
+from cliplora.serve.stack.prometheus import LocalPrometheus
+from cliplora.serve.stack.supervisor import (
+    ReadinessProbe,
+    RestartHistory,
+    RestartPolicy,
+    Supervisor,
+)
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import leftovers
 from tests.serving import (
@@ -198,7 +203,7 @@ def test_a_stuck_guard_is_killed_and_its_childs_group_with_it(monkeypatch) -> No
     """A guard that cannot answer SIGHUP (here SIGSTOPped): kill_guarded SIGKILLs it, its
     child dies by PDEATHSIG, and what the child started (re-parented to init, as a stub
     would be) dies with the child's process group instead of living on."""
-    from cliplora.serve import processes
+    from cliplora.serve.stack import processes
 
     monkeypatch.setattr(processes, "KILL_WAIT_S", 0.5)
     marker = os.urandom(8).hex()
@@ -254,13 +259,14 @@ def test_a_short_token_is_refused_before_any_child_starts(tiny_repository: Path,
 ])
 def test_bad_settings_are_refused_before_anything_starts(flags: list[str], code: str, says: str, tiny_repository: Path,
                                                          tmp_path: Path, monkeypatch, capsys) -> None:
-    import cliplora.serve.stack as stack
+    import cliplora.serve.gateway.server as gateway_server
+    import cliplora.serve.stack.run as stack
 
     async def started(*args: object, **kwargs: object) -> None:
         raise AssertionError("the stack started despite a bad setting")
 
     monkeypatch.setattr(stack, "_serve_stack", started)
-    monkeypatch.setattr(stack, "serve_until_signalled", started)
+    monkeypatch.setattr(gateway_server, "serve_until_signalled", started)
     repository = [] if "--repository" in flags else ["--repository", str(tiny_repository)]
     assert main(["serve", *repository, "--log-dir", str(tmp_path / "logs"), *flags]) == 1
     err = capsys.readouterr().err

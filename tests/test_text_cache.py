@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cliplora.core.errors import DeadlineExceeded
-from cliplora.serve.text_cache import TextEmbeddingCache
+from cliplora.serve.gateway.text_cache import TextEmbeddingCache
 
 
 def _rows(prompts: list[str]) -> np.ndarray:

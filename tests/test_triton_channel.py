@@ -12,9 +12,9 @@ import pytest
 from grpc.aio import UsageError
 
 from cliplora.core.errors import InvalidArgument
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.triton import Triton
-from cliplora.serve.triton_launcher import LocalTriton
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.gateway.triton import Triton
+from cliplora.serve.stack.triton_launcher import LocalTriton
 from tests.serving import gateway_process, metrics_text, triton_ports
 
 
@@ -101,7 +101,7 @@ async def test_triton_url_from_the_environment_means_gateway_only(triton, tmp_pa
 async def test_discovery_survives_a_failing_round_and_stop_always_finishes() -> None:
     import asyncio
 
-    from cliplora.serve.server import GatewayServer
+    from cliplora.serve.gateway.server import GatewayServer
 
     gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url="127.0.0.1:1",
                                             refresh_interval_s=0.05, health_interval_s=0.05))
@@ -132,7 +132,7 @@ async def test_stop_after_a_start_that_failed_early_or_late() -> None:
     or failed after health was set up (an address it cannot bind), returns and releases."""
     import asyncio
 
-    from cliplora.serve.server import GatewayServer
+    from cliplora.serve.gateway.server import GatewayServer
 
     never_started = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, triton_url="127.0.0.1:1"))
     await never_started.stop(0)

@@ -24,7 +24,7 @@ RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements-gateway.t
 COPY . /src
 RUN /opt/venv/bin/pip install --no-deps /src \
     && /opt/venv/bin/cliplora serve --help > /dev/null \
-    && /opt/venv/bin/python -c "import cliplora.serve.server, cliplora.serve.stack" \
+    && /opt/venv/bin/python -c "import cliplora.serve.gateway.server, cliplora.serve.stack.run" \
     && /opt/venv/bin/python -c "from cliplora.core.tokenizer import get_tokenizer; get_tokenizer()(['a photo'])" \
     && /opt/venv/bin/python -m pip uninstall --yes pip
 

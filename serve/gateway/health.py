@@ -14,8 +14,8 @@ import logging
 from grpc_health.v1 import health, health_pb2
 
 from cliplora.core.errors import InvalidArgument
-from cliplora.serve.metrics import GatewayMetrics
-from cliplora.serve.triton import Triton
+from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.triton import Triton
 
 log = logging.getLogger(__name__)
 SERVICE = "cliplora.v1.Classifier"

@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from cliplora.core import contract, open_vocab
 from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
-from cliplora.serve.errors import from_triton
+from cliplora.serve.gateway.errors import from_triton
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 5.0

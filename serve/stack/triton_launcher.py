@@ -9,7 +9,7 @@ this virtual environment's ``bin`` so the stub's embedded Python finds our packa
 
 Triton listens on loopback only, polls the repository (new exports appear by
 themselves), keeps running when one model fails to load, and logs to a file. It runs
-under `cliplora.serve.child_guard`, so its Python-backend stubs never outlive it
+under `cliplora.serve.stack.child_guard`, so its Python-backend stubs never outlive it
 (docs/reliability.md, "Supervision and orphans").
 """
 
@@ -20,20 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from cliplora.serve.processes import (
-    KILL_WAIT_S,
-    guarded_pid,
-    http_ok,
-    kill_guarded,
-    start_guarded,
-    stop_guarded,
-    wait_http_ok,
-)
+from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.serve.stack.processes import KILL_WAIT_S, GuardedChild, kill_guarded
 
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "onnxruntime" / "model.py"
 
@@ -85,16 +76,14 @@ def build_backend_directory(target: Path) -> Path:
     return target
 
 
-class LocalTriton:
-    """A tritonserver child process serving `repository`.
-
-    `process` is its guard (`cliplora.serve.child_guard`), which exits as tritonserver did;
-    `server_pid` is tritonserver itself.
-    """
+class LocalTriton(GuardedChild):
+    """A tritonserver child process serving `repository` (`GuardedChild`: `process` is its
+    guard, which exits as tritonserver did; `server_pid` is tritonserver itself)."""
 
     name = "triton"
     start_timeout_s = 120.0  # every model loaded (a cold ONNX Runtime session per instance)
     EXIT_TIMEOUT_S = 10  # --exit-timeout-secs: in-flight inferences finish on SIGTERM
+    grace_s = EXIT_TIMEOUT_S + KILL_WAIT_S
 
     def __init__(
         self,
@@ -105,13 +94,11 @@ class LocalTriton:
         log_path: Path | None = None,
         poll_seconds: int = 2,
     ) -> None:
+        super().__init__(log_path)
         self.repository = Path(repository).resolve()
         self.ports = ports
         self.host = host
         self.poll_seconds = poll_seconds
-        self._work = Path(tempfile.mkdtemp(prefix="cliplora-triton-"))
-        self.log_path = Path(log_path) if log_path else self._work / "triton.log"
-        self.process: subprocess.Popen[bytes] | None = None
         self._prepared = False
 
     @property
@@ -132,8 +119,8 @@ class LocalTriton:
 
     @property
     def server_pid(self) -> int | None:
-        """The tritonserver process (the guard's only child), None when not running."""
-        return guarded_pid(self.process)
+        """The tritonserver process, None when not running."""
+        return self.command_pid
 
     def command(self) -> list[str]:
         binary = _pytriton_paths()[0]
@@ -164,42 +151,6 @@ class LocalTriton:
             build_backend_directory(self._work / "backends")
             self._prepared = True
 
-    def launch(self) -> None:
-        """Start tritonserver (under its guard) and return at once; `start` also waits."""
-        self.prepare()
-        self.process = start_guarded(self.command(), self.log_path, env=self.environment(),
-                                     grace_s=self.EXIT_TIMEOUT_S + KILL_WAIT_S)
-
-    def start(self, timeout_s: float = start_timeout_s) -> LocalTriton:
-        self.launch()
-        self.wait_ready(timeout_s)
-        return self
-
-    def is_ready(self) -> bool:
-        return http_ok(self.ready_url)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        assert self.process is not None, "start() first"
-        outcome = wait_http_ok(self.process, self.ready_url, timeout_s)
-        if outcome == "ready":
-            return
-        if outcome == "exited":
-            raise FailedPrecondition(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
-        self.stop()
-        raise Unavailable(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 2 * KILL_WAIT_S) -> None:
-        """SIGTERM (Triton drains), then its whole process group SIGKILLed after the guard's
-        grace period (or `timeout_s`, whichever comes first)."""
-        stop_guarded(self.process, timeout_s)
-        self.process = None
-
     def kill(self) -> None:
         """SIGKILL to tritonserver alone, as a crash would (tests of the fault handling);
         the guard then ends its stubs. Returns once all of it is gone."""
@@ -213,16 +164,6 @@ class LocalTriton:
                 kill_guarded(self.process)
         self.process = None
 
-    def kill_group(self) -> None:
-        """tritonserver and everything it started SIGKILLed now (a hung Triton, a restart)."""
-        kill_guarded(self.process)
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self._work, ignore_errors=True)
-
     def __enter__(self) -> LocalTriton:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+        self.start()
+        return self

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 from prometheus_client import Counter
 
 from cliplora.core.errors import InvalidArgument, Unavailable
-from cliplora.serve.processes import describe_exit, http_ok
+from cliplora.serve.stack.processes import GuardedChild, describe_exit, http_ok
 
 log = logging.getLogger(__name__)
 
@@ -104,28 +101,10 @@ class RestartHistory:
         return self.policy.delay_s(self.in_a_row)
 
 
-class SupervisedChild(Protocol):
-    """What `Supervisor` needs of a child (`LocalTriton`, `LocalPrometheus`)."""
-
-    name: str
-    start_timeout_s: float
-    log_path: Path
-    process: subprocess.Popen[bytes] | None
-
-    @property
-    def ready_url(self) -> str: ...
-
-    def launch(self) -> None: ...
-
-    def kill_group(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
 class Supervisor:
     """Keeps one child running; `run` until `request_stop`, then `stop_child`."""
 
-    def __init__(self, child: SupervisedChild, policy: RestartPolicy, probe: ReadinessProbe, restarts: Counter,
+    def __init__(self, child: GuardedChild, policy: RestartPolicy, probe: ReadinessProbe, restarts: Counter,
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         self.child = child
         self.policy = policy

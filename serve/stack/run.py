@@ -1,9 +1,10 @@
-"""`cliplora serve`: the gateway, and unless it is given a Triton, a supervised local Triton
-and Prometheus (when installed) on this machine.
+"""The local stack of `cliplora serve`: the gateway in front of a supervised local Triton
+and Prometheus (when installed) on this machine. (With an existing Triton, `cliplora serve
+--triton-url` runs the gateway alone: `cliplora.serve.gateway.server.run_gateway`.)
 
 Order: every setting, the token file and the TLS files are checked first; then the
 gateway starts (its ports bound, NOT_SERVING), then Prometheus, then Triton, each under a
-`Supervisor` (serve/supervisor.py) that restarts it when it exits or hangs. The gateway
+`Supervisor` (serve/stack/supervisor.py) that restarts it when it exits or hangs. The gateway
 itself never restarts: it answers UNAVAILABLE while Triton is away and turns SERVING
 again by itself. Ctrl-C / SIGTERM drains the gateway, then stops the children.
 """
@@ -19,13 +20,13 @@ from pathlib import Path
 
 from cliplora.core.errors import InvalidArgument, PermissionDenied
 from cliplora.core.repository import ModelRepository
-from cliplora.serve.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
-from cliplora.serve.prometheus import LocalPrometheus, render_config
-from cliplora.serve.security import load_tokens, server_credentials
-from cliplora.serve.server import GatewayServer, serve_until_signalled
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.supervisor import ReadinessProbe, RestartPolicy, Supervisor
-from cliplora.serve.triton_launcher import LocalTriton, TritonPorts
+from cliplora.serve.gateway.server import GatewayServer, check_distinct_ports, endpoint_lines
+from cliplora.serve.gateway.server import check_before_start as check_gateway
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.stack.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
+from cliplora.serve.stack.prometheus import LocalPrometheus, render_config
+from cliplora.serve.stack.supervisor import ReadinessProbe, RestartPolicy, Supervisor
+from cliplora.serve.stack.triton_launcher import LocalTriton, TritonPorts
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ def run_stack(
     repository: Path,
     log_dir: Path,
     *,
-    start_triton: bool,
     triton_ports: TritonPorts = TritonPorts(),
     prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
     restart_policy: RestartPolicy = RestartPolicy(),
@@ -47,18 +47,10 @@ def run_stack(
 ) -> None:
     """Blocks until Ctrl-C / SIGTERM; stops everything it started. Raises `Unavailable`
     (after stopping everything) when a child failed more often than `restart_policy` allows."""
-    if not start_triton:
-        check_before_start(settings, log_dir)
-        _print_endpoints(settings, repository, None, None)
-        try:
-            asyncio.run(serve_until_signalled(settings))
-        except KeyboardInterrupt:
-            pass
-        return
     triton = LocalTriton(repository, ports=triton_ports, log_path=log_dir / "triton.log")
     try:
         wants_prometheus = _wants_prometheus(settings)
-        check_before_start(settings, log_dir, triton=triton, prometheus_port=prometheus_port if wants_prometheus else None)
+        check_before_start(settings, log_dir, triton, prometheus_port if wants_prometheus else None)
         asyncio.run(_serve_stack(settings, triton, log_dir, prometheus_port if wants_prometheus else None,
                                  restart_policy, triton_probe))
     except KeyboardInterrupt:
@@ -67,33 +59,21 @@ def run_stack(
         triton.cleanup()
 
 
-def check_before_start(settings: GatewaySettings, log_dir: Path, *, triton: LocalTriton | None = None,
+def check_before_start(settings: GatewaySettings, log_dir: Path, triton: LocalTriton,
                        prometheus_port: int | None = None) -> None:
-    """What can be known wrong before any child process starts: the token file and its
-    tokens, the TLS files, and with a local Triton the repository, the Triton wheel, ports
-    given twice and the log folder. (GatewaySettings, RestartPolicy and ReadinessProbe
-    check themselves when built.)"""
-    load_tokens(settings.auth_tokens_file)
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-    if settings.health_timeout_s <= 0:
-        raise InvalidArgument(f"health_timeout_s must be positive, got {settings.health_timeout_s}")
-    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port}
-    if triton is not None:
-        triton.prepare()
-        ports |= {"Triton HTTP": triton.ports.http, "Triton gRPC": triton.ports.grpc,
-                  "Triton metrics": triton.ports.metrics}
+    """What can be known wrong before any child process starts: the gateway's own checks
+    (`cliplora.serve.gateway.server.check_before_start`), then the repository, the Triton
+    wheel, ports given twice and the log folder. (GatewaySettings, RestartPolicy and
+    ReadinessProbe check themselves when built.)"""
+    ports = check_gateway(settings)
+    triton.prepare()
+    ports |= {"Triton HTTP": triton.ports.http, "Triton gRPC": triton.ports.grpc,
+              "Triton metrics": triton.ports.metrics}
     if prometheus_port is not None:
         if not 1 <= prometheus_port <= 65535:
             raise InvalidArgument(f"--prometheus-port must be in 1..65535, got {prometheus_port}")
         ports["--prometheus-port"] = prometheus_port
-    named: dict[int, str] = {}
-    for name, port in ports.items():
-        if port > 0 and port in named:  # 0: any free port; -1: off
-            raise InvalidArgument(f"port {port} is given twice: {named[port]} and {name}")
-        named[port] = name
-    if triton is None:
-        return  # the gateway alone writes no log files (its container's filesystem may be read-only)
+    check_distinct_ports(ports)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -133,7 +113,7 @@ async def _serve_stack(settings: GatewaySettings, triton: LocalTriton, log_dir: 
             ready = supervise(triton, probe).ready
             if await _first_of(ready.wait(), stop.wait(), *tasks()) == 0:
                 shown = replace(settings, metrics_port=gateway.metrics_port) if settings.metrics_port >= 0 else settings
-                _print_endpoints(shown, triton.repository, triton, prometheus)
+                _print_endpoints(shown, triton, prometheus)
                 await _first_of(stop.wait(), *tasks())
     finally:
         _say("stopping ...")
@@ -175,33 +155,20 @@ def _wants_prometheus(settings: GatewaySettings) -> bool:
     return settings.metrics_port >= 0 and LocalPrometheus.available()
 
 
-def _print_endpoints(settings: GatewaySettings, repository: Path, triton: LocalTriton | None,
-                     prometheus: LocalPrometheus | None) -> None:
-    found = ModelRepository(repository)  # classifiers only: text encoders are named by their model
-    models = [m for m in found.model_names() if found.text_encoder_of(m) is None] if triton else []
-    lines = [
-        "",
-        "cliplora is serving:",
-        f"  gateway (gRPC cliplora.v1.Classifier, health, reflection)  {settings.host}:{settings.grpc_port}",
-        "  gateway metrics                                           "
-        + (f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port >= 0 else "off"),
-    ]
-    if triton:
-        lines += [f"  Triton HTTP / gRPC / metrics                              {triton.http_url} / "
-                  f"{triton.grpc_url} / {triton.metrics_url}"]
-    else:
-        lines += [f"  Triton (existing)                                         {settings.triton_url}"]
+def _print_endpoints(settings: GatewaySettings, triton: LocalTriton, prometheus: LocalPrometheus | None) -> None:
+    found = ModelRepository(triton.repository)  # classifiers only: text encoders are named by their model
+    models = [m for m in found.model_names() if found.text_encoder_of(m) is None]
+    lines = ["", "cliplora is serving:", *endpoint_lines(settings),
+             f"  Triton HTTP / gRPC / metrics                              {triton.http_url} / "
+             f"{triton.grpc_url} / {triton.metrics_url}"]
     if prometheus:
         lines += [f"  Prometheus                                                {prometheus.url}"]
-    elif triton is None:
-        lines += ["  Prometheus                                                not started (gateway only)"]
     elif settings.metrics_port < 0:
         lines += ["  Prometheus                                                off (gateway metrics are off)"]
     else:
         lines += ["  Prometheus                                                not installed (apt-get install -y prometheus)"]
-    if triton:
-        lines += ["  supervised: Triton and Prometheus restart when they exit or hang (logs in "
-                  f"{triton.log_path.parent})"]
+    lines += ["  supervised: Triton and Prometheus restart when they exit or hang (logs in "
+              f"{triton.log_path.parent})"]
     if models:
         lines += [f"  models: {', '.join(models)}", "",
                   "try:", f"  .venv/bin/cliplora classify --target {settings.host}:{settings.grpc_port} "

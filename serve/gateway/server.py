@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cliplora.serve.gateway import ClassifierService
-from cliplora.serve.health import TritonHealth
-from cliplora.serve.metrics import GatewayMetrics
-from cliplora.serve.security import BearerTokenInterceptor, load_tokens, server_credentials
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.triton import Triton
+from cliplora.core.errors import InvalidArgument
+from cliplora.serve.gateway.health import TritonHealth
+from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.security import BearerTokenInterceptor, load_tokens, server_credentials
+from cliplora.serve.gateway.service import ClassifierService
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.gateway.triton import Triton
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -144,6 +146,51 @@ class GatewayServer:
         """Until `stop()` has *finished*: returning earlier would let ``asyncio.run`` cancel the
         drain (and with it the calls still in flight) on its way out."""
         await self._stopped.wait()
+
+
+def check_before_start(settings: GatewaySettings) -> dict[str, int]:
+    """What can be known wrong before the gateway starts: the token file and its tokens, the
+    TLS files, and its two ports given twice. Returns its ports by flag, for the local
+    stack to add its own to (`check_distinct_ports`)."""
+    load_tokens(settings.auth_tokens_file)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if settings.health_timeout_s <= 0:
+        raise InvalidArgument(f"health_timeout_s must be positive, got {settings.health_timeout_s}")
+    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port}
+    check_distinct_ports(ports)
+    return ports
+
+
+def check_distinct_ports(ports: dict[str, int]) -> None:
+    """InvalidArgument naming both flags when one port is given twice (0: any free port and
+    -1: off are never a clash)."""
+    named: dict[int, str] = {}
+    for name, port in ports.items():
+        if port > 0 and port in named:
+            raise InvalidArgument(f"port {port} is given twice: {named[port]} and {name}")
+        named[port] = name
+
+
+def endpoint_lines(settings: GatewaySettings) -> list[str]:
+    """The gateway's addresses, as `cliplora serve` prints them."""
+    metrics = f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port >= 0 else "off"
+    return [f"  gateway (gRPC cliplora.v1.Classifier, health, reflection)  {settings.host}:{settings.grpc_port}",
+            f"  gateway metrics                                           {metrics}"]
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    """`cliplora serve --triton-url`: the gateway alone, in front of an existing Triton (what
+    the gateway image runs), until Ctrl-C / SIGTERM. It writes no files: its container's
+    filesystem may be read-only."""
+    check_before_start(settings)
+    print("\n".join(["", "cliplora gateway:", *endpoint_lines(settings),
+                     f"  Triton (existing)                                         {settings.triton_url}",
+                     "", "Ctrl-C stops it.", ""]), file=sys.stderr, flush=True)
+    try:
+        asyncio.run(serve_until_signalled(settings))
+    except KeyboardInterrupt:
+        pass
 
 
 async def serve_until_signalled(settings: GatewaySettings) -> None:

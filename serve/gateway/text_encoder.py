@@ -23,9 +23,9 @@ import numpy as np
 from cliplora.core import contract, open_vocab
 from cliplora.core.errors import CliploraError, DeadlineExceeded, FailedPrecondition
 from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
-from cliplora.serve.metrics import GatewayMetrics
-from cliplora.serve.text_cache import TextEmbeddingCache
-from cliplora.serve.triton import ModelEntry, Triton, require_open_vocabulary
+from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.text_cache import TextEmbeddingCache
+from cliplora.serve.gateway.triton import ModelEntry, Triton, require_open_vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,16 @@ from cliplora.core.open_vocab import validate_labels, validate_templates, valida
 from cliplora.core.predictions import rank, validate_top_k
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.repository import ModelRepository, validate_model_name
-from cliplora.serve.errors import to_status
-from cliplora.serve.metrics import UNKNOWN, GatewayMetrics
-from cliplora.serve.settings import GatewaySettings
-from cliplora.serve.text_encoder import TextEncoder
-from cliplora.serve.triton import ModelEntry, Triton, check_raw_size, require_open_vocabulary
+from cliplora.serve.gateway.errors import to_status
+from cliplora.serve.gateway.metrics import UNKNOWN, GatewayMetrics
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.gateway.text_encoder import TextEncoder
+from cliplora.serve.gateway.triton import (
+    ModelEntry,
+    Triton,
+    check_raw_size,
+    require_open_vocabulary,
+)
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
