@@ -18,7 +18,7 @@ the command line apply the same ones.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +46,9 @@ class VocabularyLimits:
 
 def validate_labels(labels: Sequence[str], limits: VocabularyLimits = VocabularyLimits(), what: str = "label") -> list[str]:
     """Labels as given, or InvalidArgument: 1..max_labels of them, each non-empty after
-    stripping, at most max_label_chars long, on one line, and no label twice, where two
-    labels the tokenizer reads alike (``red_panda`` and ``Red  panda``: case, runs of spaces
-    and ``_`` aside) are the same label: they would be one row twice."""
+    stripping, at most max_label_chars long, on one line, none given twice. (Two labels
+    that differ but read alike to the model are refused by `check_distinct`, once a
+    tokenizer is at hand.)"""
     labels = list(labels)
     if not labels:
         raise InvalidArgument(f"no {what}s given")
@@ -62,17 +62,28 @@ def validate_labels(labels: Sequence[str], limits: VocabularyLimits = Vocabulary
             raise InvalidArgument(f"{what} {index} has {len(label)} characters; the limit is {limits.max_label_chars}")
         if "\n" in label or "\r" in label:
             raise InvalidArgument(f"{what} {index} spans several lines")
-        # tokenizer.clean_text's whitespace and case rules on the prompt's label; its ftfy and
-        # HTML fixes are left out here, where every label of every call passes, cache hit or not
-        key = " ".join(prompt_label(label).split()).lower()
-        if key in seen:
-            first = seen[key]
+        if label in seen:
+            raise InvalidArgument(f"{what} {index} ({_shown(label)}) is given twice")
+        seen[label] = index
+    return labels
+
+
+def check_distinct(labels: Sequence[str], encode: Callable[[str], Sequence[int]], what: str = "label") -> None:
+    """InvalidArgument naming both when two labels are alike: the tokenizer (`encode`, the
+    model's own: `cliplora.core.tokenizer.ClipTokenizer.encode`) gives their prompt text
+    (`prompt_label`) the same ids, so they would be one row twice. This catches case, runs
+    of spaces, ``_`` for a space, HTML entities and Unicode forms (``café`` and
+    ``cafe\u0301``) alike, and nothing the model can tell apart. The export's class names
+    and every request's labels go through this one rule."""
+    seen: dict[tuple[int, ...], int] = {}
+    for index, label in enumerate(labels):
+        key = tuple(encode(prompt_label(label)))
+        first = seen.setdefault(key, index)
+        if first != index:
             if labels[first] == label:
                 raise InvalidArgument(f"{what} {index} ({_shown(label)}) is given twice")
-            raise InvalidArgument(f"{what} {index} ({_shown(label)}) is {what} {first} ({_shown(labels[first])}) again: "
-                                  "case, spaces and '_' do not change what the model reads")
-        seen[key] = index
-    return labels
+            raise InvalidArgument(f"{what} {index} ({_shown(label)}) is {what} {first} ({_shown(labels[first])}) "
+                                  "again: the model reads the two alike (the tokenizer gives them the same ids)")
 
 
 def validate_texts(texts: Sequence[str], limits: VocabularyLimits = VocabularyLimits()) -> list[str]:
