@@ -1,5 +1,7 @@
 """Stand-ins for the gateway's collaborators (Triton, the gRPC context), shared by the
-unit and fuzz tests of the servicer."""
+unit and fuzz tests of the servicer. `FakeTriton` implements
+`cliplora.serve.gateway.backend.TritonBackend`; tests/test_gateway_unit.py checks it
+member by member against that declaration. No torch and no export stack here."""
 
 from __future__ import annotations
 
@@ -11,19 +13,20 @@ import numpy as np
 
 from cliplora.core import contract
 from cliplora.core.errors import NotFound
+from cliplora.core.tokenizer import get_tokenizer
 from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.models import ModelEntry, OpenVocabulary, Route, TextEntry
 from cliplora.serve.gateway.service import ClassifierService
 from cliplora.serve.gateway.settings import GatewaySettings
-from cliplora.serve.gateway.triton import ModelEntry, OpenVocabulary, TextEntry
-from tests import factories
-from tests.serving import encoded
+from tests.images import encoded, make_image
 
-ENTRY = ModelEntry("m", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"))
+ENTRY = ModelEntry("m", (1, 2), image_size=16, num_classes=3, max_batch_size=4, class_names=("a", "b", "c"))
 EMBEDDING_DIM = 8
-OPEN = ModelEntry("ov", (1, 2), image_size=16, num_classes=3, max_batch_size=4, labels=("a", "b", "c"),
+OPEN = ModelEntry("ov", (1, 2), image_size=16, num_classes=3, max_batch_size=4, class_names=("a", "b", "c"),
                   open_vocabulary=OpenVocabulary(
                       TextEntry("ov_text", (1, 2), EMBEDDING_DIM, max_batch_size=4, classifier="ov"),
-                      logit_scale=10.0, templates=("a photo of a {}.",), vocab_sha256=""))
+                      logit_scale=10.0, templates=("a photo of a {}.",),
+                      vocab_sha256=get_tokenizer().vocab_sha256))
 MODELS = {"m": ENTRY, "ov": OPEN}
 
 
@@ -54,33 +57,36 @@ class FakeContext:
 class FakeTriton:
     """Answers like Triton would for a plain model "m" and an open-vocabulary model "ov"
     (with its text encoder): logits = mean pixel value per class offset; embeddings are
-    deterministic unit vectors of the input."""
+    deterministic unit vectors of the input. `models` may be replaced by a test."""
 
     def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
         self.delay, self.fail = delay, fail
+        self.models = dict(MODELS)
         self.batches: list[np.ndarray] = []
         self.token_batches: list[np.ndarray] = []
         self.texts_done = 0  # embed_texts calls that ran to the end
 
-    async def lookup(self, name: str, version: int, *, text: bool = False):
-        if name not in MODELS:
-            raise NotFound(f"model {name!r} not found (models: m, ov)")
-        return MODELS[name], MODELS[name].resolve(version)
+    async def lookup(self, name: str, version: int, *, text: bool = False) -> Route:
+        if name not in self.models:
+            raise NotFound(f"model {name!r} not found (models: {', '.join(sorted(self.models))})")
+        return self.models[name].route(version, text=text)
 
-    async def infer(self, entry, version, batch, timeout_s, output=contract.OUTPUT_NAME):
+    async def infer_images(self, route: Route, batch: np.ndarray, timeout_s: float,
+                           output: str = contract.OUTPUT_NAME) -> tuple[np.ndarray, int]:
         self.batches.append(batch)
         await asyncio.sleep(self.delay)
         if self.fail:
             raise self.fail
         if output == contract.EMBEDS_NAME:
-            if entry.open_vocabulary is None:
-                raise AssertionError("image_embeds asked of a model without them")
-            return fake_embeddings(batch.reshape(len(batch), -1)), entry.resolve(version)
+            if route.vocabulary is None:
+                raise AssertionError("image_embeds asked of a route without its text side")
+            return fake_embeddings(batch.reshape(len(batch), -1)), route.version
         mean = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True).astype(np.float32)
-        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32), entry.resolve(version)
+        return mean + np.array([[0.0, 1.0, -1.0]], dtype=np.float32), route.version
 
-    async def embed_texts(self, entry, version, tokens, timeout_s):
+    async def embed_texts(self, route: Route, tokens: np.ndarray, timeout_s: float) -> np.ndarray:
         assert tokens.dtype == np.int32 and tokens.shape[1] == contract.CONTEXT_LENGTH
+        route.check_version(route.version)
         self.token_batches.append(tokens)
         await asyncio.sleep(self.delay)
         if self.fail:
@@ -88,8 +94,11 @@ class FakeTriton:
         self.texts_done += 1
         return fake_embeddings(tokens)
 
-    async def refresh(self):
-        return dict(MODELS)
+    async def refresh(self) -> dict[str, ModelEntry]:
+        return dict(self.models)
+
+    async def ready(self) -> bool:
+        return self.fail is None
 
 
 def service(triton: FakeTriton | None = None, **settings) -> ClassifierService:
@@ -98,4 +107,4 @@ def service(triton: FakeTriton | None = None, **settings) -> ClassifierService:
 
 
 def image_bytes(seed: int = 0) -> bytes:
-    return encoded(factories.make_image(40, 30, seed=seed), "JPEG")
+    return encoded(make_image(40, 30, seed=seed), "JPEG")

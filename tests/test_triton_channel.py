@@ -43,7 +43,8 @@ async def test_calls_are_spread_over_every_resolved_replica(repository, triton) 
             entry = (await client.refresh())["base"]
             before = (_inferences(first, "base"), _inferences(second, "base"))
             batch = np.zeros((1, entry.image_size, entry.image_size, 3), dtype=np.uint8)
-            answered = {(await client.infer(entry, i % 2, batch, timeout_s=30))[1] for i in range(20)}
+            answered = {(await client.infer_images(entry.route(i % 2, text=False), batch, timeout_s=30))[1]
+                        for i in range(20)}
             # Triton counts a request just after its reply: on a loaded machine the last may lag.
             deadline = time.monotonic() + 10
             while True:

@@ -159,6 +159,44 @@ def request_prompts(labels: Sequence[str], templates: Sequence[str] | None, expo
     return prompts(labels, chosen)
 
 
+@dataclass(frozen=True)
+class RequestVocabulary:
+    """The labels a request ranks instead of the model's classes, and its own templates
+    (empty: the model's), checked by the request limits (`parse`)."""
+
+    labels: tuple[str, ...]
+    templates: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, labels: Sequence[str], templates: Sequence[str],
+              limits: VocabularyLimits = VocabularyLimits()) -> RequestVocabulary | None:
+        """None when the request sends neither; InvalidArgument for templates without labels
+        or anything `validate_labels` / `validate_templates` refuses."""
+        if not labels and not templates:
+            return None
+        if not labels:
+            raise InvalidArgument("templates go with labels: send the labels to rank with them")
+        return cls(tuple(validate_labels(labels, limits)),
+                   tuple(validate_templates(templates, limits)) if templates else ())
+
+    def prompts(self, model_templates: Sequence[str], max_prompts: int) -> list[str]:
+        """The prompts to embed (`request_prompts`): label-major, in this request's templates
+        or else the model's own."""
+        return request_prompts(self.labels, self.templates, model_templates, max_prompts)
+
+    def logits(self, image_embeddings: np.ndarray, prompt_embeddings: np.ndarray, logit_scale: float) -> np.ndarray:
+        """[N, L] logits from the [L * T, D] embeddings of `prompts` (`prompt_logits`)."""
+        return prompt_logits(image_embeddings, prompt_embeddings, len(self.labels), logit_scale)
+
+
+def prompt_logits(image_embeddings: np.ndarray, prompt_embeddings: np.ndarray, n_labels: int,
+                  logit_scale: float) -> np.ndarray:
+    """[N, D] unit image embeddings and the [L * T, D] unit embeddings of L labels' prompts
+    (label-major) -> [N, L] logits: the head the export folds, built at request time. The
+    one way from prompt embeddings to logits, for the gateway and `cliplora predict`."""
+    return open_vocabulary_logits(image_embeddings, label_embeddings(prompt_embeddings, n_labels), logit_scale)
+
+
 def read_names_file(path: str | Path, what: str = "labels") -> list[str]:
     """Names from a text file (one per line; blank lines skipped) or a JSON list of
     strings; each stripped. Used for ``--classes`` and ``--labels-file``."""

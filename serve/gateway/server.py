@@ -48,7 +48,7 @@ class GatewayServer:
         self.triton = Triton(s.triton_url, s.triton_renew_s)
         self.health = TritonHealth(self.triton, self.metrics, s.health_interval_s, s.health_timeout_s)
         self.service = ClassifierService(s, self.triton, self.metrics, self._pool)
-        self.triton.on_refresh.append(self.service.publish_model_info)
+        self.triton.on_refresh.append(self.service.catalogue.publish_model_info)
         tokens = load_tokens(s.auth_tokens_file)
         interceptors = [BearerTokenInterceptor(tokens, self.metrics.unauthenticated.inc)] if tokens else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
@@ -115,7 +115,7 @@ class GatewayServer:
                 stopping = asyncio.ensure_future(self.server.stop(grace_s + SERVER_CUT_AFTER_S))
                 try:
                     if self.service is not None:
-                        await self.service.drain(grace_s)
+                        await self.service.admission.drain(grace_s)
                 finally:
                     await stopping
 

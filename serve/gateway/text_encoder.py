@@ -3,11 +3,13 @@ remember the answer.
 
 A prompt goes through the project's torch-free tokenizer (`cliplora.core.tokenizer`,
 identical to open_clip's ids) in the gateway's thread pool, then to the classifier's
-text encoder ``<name>_text`` in Triton, pinned to the classifier's version; the unit
-embeddings are kept in the bounded LRU cache (`serve.text_cache`), so a label set used
-again costs no text-encoder call. The tokenizer's vocabulary must be the one the model
-was exported with (its sha256 is in the model's config), or the gateway refuses rather
-than embed other token ids.
+text encoder ``<name>_text`` in Triton, pinned to the route's version; the unit
+embeddings are kept in the bounded LRU cache (`cliplora.serve.gateway.text_cache`), so a
+label set used again costs no text-encoder call. The tokenizer's vocabulary must be the
+one the model was exported with (its sha256 is in the model's config), or the gateway
+refuses rather than embed other token ids. The same tokenizer decides which labels are
+alike (`cliplora.core.open_vocab.check_distinct`): the rule the export applies to its
+class names.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import numpy as np
 from cliplora.core import contract, open_vocab
 from cliplora.core.errors import CliploraError, DeadlineExceeded, FailedPrecondition
 from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
+from cliplora.serve.gateway.backend import TritonBackend
 from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.models import OpenVocabulary, Route
 from cliplora.serve.gateway.text_cache import TextEmbeddingCache
-from cliplora.serve.gateway.triton import ModelEntry, Triton, require_open_vocabulary
 
 log = logging.getLogger(__name__)
 
 
 class TextEncoder:
-    def __init__(self, triton: Triton, metrics: GatewayMetrics, pool: ThreadPoolExecutor, cache_entries: int) -> None:
+    def __init__(self, triton: TritonBackend, metrics: GatewayMetrics, pool: ThreadPoolExecutor,
+                 cache_entries: int) -> None:
         self.triton = triton
         self.metrics = metrics
         self.pool = pool
@@ -43,23 +47,28 @@ class TextEncoder:
         )
         self._tokenizer: ClipTokenizer | None = None
 
-    async def tokenizer_for(self, entry: ModelEntry) -> ClipTokenizer:
+    async def tokenizer_for(self, route: Route) -> ClipTokenizer:
         """The gateway's tokenizer (loaded once, in the pool: reading the vocabulary takes a
         tenth of a second), checked against the vocabulary the model expects."""
-        wanted = require_open_vocabulary(entry).vocab_sha256
+        vocabulary = _text_side(route)
         if self._tokenizer is None:
             try:
                 self._tokenizer = await asyncio.get_running_loop().run_in_executor(self.pool, get_tokenizer)
             except CliploraError as exc:
-                raise FailedPrecondition(f"the gateway cannot tokenize text for {entry.name!r}: {exc}") from None
-        open_vocab.check_vocabulary(entry.name, wanted, self._tokenizer.vocab_sha256)
+                raise FailedPrecondition(f"the gateway cannot tokenize text for {route.entry.name!r}: {exc}") from None
+        open_vocab.check_vocabulary(route.entry.name, vocabulary.vocab_sha256, self._tokenizer.vocab_sha256)
         return self._tokenizer
 
-    async def embed(self, entry: ModelEntry, version: int, prompts: Sequence[str], deadline: float) -> np.ndarray:
+    async def check_distinct(self, route: Route, labels: Sequence[str]) -> None:
+        """InvalidArgument when two labels read alike to this model's tokenizer."""
+        tokenizer = await self.tokenizer_for(route)
+        await asyncio.get_running_loop().run_in_executor(self.pool, open_vocab.check_distinct, labels, tokenizer.encode)
+
+    async def embed(self, route: Route, prompts: Sequence[str], deadline: float) -> np.ndarray:
         """[len(prompts), D] unit embeddings of `prompts` as given (no template), from the
-        cache or from version `version` of the model's text encoder."""
-        text = require_open_vocabulary(entry).text
-        tokenizer = await self.tokenizer_for(entry)
+        cache or from the route's text encoder at the route's version."""
+        text = _text_side(route).text
+        tokenizer = await self.tokenizer_for(route)
         loop = asyncio.get_running_loop()
 
         async def compute(missing: list[str]) -> np.ndarray:
@@ -69,8 +78,14 @@ class TextEncoder:
                 raise DeadlineExceeded("deadline exceeded before the text encoder ran")
             started = time.perf_counter()
             try:
-                return await self.triton.embed_texts(entry, version, tokens, remaining)
+                return await self.triton.embed_texts(route, tokens, remaining)
             finally:
                 self.metrics.triton.labels(text.name).observe(time.perf_counter() - started)
 
-        return await self.cache.embed(text.name, version, prompts, compute, metric_model=entry.name)
+        return await self.cache.embed(text.name, route.version, prompts, compute, metric_model=route.entry.name)
+
+
+def _text_side(route: Route) -> OpenVocabulary:
+    if route.vocabulary is None:
+        raise ValueError(f"the route of {route.entry.name} has no text side: look it up with text=True")
+    return route.vocabulary

@@ -1,0 +1,141 @@
+"""Classify and Embed, each as one straight line: validate -> resolve -> prepare images
+and texts -> infer -> rank (or reply).
+
+- validate: `cliplora.serve.gateway.requests` (no model needed, nothing decoded yet);
+- resolve: one lookup (`TritonBackend.lookup`) gives the `Route`: the model entry, the
+  version the answer comes from, and the text side when the request needs it;
+- prepare: images decoded and cropped in the thread pool (`images`), labels checked by
+  the model's tokenizer and prompts built (`text_encoder`, `cliplora.core.open_vocab`);
+- infer: one batched Triton call for the images, with what is left of the caller's
+  deadline, beside the text encoder's call (or its cache) for the prompts;
+- rank: `cliplora.core.predictions.rank` over the model's classes or the request's labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cliplora.core import contract
+from cliplora.core.errors import DeadlineExceeded
+from cliplora.core.predictions import rank
+from cliplora.serve.gateway.admission import MetricLabels
+from cliplora.serve.gateway.backend import TritonBackend
+from cliplora.serve.gateway.images import ImagePreparer
+from cliplora.serve.gateway.metrics import GatewayMetrics
+from cliplora.serve.gateway.models import Route
+from cliplora.serve.gateway.requests import ClassifyQuery, EmbedQuery
+from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.gateway.text_encoder import TextEncoder
+from cliplora.v1 import classifier_pb2 as pb
+
+
+class Handlers:
+    def __init__(self, settings: GatewaySettings, triton: TritonBackend, metrics: GatewayMetrics,
+                 pool: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.metrics = metrics
+        self.images = ImagePreparer(pool, metrics, settings.max_pixels)
+        self.text = TextEncoder(triton, metrics, pool, settings.text_cache_entries)
+
+    async def classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
+                       metric_labels: MetricLabels) -> pb.ClassifyResponse:
+        deadline = self._deadline(context)
+        query = ClassifyQuery.parse(request, self.settings)
+        route = await self.triton.lookup(query.model, query.version, text=query.vocabulary is not None)
+        metric_labels.update(model=route.entry.name, version=str(route.version))
+        if query.vocabulary is None:
+            logits, version, names = await self._class_logits(route, query, deadline)
+        else:
+            logits, version, names = await self._label_logits(route, query, deadline)
+        metric_labels["version"] = str(version)  # the version that answered
+        return pb.ClassifyResponse(model=route.entry.name, version=version, results=[
+            pb.Classification(predictions=[
+                pb.Prediction(label=p.label, index=p.index, score=p.score, logit=p.logit)
+                for p in rank(row, names, query.top_k)
+            ])
+            for row in logits
+        ])
+
+    async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
+                    metric_labels: MetricLabels) -> pb.EmbedResponse:
+        deadline = self._deadline(context)
+        query = EmbedQuery.parse(request, self.settings)
+        route = await self.triton.lookup(query.model, query.version, text=True)
+        metric_labels.update(model=route.entry.name, version=str(route.version))
+        images = texts = np.zeros((0, 0), dtype=np.float32)
+        if query.images and query.texts:
+            (images, _), texts = await _together(self._embed_images(route, query.images, deadline),
+                                                 self.text.embed(route, query.texts, deadline))
+        elif query.images:
+            images, _ = await self._embed_images(route, query.images, deadline)
+        else:
+            texts = await self.text.embed(route, query.texts, deadline)
+        return pb.EmbedResponse(model=route.entry.name, version=route.version,
+                                images=[pb.Embedding(values=row.tolist()) for row in images],
+                                texts=[pb.Embedding(values=row.tolist()) for row in texts])
+
+    async def _class_logits(self, route: Route, query: ClassifyQuery,
+                            deadline: float) -> tuple[np.ndarray, int, Sequence[str]]:
+        """The model's own head: (logits, the version that answered, its class names)."""
+        batch = await self.images.batch(query.images, route.entry.image_size)
+        logits, version = await self._infer(route, batch, deadline, contract.OUTPUT_NAME)
+        return logits, version, route.entry.class_names
+
+    async def _label_logits(self, route: Route, query: ClassifyQuery,
+                            deadline: float) -> tuple[np.ndarray, int, Sequence[str]]:
+        """Request-time labels: image embeddings and prompt embeddings, both at the route's
+        pinned version, into logits (`RequestVocabulary.logits`)."""
+        vocabulary, text_side = query.vocabulary, route.vocabulary
+        assert vocabulary is not None and text_side is not None, "a labels route has its text side"
+        prompts = vocabulary.prompts(text_side.templates, self.settings.max_prompts)
+        batch, _ = await _together(self.images.batch(query.images, route.entry.image_size),
+                                   self.text.check_distinct(route, vocabulary.labels))
+        (image_embeddings, version), prompt_embeddings = await _together(
+            self._infer(route, batch, deadline, contract.EMBEDS_NAME), self.text.embed(route, prompts, deadline))
+        return vocabulary.logits(image_embeddings, prompt_embeddings, text_side.logit_scale), version, vocabulary.labels
+
+    async def _embed_images(self, route: Route, images: Sequence[pb.Image], deadline: float) -> tuple[np.ndarray, int]:
+        batch = await self.images.batch(images, route.entry.image_size)
+        return await self._infer(route, batch, deadline, contract.EMBEDS_NAME)
+
+    async def _infer(self, route: Route, batch: np.ndarray, deadline: float, output: str) -> tuple[np.ndarray, int]:
+        """One batched Triton call for `output`, with what is left of the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference")
+        started = time.perf_counter()
+        try:
+            values, answered = await self.triton.infer_images(route, batch, remaining, output)
+        finally:
+            self.metrics.triton.labels(route.entry.name).observe(time.perf_counter() - started)
+        self.metrics.images.labels(route.entry.name).inc(len(batch))
+        return values, answered
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        """The caller's deadline (or the default timeout) as a time.monotonic() value."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return time.monotonic() + self.settings.default_timeout_s
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded on arrival")
+        return time.monotonic() + remaining
+
+
+async def _together(*awaitables: Awaitable[Any]) -> list[Any]:
+    """Run side by side; if one fails, the others are cancelled before the error goes on."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

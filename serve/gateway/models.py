@@ -1,0 +1,155 @@
+"""What the gateway knows of the models Triton serves, and the route of one request.
+
+`ModelEntry` (a classifier), `TextEntry` (its text encoder) and `OpenVocabulary` (what
+the classifier's config says about its text side) are built by discovery
+(`cliplora.serve.gateway.triton`) from Triton's repository index and model configs.
+`Route` is what one lookup gives a request: the entry, the version the answer comes from,
+and the text side when the request needs it, checked once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cliplora.core import contract, open_vocab
+from cliplora.core.errors import NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextEntry:
+    """A classifier's text encoder (``<name>_text``) as Triton describes it."""
+
+    name: str
+    versions: tuple[int, ...]  # ready versions, ascending
+    embedding_dim: int
+    max_batch_size: int
+    classifier: str  # the model it belongs to, from its config
+
+
+@dataclass(frozen=True)
+class OpenVocabulary:
+    """What a classifier exported with ``--open-vocabulary`` says about its text side."""
+
+    text: TextEntry
+    logit_scale: float
+    templates: tuple[str, ...]
+    vocab_sha256: str  # the BPE vocabulary the text encoder's token ids come from
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.text.embedding_dim  # the image side's, too: a mismatch is no open vocabulary
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A servable classifier as Triton describes it."""
+
+    name: str
+    versions: tuple[int, ...]  # ready versions, ascending
+    image_size: int
+    num_classes: int
+    max_batch_size: int
+    class_names: tuple[str, ...]  # from the model's labels.txt, by Triton's classification extension
+    open_vocabulary: OpenVocabulary | None = None  # None: no (ready) text encoder
+    text_model: str | None = None  # the text encoder the config names, ready or not
+
+    def resolve(self, version: int) -> int:
+        """The version to run: `version`, or the latest ready one for 0."""
+        if version == 0:
+            return self.versions[-1]
+        if version not in self.versions:
+            raise NotFound(f"model {self.name!r} has no ready version {version} (ready: {list(self.versions)})")
+        return version
+
+    def text_side(self) -> OpenVocabulary:
+        """The open-vocabulary side. FAILED_PRECONDITION naming the flag for a model exported
+        without it; UNAVAILABLE for one whose text encoder is not ready (yet)."""
+        if self.open_vocabulary is not None:
+            return self.open_vocabulary
+        if self.text_model:
+            raise Unavailable(f"the text encoder {self.text_model!r} of model {self.name!r} is not ready in Triton")
+        raise open_vocab.not_open_vocabulary(self.name)
+
+    def text_missing(self, version: int) -> bool:
+        """True when the text encoder, or its `version` (0: any), was not ready at the last look."""
+        if self.open_vocabulary is None:
+            return self.text_model is not None
+        return bool(version) and version not in self.open_vocabulary.text.versions
+
+    def route(self, version: int, *, text: bool) -> Route:
+        """The route of a request for `version` (0: latest). With `text` (request-time labels,
+        Embed) the text side must be there, and the version is pinned to the newest one the
+        classifier and its text encoder both have ready: they are one export."""
+        if not text:
+            return Route(self, requested=version, version=self.resolve(version))
+        vocabulary = self.text_side()
+        if version:
+            return Route(self, requested=version, version=self.resolve(version), vocabulary=vocabulary)
+        common = sorted(set(self.versions) & set(vocabulary.text.versions))
+        if not common:
+            raise Unavailable(f"model {self.name!r} and its text encoder {vocabulary.text.name!r} have no "
+                              f"ready version in common yet ({list(self.versions)} vs "
+                              f"{list(vocabulary.text.versions)})")
+        return Route(self, requested=version, version=common[-1], vocabulary=vocabulary)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Everything one request needs of its model, from one lookup.
+
+    `version` is the version the answer comes from as far as the gateway knows. A call
+    without a text side asks Triton for `requested` (0: the latest of whichever replica
+    takes the call, which during a rolling upgrade may be newer than what the gateway last
+    saw), and the answer says which version ran. A call with a text side (`vocabulary`)
+    is pinned: image and text encoders run `version`, the one both have.
+    """
+
+    entry: ModelEntry
+    requested: int
+    version: int
+    vocabulary: OpenVocabulary | None = None
+
+    @property
+    def triton_version(self) -> int:
+        """The version to ask Triton for (0: its latest)."""
+        return self.version if self.vocabulary is not None else self.requested
+
+    def check_version(self, version: int) -> None:
+        """NotFound when a text encoder is asked for a version it does not have ready."""
+        text = self.vocabulary.text if self.vocabulary else None
+        if text is not None and version not in text.versions:
+            raise NotFound(f"text encoder {text.name!r} has no ready version {version} (ready: {list(text.versions)})")
+
+
+def describe_open_vocabulary(name: str, config: dict[str, Any], shape: contract.ClassifierShape,
+                             texts: dict[str, TextEntry]) -> OpenVocabulary | None:
+    """The classifier's open-vocabulary side, when its config names a ready text encoder
+    that names it back; None (with the reason logged) otherwise."""
+    text_name = contract.parameter(config, contract.PARAM_TEXT_MODEL)
+    if not text_name or shape.embedding_dim is None:
+        return None
+    text = texts.get(text_name)
+    if text is None or text.classifier != name:
+        log.warning("model %s names the text encoder %s, which Triton does not serve for it: no open vocabulary",
+                    name, text_name)
+        return None
+    if text.embedding_dim != shape.embedding_dim:
+        log.warning("model %s: image embeddings of size %d, text embeddings of size %d: no open vocabulary",
+                    name, shape.embedding_dim, text.embedding_dim)
+        return None
+    try:
+        scale = float(contract.parameter(config, contract.PARAM_LOGIT_SCALE) or "nan")
+        templates = tuple(json.loads(contract.parameter(config, contract.PARAM_TEMPLATES) or "[]"))
+    except (ValueError, TypeError) as exc:
+        log.warning("model %s has unreadable open-vocabulary parameters (%s): no open vocabulary", name, exc)
+        return None
+    if not math.isfinite(scale) or scale <= 0 or not templates or not all(isinstance(t, str) for t in templates):
+        log.warning("model %s has no usable logit scale or templates: no open vocabulary", name)
+        return None
+    return OpenVocabulary(text, scale, templates, contract.parameter(config, contract.PARAM_VOCAB_SHA256) or "")
