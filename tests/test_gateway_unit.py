@@ -13,7 +13,7 @@ from cliplora.serve.gateway.errors import to_status
 from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.v1 import classifier_pb2 as pb
 from tests.fakes import Aborted, FakeContext, FakeTriton, image_bytes, service
-from tests.serving import png_header
+from tests.images import png_header
 
 
 async def test_classify_ranks_and_scores() -> None:
@@ -119,7 +119,7 @@ async def test_over_the_concurrency_limit_is_resource_exhausted_at_once() -> Non
     answered = [at - started for code, at in outcomes if code == "OK"]
     assert min(answered) >= delay_s  # the admitted ones waited for "Triton"
     assert max(rejected) < min(answered) and max(rejected) < delay_s / 2  # the refused ones did not
-    assert svc.in_flight == 0
+    assert svc.admission.in_flight == 0
     assert svc.metrics.rejected._value.get() == 4
 
 
