@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+pytestmark = pytest.mark.packaging
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def test_the_wheel_installs_one_namespace(wheel: Path) -> None:
         files = set(archive.namelist())
     for module in ("cliplora/export/pipeline.py", "cliplora/serve/gateway/service.py", "cliplora/loadtest/runner.py",
                    "cliplora/finetune/train.py", "cliplora/core/contract.py", "cliplora/model/merge.py",
-                   "cliplora/serve/stack/triton_backend/onnxruntime/model.py", "cliplora/v1/classifier_pb2.py"):
+                   "cliplora/serve/stack/triton_backend/onnxruntime/model.py", "cliplora/v1/classifier_pb2.py",
+                   "cliplora/core/data/bpe_simple_vocab_16e6.txt.gz"):  # the tokenizer's vocabulary
         assert module in files, module
     entry_points = next(n for n in files if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:

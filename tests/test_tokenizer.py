@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cliplora.core.tokenizer as tokenizer_module
-from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from cliplora.core.tokenizer import (
     CLIP_VOCAB_SHA256,
     VOCAB_ENV,
@@ -193,12 +193,13 @@ def test_vocab_sha256_is_the_files_and_stable(tokenizer: ClipTokenizer) -> None:
     assert ClipTokenizer(path).vocab_sha256 == tokenizer.vocab_sha256
 
 
-def test_default_vocab_path_is_open_clips_copy() -> None:
+def test_the_default_vocabulary_is_shipped_with_cliplora_and_is_open_clips_file() -> None:
     path = default_vocab_path()
-    assert path.is_file() and path.name == "bpe_simple_vocab_16e6.txt.gz"
-    assert path.parent == Path(open_clip.__file__).parent
+    assert path == tokenizer_module.PACKAGED_VOCAB and path.is_relative_to(Path(tokenizer_module.__file__).parent)
+    assert path.read_bytes() == (Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
 
 
+@pytest.mark.subprocess
 def test_tokenizing_imports_neither_torch_nor_open_clip() -> None:
     script = (
         "import sys\n"
@@ -235,8 +236,20 @@ def test_missing_vocabulary_is_not_found(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(NotFound, match=VOCAB_ENV):
         ClipTokenizer(missing)
     monkeypatch.delenv(VOCAB_ENV)
-    monkeypatch.setattr(tokenizer_module, "find_spec", lambda name: None)  # open_clip not installed
-    with pytest.raises(NotFound, match=f"open_clip_torch is not installed.*{VOCAB_ENV}"):
+    monkeypatch.setattr(tokenizer_module, "PACKAGED_VOCAB", missing)  # a broken installation
+    with pytest.raises(FailedPrecondition, match=f"shipped with cliplora cannot be read.*{VOCAB_ENV}"):
+        default_vocab_path()
+
+
+def test_an_altered_shipped_vocabulary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped copy is checked by its sha256: another file there is a broken installation,
+    refused rather than tokenized with (the ids would mean other words)."""
+    lines = gzip.decompress(default_vocab_path().read_bytes()).decode("utf-8").split("\n")
+    altered = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    altered.write_bytes(gzip.compress("\n".join([lines[0], lines[2], lines[1], *lines[3:]]).encode("utf-8")))
+    monkeypatch.delenv(VOCAB_ENV, raising=False)
+    monkeypatch.setattr(tokenizer_module, "PACKAGED_VOCAB", altered)
+    with pytest.raises(FailedPrecondition, match="not CLIP's 924691ac288e"):
         default_vocab_path()
 
 

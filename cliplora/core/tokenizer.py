@@ -40,7 +40,6 @@ import os
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
-from importlib.util import find_spec
 from pathlib import Path
 from types import MappingProxyType
 
@@ -48,7 +47,7 @@ import ftfy
 import numpy as np
 import regex
 
-from cliplora.core.errors import InvalidArgument, NotFound, PermissionDenied
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 VOCAB_ENV = "CLIPLORA_BPE_VOCAB"
 """Environment variable naming the vocabulary file, instead of open_clip's copy."""
@@ -124,7 +123,7 @@ def _read_vocab_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise NotFound(
             f"CLIP BPE vocabulary not found: {path} (point {VOCAB_ENV} at a copy of "
-            f"{VOCAB_FILE_NAME}, or install open_clip_torch, which ships it)"
+            f"{VOCAB_FILE_NAME}, or unset it to use the copy shipped with cliplora)"
         ) from None
     except IsADirectoryError:
         raise InvalidArgument(f"CLIP BPE vocabulary is a folder, not a file: {path}") from None
@@ -307,41 +306,34 @@ class ClipTokenizer:
         return f"ClipTokenizer(vocab_path={str(self._path)!r}, vocab_size={self.vocab_size})"
 
 
+PACKAGED_VOCAB = Path(__file__).parent / "data" / VOCAB_FILE_NAME
+"""CLIP's vocabulary, shipped with cliplora (OpenAI CLIP's file, MIT licence; its sha256
+is `CLIP_VOCAB_SHA256`), so that the gateway needs neither torch nor open_clip."""
+
+
 def default_vocab_path() -> Path:
     """The vocabulary file: ``$CLIPLORA_BPE_VOCAB`` if set (and not empty), else the copy
-    inside the installed open_clip package, found without importing it (and so torch).
+    shipped with cliplora, checked against `CLIP_VOCAB_SHA256`.
 
-    Raises `NotFound`, saying how to provide the file, when neither exists.
+    Raises `NotFound` when the named file does not exist, `FailedPrecondition` when the
+    shipped copy is missing or altered (a broken installation).
     """
     override = os.environ.get(VOCAB_ENV)
     if override:
         path = Path(override).expanduser()
         if not path.is_file():
-            raise NotFound(
-                f"{VOCAB_ENV}={override!r} is not a file: point it at a copy of {VOCAB_FILE_NAME} "
-                "(open_clip_torch ships one in its package folder), or unset it"
-            )
+            raise NotFound(f"{VOCAB_ENV}={override!r} is not a file: point it at a copy of {VOCAB_FILE_NAME}, "
+                           "or unset it to use the copy shipped with cliplora")
         return path
-    for folder in _open_clip_folders():
-        path = folder / VOCAB_FILE_NAME
-        if path.is_file():
-            return path
-    raise NotFound(
-        f"CLIP BPE vocabulary {VOCAB_FILE_NAME} not found: open_clip_torch is not installed "
-        f"here (or lacks the file); set {VOCAB_ENV} to the path of a copy of the file"
-    )
-
-
-def _open_clip_folders() -> list[Path]:
-    """The installed open_clip package's folder(s); `find_spec` on a top-level package
-    locates it without running its ``__init__``."""
     try:
-        spec = find_spec("open_clip")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return [Path(location) for location in spec.submodule_search_locations]
+        digest = hashlib.sha256(PACKAGED_VOCAB.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise FailedPrecondition(f"the CLIP BPE vocabulary shipped with cliplora cannot be read ({exc}): "
+                                 f"reinstall cliplora, or set {VOCAB_ENV}") from None
+    if digest != CLIP_VOCAB_SHA256:
+        raise FailedPrecondition(f"the CLIP BPE vocabulary shipped with cliplora ({PACKAGED_VOCAB}) has sha256 "
+                                 f"{digest[:12]}..., not CLIP's {CLIP_VOCAB_SHA256[:12]}...: reinstall cliplora")
+    return PACKAGED_VOCAB
 
 
 _TOKENIZERS: dict[Path, ClipTokenizer] = {}

@@ -15,12 +15,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 COPY deploy/docker/requirements-gateway.txt /tmp/requirements-gateway.txt
-# open_clip_torch as data only: the tokenizer reads CLIP's BPE vocabulary from the package
-# (never imported: it would need torch), so the wheel goes in without its dependencies.
-RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements-gateway.txt \
-    && /opt/venv/bin/pip install --only-binary=:all: --no-deps open_clip_torch==3.3.0
+RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements-gateway.txt
 # The project itself without its dependencies: its core dependencies include torch and
-# open_clip, which only `cliplora export` needs.
+# open_clip, which only `cliplora export` needs. The tokenizer's CLIP BPE vocabulary ships
+# inside cliplora (checked by its sha256 when loaded), and the build tokenizes with it.
 COPY . /src
 RUN /opt/venv/bin/pip install --no-deps /src \
     && /opt/venv/bin/cliplora serve --help > /dev/null \
