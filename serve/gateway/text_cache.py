@@ -41,10 +41,31 @@ class TextEmbeddingCache:
                     metric_model: str | None = None) -> np.ndarray:
         """[len(prompts), D] embeddings: cached ones, pending ones awaited, the rest computed
         in one `compute` call. `metric_model` names the model in the hit/miss counters."""
+        found, waiting, missing = self._look_up(model, version, prompts)
+        label = metric_model or model
+        self._on_hits(label, len(found) + len(waiting))
+        self._on_misses(label, len(missing))
+        if missing:
+            found.update(await self._compute(model, version, missing, compute))
+        orphans = []
+        for prompt, future in waiting.items():
+            try:
+                found[prompt] = await asyncio.shield(future)
+            except Exception:  # another call's failure, not ours: compute it ourselves
+                orphans.append(prompt)
+        if orphans:
+            rows = await self.embed(model, version, orphans, compute, metric_model)
+            found.update(zip(orphans, rows, strict=True))
+        return np.stack([found[prompt] for prompt in prompts])
+
+    def _look_up(self, model: str, version: int, prompts: Sequence[str]) -> tuple[
+            dict[str, np.ndarray], dict[str, asyncio.Future[np.ndarray]], list[str]]:
+        """Each distinct prompt once, in order: (cached rows, others' pending computations,
+        the prompts nobody has)."""
         found: dict[str, np.ndarray] = {}
         waiting: dict[str, asyncio.Future[np.ndarray]] = {}
         missing: list[str] = []
-        for prompt in dict.fromkeys(prompts):  # each distinct prompt once, in order
+        for prompt in dict.fromkeys(prompts):
             key = (model, version, prompt)
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -53,42 +74,32 @@ class TextEmbeddingCache:
                 waiting[prompt] = self._pending[key]
             else:
                 missing.append(prompt)
-        label = metric_model or model
-        self._on_hits(label, len(found) + len(waiting))
-        self._on_misses(label, len(missing))
-        if missing:
-            loop = asyncio.get_running_loop()
-            mine = {prompt: loop.create_future() for prompt in missing}
-            for prompt, future in mine.items():
-                self._pending[(model, version, prompt)] = future
-            try:
-                computed = await compute(missing)
-                if computed.shape[0] != len(missing):
-                    raise RuntimeError(f"{computed.shape[0]} embeddings for {len(missing)} prompts")
-                for prompt, row in zip(missing, computed, strict=True):
-                    mine[prompt].set_result(row)
-                    found[prompt] = row
-                    self._store((model, version, prompt), row)
-            except BaseException as exc:
-                for future in mine.values():
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
-                        future.exception()  # retrieved: no "never retrieved" warning when nobody waits
-                raise
-            finally:
-                for prompt in missing:
-                    self._pending.pop((model, version, prompt), None)
-        orphans = []
-        for prompt, future in waiting.items():
-            try:
-                found[prompt] = await asyncio.shield(future)
-            except Exception:  # another call's failure, not ours: compute it ourselves
-                orphans.append(prompt)
-        if orphans:
-            for prompt, row in zip(orphans, await self.embed(model, version, orphans, compute, metric_model),
-                                   strict=True):
-                found[prompt] = row
-        return np.stack([found[prompt] for prompt in prompts])
+        return found, waiting, missing
+
+    async def _compute(self, model: str, version: int, missing: list[str], compute: Compute) -> dict[str, np.ndarray]:
+        """`missing` computed in one call, announced as pending meanwhile so that other calls
+        wait for it; on failure the waiters hear of it (and compute for themselves)."""
+        loop = asyncio.get_running_loop()
+        mine = {prompt: loop.create_future() for prompt in missing}
+        for prompt, future in mine.items():
+            self._pending[(model, version, prompt)] = future
+        try:
+            computed = await compute(missing)
+            if computed.shape[0] != len(missing):
+                raise RuntimeError(f"{computed.shape[0]} embeddings for {len(missing)} prompts")
+            for prompt, row in zip(missing, computed, strict=True):
+                mine[prompt].set_result(row)
+                self._store((model, version, prompt), row)
+            return dict(zip(missing, computed, strict=True))
+        except BaseException as exc:
+            for future in mine.values():
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+                    future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            for prompt in missing:
+                self._pending.pop((model, version, prompt), None)
 
     def _store(self, key: Key, row: np.ndarray) -> None:
         if not self.capacity:

@@ -23,6 +23,7 @@ from cliplora.core.repository import ModelRepository
 from cliplora.serve.gateway.server import GatewayServer, check_distinct_ports, endpoint_lines
 from cliplora.serve.gateway.server import check_before_start as check_gateway
 from cliplora.serve.gateway.settings import GatewaySettings
+from cliplora.serve.stack.processes import GuardedChild
 from cliplora.serve.stack.prometheus import DEFAULT_PORT as DEFAULT_PROMETHEUS_PORT
 from cliplora.serve.stack.prometheus import LocalPrometheus, render_config
 from cliplora.serve.stack.supervisor import ReadinessProbe, RestartPolicy, Supervisor
@@ -82,60 +83,93 @@ def check_before_start(settings: GatewaySettings, log_dir: Path, triton: LocalTr
 
 async def _serve_stack(settings: GatewaySettings, triton: LocalTriton, log_dir: Path, prometheus_port: int | None,
                        policy: RestartPolicy, probe: ReadinessProbe) -> None:
-    settings = replace(settings, triton_url=triton.grpc_url)
-    gateway = GatewayServer(settings)
+    stack = _Stack(settings, triton, log_dir, policy, probe)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    supervisors: list[tuple[Supervisor, asyncio.Task[None]]] = []
-    prometheus: LocalPrometheus | None = None
-    started = False
+        loop.add_signal_handler(sig, stack.stopping.set)
     try:
-        await gateway.start()
-        started = True
-
-        def supervise(child: LocalTriton | LocalPrometheus, child_probe: ReadinessProbe) -> Supervisor:
-            supervisor = Supervisor(child, policy, child_probe, gateway.metrics.stack_restarts)
-            supervisors.append((supervisor, asyncio.create_task(supervisor.run(), name=f"supervise {child.name}")))
-            return supervisor
-
-        def tasks() -> list[asyncio.Task[None]]:
-            return [task for _, task in supervisors]
-
-        if prometheus_port is not None:
-            config = render_config(f"{settings.host}:{gateway.metrics_port}", f"{triton.host}:{triton.ports.metrics}")
-            prometheus = LocalPrometheus(config, port=prometheus_port, log_path=log_dir / "prometheus.log")
-            # Up before Triton is: SERVING then means the whole stack is there.
-            await _first_of(supervise(prometheus, replace(probe, hang_s=0)).settled.wait(), stop.wait(), *tasks())
-        if not stop.is_set() and not any(task.done() for task in tasks()):
-            _say(f"starting Triton on {triton.repository} (log: {triton.log_path}) ...")
-            ready = supervise(triton, probe).ready
-            if await _first_of(ready.wait(), stop.wait(), *tasks()) == 0:
-                shown = replace(settings, metrics_port=gateway.metrics_port) if settings.metrics_port >= 0 else settings
-                _print_endpoints(shown, triton, prometheus)
-                await _first_of(stop.wait(), *tasks())
+        await stack.run(prometheus_port)
     finally:
         _say("stopping ...")
-        failures = []
-        if started:  # every later step runs even if the drain fails: no child may be left
-            try:
-                await gateway.stop()
-            except Exception as exc:
-                log.exception("stopping the gateway failed")
-                failures.append(exc)
-        for supervisor, _ in supervisors:
-            supervisor.request_stop()
-        failures += [exc for exc in await asyncio.gather(*(task for _, task in supervisors), return_exceptions=True)
-                     if isinstance(exc, BaseException)]
-        await asyncio.gather(*(supervisor.stop_child() for supervisor, _ in supervisors), return_exceptions=True)
-        if prometheus is not None:
-            prometheus.cleanup()
+        failures = await stack.shut_down()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         _say("stopped")
     if failures:
         raise failures[0]
+
+
+class _Stack:
+    """The gateway and the supervised children of one `cliplora serve`, so that shutting
+    down finds whatever was started."""
+
+    def __init__(self, settings: GatewaySettings, triton: LocalTriton, log_dir: Path, policy: RestartPolicy,
+                 probe: ReadinessProbe) -> None:
+        self.settings = replace(settings, triton_url=triton.grpc_url)
+        self.gateway = GatewayServer(self.settings)
+        self.triton = triton
+        self.log_dir = log_dir
+        self.policy = policy
+        self.probe = probe
+        self.stopping = asyncio.Event()  # Ctrl-C / SIGTERM
+        self.supervisors: list[tuple[Supervisor, asyncio.Task[None]]] = []
+        self.prometheus: LocalPrometheus | None = None
+        self.gateway_started = False
+
+    async def run(self, prometheus_port: int | None) -> None:
+        """The gateway (NOT_SERVING), then Prometheus, then Triton; until a stop is asked for
+        or a supervisor gives up."""
+        await self.gateway.start()
+        self.gateway_started = True
+        if prometheus_port is not None:
+            await self._start_prometheus(prometheus_port)
+        if not self.stopping.is_set() and not any(task.done() for task in self._tasks()):
+            await self._run_triton()
+
+    async def _start_prometheus(self, port: int) -> None:
+        """Up (or failed) before Triton starts: SERVING then means the whole stack is there."""
+        config = render_config(f"{self.settings.host}:{self.gateway.metrics_port}",
+                               f"{self.triton.host}:{self.triton.ports.metrics}")
+        self.prometheus = LocalPrometheus(config, port=port, log_path=self.log_dir / "prometheus.log")
+        settled = self._supervise(self.prometheus, replace(self.probe, hang_s=0)).settled
+        await _first_of(settled.wait(), self.stopping.wait(), *self._tasks())
+
+    async def _run_triton(self) -> None:
+        _say(f"starting Triton on {self.triton.repository} (log: {self.triton.log_path}) ...")
+        ready = self._supervise(self.triton, self.probe).ready
+        if await _first_of(ready.wait(), self.stopping.wait(), *self._tasks()) == 0:
+            shown = self.settings
+            if shown.metrics_port >= 0:
+                shown = replace(shown, metrics_port=self.gateway.metrics_port)
+            _print_endpoints(shown, self.triton, self.prometheus)
+            await _first_of(self.stopping.wait(), *self._tasks())
+
+    def _supervise(self, child: GuardedChild, probe: ReadinessProbe) -> Supervisor:
+        supervisor = Supervisor(child, self.policy, probe, self.gateway.metrics.stack_restarts)
+        self.supervisors.append((supervisor, asyncio.create_task(supervisor.run(), name=f"supervise {child.name}")))
+        return supervisor
+
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        return [task for _, task in self.supervisors]
+
+    async def shut_down(self) -> list[BaseException]:
+        """The gateway drained, then every child stopped; every step runs even if one before
+        it failed (no child may be left). Returns what failed, the supervisors' give-ups too."""
+        failures: list[BaseException] = []
+        if self.gateway_started:
+            try:
+                await self.gateway.stop()
+            except Exception as exc:
+                log.exception("stopping the gateway failed")
+                failures.append(exc)
+        for supervisor, _ in self.supervisors:
+            supervisor.request_stop()
+        failures += [exc for exc in await asyncio.gather(*self._tasks(), return_exceptions=True)
+                     if isinstance(exc, BaseException)]
+        await asyncio.gather(*(supervisor.stop_child() for supervisor, _ in self.supervisors), return_exceptions=True)
+        if self.prometheus is not None:
+            self.prometheus.cleanup()
+        return failures
 
 
 async def _first_of(*awaitables: object) -> int:
