@@ -112,7 +112,8 @@ def model_config(
         config.parameters[contract.PARAM_TEMPLATES].string_value = json.dumps(list(open_vocabulary.templates))
         config.parameters[contract.PARAM_VOCAB_SHA256].string_value = open_vocabulary.vocab_sha256
     if target == "gpu":
-        _gpu_blocks(config, name, contract.INPUT_NAME, spec.input_shape, contract.INPUT_TRITON_DTYPE, max_batch_size)
+        _gpu_blocks(config, name, [(contract.INPUT_NAME, spec.input_shape, contract.INPUT_TRITON_DTYPE)],
+                    max_batch_size)
     elif precision == "fp16":
         _tensorrt_fp16(config, {})
     return config
@@ -144,8 +145,8 @@ def text_model_config(
     config.parameters[contract.PARAM_CLASSIFIER].string_value = classifier
     config.parameters[contract.PARAM_VOCAB_SHA256].string_value = vocab_sha256
     if target == "gpu":
-        _gpu_blocks(config, name, contract.TEXT_INPUT_NAME, (contract.CONTEXT_LENGTH,),
-                    contract.TEXT_INPUT_TRITON_DTYPE, max_batch_size)
+        _gpu_blocks(config, name, [(contract.TEXT_INPUT_NAME, (contract.CONTEXT_LENGTH,),
+                                    contract.TEXT_INPUT_TRITON_DTYPE)], max_batch_size)
     elif precision == "fp16":
         _tensorrt_fp16(config, {})
     return config
@@ -195,36 +196,40 @@ def _tensorrt_fp16(config: mc.ModelConfig, extra: dict[str, str]) -> None:
         {"precision_mode": "FP16", "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES), **extra})
 
 
-def _gpu_blocks(config: mc.ModelConfig, name: str, input_name: str, input_shape: tuple[int, ...], dtype: str,
+def _gpu_blocks(config: mc.ModelConfig, name: str, inputs: list[tuple[str, tuple[int, ...], str]],
                 max_batch_size: int) -> None:
     """TensorRT FP16 with an engine cache and one optimisation profile, and warm-up.
 
     - **One profile for every batch size** (``trt_profile_*``, 1 .. max_batch_size, tuned
-      for ``TRT_OPT_BATCH``): without it ONNX Runtime builds an engine for the first batch
-      size it sees and rebuilds (seconds to minutes, requests waiting) each time a larger
-      batch arrives. ONNX Runtime needs the three options together when the cache is on.
+      for ``TRT_OPT_BATCH``; each of `inputs` is a name, a shape per item and a Triton
+      dtype): without it ONNX Runtime builds an engine for the first batch size it sees
+      and rebuilds (seconds to minutes, requests waiting) each time a larger batch
+      arrives. ONNX Runtime needs the three options together when the cache is on.
     - **Engine cache** in ``<TRT_CACHE_ROOT>/<name>`` (ONNX Runtime creates that last
       folder; the deployment mounts TRT_CACHE_ROOT): a restart loads the engine instead of
       rebuilding it. The cache key does not cover weights, hence one folder per model and
       `cliplora.export.engine_key` for versions. The timing cache (kernel timings only,
       safe to share) lives in TRT_CACHE_ROOT itself and speeds up builds of every model.
-    - **Warm-up** with zero inputs at batch 1 and at max_batch_size: the engine is built
-      or loaded, and the largest buffers allocated, before Triton reports the model ready,
-      so the first real request does not pay for it.
+    - **Warm-up** with zero inputs (all of them) at batch 1 and at max_batch_size: the
+      engine is built or loaded, and the largest buffers allocated, before Triton reports
+      the model ready, so the first real request does not pay for it.
     """
-    dims = "x".join(str(d) for d in input_shape)
+    def profile(batch: int) -> str:
+        return ",".join(f"{input_name}:{batch}x{'x'.join(str(d) for d in shape)}" for input_name, shape, _ in inputs)
+
     _tensorrt_fp16(config, {
         "trt_engine_cache_enable": "1",
         "trt_engine_cache_path": f"{TRT_CACHE_ROOT}/{name}",
         "trt_timing_cache_enable": "1",
         "trt_timing_cache_path": TRT_CACHE_ROOT,
-        "trt_profile_min_shapes": f"{input_name}:1x{dims}",
-        "trt_profile_opt_shapes": f"{input_name}:{min(TRT_OPT_BATCH, max_batch_size)}x{dims}",
-        "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{dims}",
+        "trt_profile_min_shapes": profile(1),
+        "trt_profile_opt_shapes": profile(min(TRT_OPT_BATCH, max_batch_size)),
+        "trt_profile_max_shapes": profile(max_batch_size),
     })
     for batch in sorted({1, max_batch_size}):
         warmup = config.model_warmup.add(name=f"zeros-batch-{batch}", batch_size=batch)
-        sample = warmup.inputs[input_name]
-        sample.data_type = mc.DataType.Value(dtype)
-        sample.dims.extend(input_shape)
-        sample.zero_data = True
+        for input_name, shape, dtype in inputs:
+            sample = warmup.inputs[input_name]
+            sample.data_type = mc.DataType.Value(dtype)
+            sample.dims.extend(shape)
+            sample.zero_data = True

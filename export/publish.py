@@ -34,8 +34,15 @@ from google.protobuf import text_format
 
 from cliplora.core import contract
 from cliplora.core.atomic import write_text_atomically
-from cliplora.core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from cliplora.core.bank_manifest import AdapterTableManifest, BankManifest
+from cliplora.core.errors import (
+    CliploraError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+)
 from cliplora.core.manifest import Manifest, TextEncoderManifest
+from cliplora.core.records import VersionedRecord
 from cliplora.core.repository import MODEL_NAME_PATTERN, ModelRepository, validate_model_name
 from cliplora.export.model_config import ModelConfig, parse_config, to_text
 
@@ -84,10 +91,11 @@ def check_compatible(root: Path, name: str, config: ModelConfig | None, labels: 
         )
 
 
-def check_names(root: Path, name: str, open_vocabulary: bool) -> None:
+def check_names(root: Path, name: str, open_vocabulary: bool, bank: bool = False) -> None:
     """Refuse a name that shadows, or is shadowed by, an open-vocabulary text encoder: `x` with
-    ``--open-vocabulary`` reserves ``x_text``. Checked before the export starts, and again by
-    `publish_version` under the models' locks (an export of the other name may have landed since)."""
+    ``--open-vocabulary`` reserves ``x_text``; or a bank's companion (`check_bank_names`).
+    Checked before the export starts, and again by `publish_version` under the models'
+    locks (an export of the other name may have landed since)."""
     repository = ModelRepository(root)
     if open_vocabulary:
         text = contract.text_model_name(name)
@@ -102,6 +110,45 @@ def check_names(root: Path, name: str, open_vocabulary: bool) -> None:
         if owner and repository.has_text_encoder(owner):
             raise FailedPrecondition(f"{name!r} is the text encoder of the open-vocabulary model {owner!r}; "
                                      "export under another --name")
+    check_bank_names(root, name, bank)
+
+
+def bank_of(root: Path, name: str) -> str | None:
+    """The bank whose companion (``<bank>_adapters``) the model `name` is, or None."""
+    try:
+        found = ModelRepository(root).get(name)
+        return AdapterTableManifest.read(found.manifest_path).bank
+    except CliploraError:
+        return None
+
+
+def is_bank(root: Path, name: str) -> bool:
+    """True when the model `name` is an adapter bank (its latest manifest is a bank's)."""
+    try:
+        BankManifest.read(ModelRepository(root).get(name).manifest_path)
+    except CliploraError:
+        return False
+    return True
+
+
+def check_bank_names(root: Path, name: str, bank: bool) -> None:
+    """A bank `x` reserves ``x_adapters`` (its companion), both ways round; a bank and a
+    classifier never share a name."""
+    models = ModelRepository(root).model_names()
+    if name in models and is_bank(root, name) != bank:
+        what = "an adapter bank: add adapters with `cliplora bank add`" if not bank else \
+            "a model that is not an adapter bank: create the bank under another name"
+        raise FailedPrecondition(f"{root} already has {name!r}, {what}")
+    if bank:
+        companion = contract.adapters_model_name(name)
+        if companion in models and bank_of(root, companion) != name:
+            raise FailedPrecondition(f"{root} already has a model called {companion!r}, the name the adapter table "
+                                     f"of bank {name!r} needs; create the bank under another name")
+    elif name.endswith(contract.ADAPTERS_MODEL_SUFFIX):
+        owner = name.removesuffix(contract.ADAPTERS_MODEL_SUFFIX)
+        if owner and (bank_of(root, name) is not None or (owner in models and is_bank(root, owner))):
+            raise FailedPrecondition(f"{name!r} is the adapter table of the bank {owner!r}; "
+                                     "export under another --name")
 
 
 def preflight(root: Path, name: str, labels: str) -> None:
@@ -112,8 +159,11 @@ def preflight(root: Path, name: str, labels: str) -> None:
 
 
 @contextmanager
-def model_lock(root: Path, name: str) -> Iterator[None]:
-    lock_path = _writable_root(root) / f".cliplora-{validate_model_name(name)}.lock"
+def model_lock(root: Path, name: str, purpose: str = "") -> Iterator[None]:
+    """An exclusive lock on `name` in `root` (``purpose`` names a second, independent lock on
+    the same model: `cliplora bank` holds ``bank`` over a whole add, and takes the publishing
+    lock inside it)."""
+    lock_path = _writable_root(root) / f".cliplora-{purpose}{'-' if purpose else ''}{validate_model_name(name)}.lock"
     try:
         handle = open(lock_path, "a")
     except OSError as exc:
@@ -146,10 +196,16 @@ class StagedModel:
     config: ModelConfig
     labels: str | None = None
     text_encoder: bool = False  # its manifest is a TextEncoderManifest
+    record: type[VersionedRecord] | None = None  # its manifest's record, when neither of those two
+
+    @property
+    def manifest(self) -> type[VersionedRecord]:
+        return self.record or (TextEncoderManifest if self.text_encoder else Manifest)
 
 
-def publish_version(root: Path, name: str, staged_version: Path, *, config: ModelConfig, labels: str,
-                    companions: Sequence[StagedModel] = ()) -> int:
+def publish_version(root: Path, name: str, staged_version: Path, *, config: ModelConfig, labels: str | None,
+                    companions: Sequence[StagedModel] = (), record: type[VersionedRecord] = Manifest,
+                    version: int | None = None) -> int:
     """Move a staged version folder (model.onnx, manifest.json) into the repository.
 
     `companions` (an open-vocabulary classifier's text encoder) get the same version
@@ -157,16 +213,22 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
     theirs. Returns the version number, which is also stamped into every manifest, under
     the models' locks (taken in one order: the classifier's, then its companions').
     If anything fails, whatever this call put in the repository is taken out again.
+    `labels` None: a model without ``labels.txt`` (a bank). `record`: the model's manifest
+    record. `version`: publish exactly this version number or nothing (a bank's files name
+    their version before they are published).
     """
-    models = [*companions, StagedModel(name, staged_version, config, labels)]  # companions first
+    models = [*companions, StagedModel(name, staged_version, config, labels, record=record)]  # companions first
     with ExitStack() as locks:
         for model in sorted(models, key=lambda m: m.name != name):
             locks.enter_context(model_lock(root, model.name))
         repository = ModelRepository(root)
-        check_names(root, name, any(c.text_encoder for c in companions))
+        check_names(root, name, any(c.text_encoder for c in companions), bank=record is BankManifest)
         for model in models:
             check_compatible(root, model.name, model.config, model.labels or "")
-        version = (repository.versions(name) or [0])[-1] + 1
+        expected, version = version, (repository.versions(name) or [0])[-1] + 1
+        if expected is not None and expected != version:
+            raise FailedPrecondition(f"{name} was to get version {expected}, but its next version is {version} "
+                                     "(another writer published meanwhile?); nothing published")
         for companion in companions:
             taken = [v for v in repository.versions(companion.name) if v >= version]
             if taken:
@@ -177,7 +239,7 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
         installed: list[Callable[[], None]] = []
         try:
             for model in models:
-                _stamp_version(model.folder, version, TextEncoderManifest if model.text_encoder else Manifest)
+                _stamp_version(model.folder, version, model.manifest)
                 installed.append(_install(root, model, version))
         except BaseException as exc:
             for undo in reversed(installed):
@@ -212,8 +274,8 @@ def _install(root: Path, model: StagedModel, version: int) -> Callable[[], None]
     return undo
 
 
-def _stamp_version(staged_version: Path, version: int, record: type[Manifest] | type[TextEncoderManifest]) -> None:
-    """Write the version number into the staged manifest (a classifier's or a text encoder's)."""
+def _stamp_version(staged_version: Path, version: int, record: type[VersionedRecord]) -> None:
+    """Write the version number into the staged manifest (any record with a ``version`` field)."""
     path = staged_version / contract.MANIFEST_FILENAME
     stamped = record.read(path).model_copy(update={"version": version})
     path.write_text(stamped.to_json(), encoding="utf-8")

@@ -146,3 +146,128 @@ def parameter(config: dict[str, Any], key: str) -> str | None:
     """A model-config parameter's string value (JSON form of the config), or None."""
     value = config.get("parameters", {}).get(key)
     return None if value is None else str(value.get("string_value", ""))
+
+
+# Adapter banks (`cliplora bank`, docs/architecture.md "Adapter banks"). A bank `NAME` is one
+# model: ``image`` UINT8 [S, S, 3] and ``adapter`` INT32 [1] (the adapter's slot) per sample ->
+# ``image_embeds`` FP32 [D] (L2-normalised). Its companion `NAME_adapters` (same version
+# numbers, published in the same step) answers, for one ``adapter`` slot INT32 [1] (no batch
+# dimension), that adapter's ``class_embeds`` FP32 [C, D] (unit rows; C is the version's
+# largest class count, rows past the adapter's ``class_count`` INT32 [1] are zero),
+# ``class_names`` BYTES [C] (UTF-8, empty past the count) and ``adapters`` BYTES [1]: the
+# version's adapter table as JSON (`read_adapter_table`), the same for any slot.
+BANK_ADAPTER_NAME = "adapter"  # the bank's second input, and the companion's only input
+BANK_ADAPTER_NUMPY_DTYPE = np.int32
+BANK_ADAPTER_TRITON_DTYPE = "TYPE_INT32"
+BANK_ADAPTER_WIRE_DTYPE = "INT32"
+BANK_OUTPUT_NAME = EMBEDS_NAME  # the bank's only output
+BASE_ADAPTER = "base"  # the reserved adapter id: the base model, slot 0, always in the table
+BASE_SLOT = 0
+ADAPTERS_MODEL_SUFFIX = "_adapters"
+CLASS_EMBEDS_NAME = "class_embeds"
+CLASS_COUNT_NAME = "class_count"
+CLASS_NAMES_NAME = "class_names"
+ADAPTER_TABLE_NAME = "adapters"
+CLASS_COUNT_NUMPY_DTYPE = np.int32
+STRING_TRITON_DTYPE = "TYPE_STRING"  # what a config declares for a BYTES tensor
+STRING_WIRE_DTYPE = "BYTES"
+BANK_BASE_WEIGHTS_FILENAME = "base_weights.bin"  # ONNX external data, one file for every version (hard links)
+BANK_FACTORS_FILENAME = "adapter_factors.bin"  # ONNX external data: this version's stacked LoRA factors
+# Config parameters of a bank and its companion (the gateway reads them from Triton's configs).
+PARAM_KIND = "kind"  # on a bank: KIND_BANK; absent on a classifier
+KIND_BANK = "bank"
+KIND_CLASSIFIER = "classifier"
+PARAM_ADAPTERS_MODEL = "adapters_model"  # on a bank: its companion's name
+PARAM_BANK = "bank"  # on the companion: the bank it belongs to
+PARAM_MAX_RANK = "max_rank"  # on a bank: the rank every adapter is padded to
+PARAM_MATRICES = "matrices"  # on a bank: the vision-tower matrices it adapts, comma-separated (q,k,v,o)
+# PARAM_LOGIT_SCALE (above) is on a bank too: logit = logit_scale x cos(image_embeds, class embedding).
+
+
+def adapters_model_name(name: str) -> str:
+    """The name of the companion that a bank `name` reserves (its adapter table and class embeddings)."""
+    return f"{name}{ADAPTERS_MODEL_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class BankShape:
+    """What a bank's Triton config says: its tensors and the parameters the gateway needs."""
+
+    image_size: int
+    embedding_dim: int
+    max_batch_size: int
+    adapters_model: str
+    logit_scale: float
+    max_rank: int
+    matrices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    """One row of a bank version's adapter table (the companion's ``adapters`` output)."""
+
+    adapter: str  # its id; BASE_ADAPTER for slot 0
+    slot: int  # what the ``adapter`` input takes; a slot means one content for the bank's whole life
+    num_classes: int
+    rank: int  # before padding to the bank's max rank; 0 for the base
+    matrices: tuple[str, ...]  # the projections it updates, both towers (q, k, v, o)
+    encoders: tuple[str, ...]  # the towers it updates (text, vision)
+    lora_sha256: str  # its file's content hash ("" for the base)
+    version_added: int  # the bank version that added it (1 for the base)
+    templates: tuple[str, ...]  # its class embeddings' prompt templates
+
+
+def is_bank(config: dict[str, Any]) -> bool:
+    """True for the config of an adapter bank (``parameters { kind: "bank" }``)."""
+    return parameter(config, PARAM_KIND) == KIND_BANK
+
+
+def bank_shape(name: str, config: dict[str, Any]) -> BankShape:
+    """A bank's shapes and parameters from its Triton config (JSON form), checked against the
+    contract; `ValueError` for a model that does not follow it."""
+    inputs, outputs = _tensors(config, "input"), _tensors(config, "output")
+    if not is_bank(config) or INPUT_NAME not in inputs or BANK_ADAPTER_NAME not in inputs \
+            or BANK_OUTPUT_NAME not in outputs:
+        raise ValueError(f"model {name} is not a cliplora adapter bank")
+    dims, slot, embeds = _dims(inputs[INPUT_NAME]), _dims(inputs[BANK_ADAPTER_NAME]), _dims(outputs[BANK_OUTPUT_NAME])
+    if len(dims) != 3 or dims[0] != dims[1] or dims[2] != CHANNELS or slot != [1] or len(embeds) != 1 or embeds[0] < 1:
+        raise ValueError(f"bank {name} has image dims {dims}, adapter dims {slot} and {BANK_OUTPUT_NAME} dims {embeds}")
+    try:
+        adapters_model = parameter(config, PARAM_ADAPTERS_MODEL) or ""
+        logit_scale = float(parameter(config, PARAM_LOGIT_SCALE) or "nan")
+        max_rank = int(parameter(config, PARAM_MAX_RANK) or "0")
+        matrices = tuple((parameter(config, PARAM_MATRICES) or "").split(","))
+    except ValueError:
+        raise ValueError(f"bank {name} has unreadable parameters") from None
+    if adapters_model != adapters_model_name(name) or not logit_scale > 0 or max_rank < 1 \
+            or not set(matrices) <= {"q", "k", "v", "o"}:
+        raise ValueError(f"bank {name} has parameters {adapters_model=}, {logit_scale=}, {max_rank=}, {matrices=}")
+    return BankShape(dims[0], embeds[0], int(config.get("max_batch_size", 0)), adapters_model, logit_scale,
+                     max_rank, matrices)
+
+
+def adapters_model_shape(name: str, config: dict[str, Any]) -> int:
+    """The embedding size D of a bank's companion (`adapters_model_name`), checked against the contract."""
+    inputs, outputs = _tensors(config, "input"), _tensors(config, "output")
+    wanted = {CLASS_EMBEDS_NAME, CLASS_COUNT_NAME, CLASS_NAMES_NAME, ADAPTER_TABLE_NAME}
+    if BANK_ADAPTER_NAME not in inputs or not wanted <= outputs.keys() or not parameter(config, PARAM_BANK):
+        raise ValueError(f"model {name} is not the adapter table of a cliplora bank")
+    embeds = _dims(outputs[CLASS_EMBEDS_NAME])
+    if len(embeds) != 2 or embeds[1] < 1 or int(config.get("max_batch_size", 0)) != 0:
+        raise ValueError(f"adapter table {name} has {CLASS_EMBEDS_NAME} dims {embeds}")
+    return embeds[1]
+
+
+def read_adapter_table(raw: bytes | str) -> list[AdapterRow]:
+    """The companion's ``adapters`` output (JSON), base first; `ValueError` when it is not one."""
+    import json
+
+    try:
+        rows = json.loads(raw)
+        table = [AdapterRow(**{**row, "matrices": tuple(row["matrices"]), "encoders": tuple(row["encoders"]),
+                               "templates": tuple(row["templates"])}) for row in rows]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"not an adapter table: {exc}") from None
+    if not table or table[0].adapter != BASE_ADAPTER or table[0].slot != BASE_SLOT:
+        raise ValueError(f"an adapter table starts with {BASE_ADAPTER!r} in slot {BASE_SLOT}")
+    return table

@@ -1,0 +1,101 @@
+"""An adapter as a bank holds it: its vision factors in one slot, its classes as embeddings.
+
+- `slot_factors`: each vision update becomes the slot's A [R, d_in] and B [d_out, R] (the
+  scale folded into B, ranks below R zero-padded: exact), after the refusals a bank makes:
+  a rank above its max rank, a vision matrix it does not hold, a shape that does not fit
+  the base, a value that is not finite.
+- `class_embeddings`: the adapter's classes encoded by its own adapted text tower (its
+  text updates merged into a copy of the base; no text updates: the base tower), templates
+  averaged and re-normalised exactly as export's head (`cliplora.model.head`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliplora.core.errors import InvalidArgument
+from cliplora.model import head
+from cliplora.model.bank_graph import stack_name
+from cliplora.model.lora import LoraAdapter
+from cliplora.model.merge import check_shapes, merge_adapter, target_weight, tower_blocks
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """What a bank's table says about an adapter."""
+
+    rank: int  # its largest update rank (PEFT's rank_pattern may give several)
+    matrices: tuple[str, ...]  # the projections it updates, both towers
+    encoders: tuple[str, ...]  # the towers it updates
+
+
+def adapter_shape(adapter: LoraAdapter) -> AdapterShape:
+    return AdapterShape(
+        rank=max(u.rank for u in adapter.updates),
+        matrices=tuple(m for m in "qkvo" if any(u.target == m for u in adapter.updates)),
+        encoders=tuple(t for t in ("text", "vision") if any(u.tower == t for u in adapter.updates)),
+    )
+
+
+def check_fits(adapter: LoraAdapter, model: nn.Module, matrices: Sequence[str], max_rank: int, what: str) -> None:
+    """Refuse, naming the reason, an adapter this bank cannot hold exactly."""
+    if not adapter.updates:
+        raise InvalidArgument(f"{what} updates nothing")
+    for update in adapter.updates:
+        if update.rank > max_rank:
+            raise InvalidArgument(f"{what} has rank {update.rank} ({update.name}), above the bank's --max-rank "
+                                  f"{max_rank}: create a bank with --max-rank {update.rank} or more for it")
+        if update.tower == "vision" and update.target not in matrices:
+            raise InvalidArgument(f"{what} updates {update.name}, a matrix the bank does not hold (its --matrices are "
+                                  f"{','.join(matrices)}): create a bank with --matrices "
+                                  f"{','.join(sorted({*matrices, update.target}, key='qkvo'.index))} for it")
+        check_shapes(update, target_weight(model, update.tower, update.block, update.target))
+        for factor, values in (("A", update.a), ("B", update.b)):
+            if not torch.isfinite(values).all():
+                raise InvalidArgument(f"{what}: the {factor} factor of {update.name} holds a value that is not finite")
+        if not torch.isfinite(update.b * update.scale).all():
+            raise InvalidArgument(f"{what}: scale {update.scale:g} times the B factor of {update.name} is not finite")
+
+
+def slot_factors(adapter: LoraAdapter | None, model: nn.Module, matrices: Sequence[str], max_rank: int) \
+        -> dict[str, np.ndarray]:
+    """One slot of every stack (`cliplora.model.bank_graph.stack_name`): the adapter's
+    vision updates, padded to `max_rank`, zeros elsewhere; call `check_fits` first."""
+    slot: dict[str, np.ndarray] = {}
+    for block, module in enumerate(tower_blocks(model, "vision")):
+        width = module.attn.embed_dim
+        for m in matrices:
+            slot[stack_name(block, m, "a")] = np.zeros((max_rank, width), dtype=np.float32)
+            slot[stack_name(block, m, "b")] = np.zeros((width, max_rank), dtype=np.float32)
+    for update in adapter.updates if adapter else ():
+        if update.tower != "vision":
+            continue
+        r = update.rank
+        slot[stack_name(update.block, update.target, "a")][:r] = update.a.float().numpy()
+        slot[stack_name(update.block, update.target, "b")][:, :r] = (update.b.float() * update.scale).numpy()
+    return slot
+
+
+def text_only(adapter: LoraAdapter | None) -> LoraAdapter | None:
+    """The adapter's text updates alone (None when it has none): what its class embeddings need."""
+    if adapter is None:
+        return None
+    updates = tuple(u for u in adapter.updates if u.tower == "text")
+    return replace(adapter, updates=updates) if updates else None
+
+
+@torch.no_grad()
+def class_embeddings(model: nn.Module, adapter: LoraAdapter | None, tokenizer: object, classes: Sequence[str],
+                     templates: Sequence[str]) -> np.ndarray:
+    """Unit class embeddings [C, D] from `adapter`'s adapted text tower (the base's without text updates)."""
+    if not classes:
+        return np.zeros((0, int(model.text_projection.shape[1])), dtype=np.float32)
+    text = text_only(adapter)
+    encoder = merge_adapter(model, text)[0] if text else model
+    tokens = head.prompt_tokens(tokenizer, classes, templates)  # type: ignore[arg-type]
+    return head.text_matrix(encoder, tokens, len(classes)).t().contiguous().numpy()

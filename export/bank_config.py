@@ -1,0 +1,73 @@
+"""``config.pbtxt`` of an adapter bank and of its companion, as tritonclient's `ModelConfig`.
+
+Both are written once, by `bank create`, and never change: Triton reloads a model whose
+config changed, while a new version folder only loads beside the one serving. Every
+`bank add`/`remove` rebuilds them from the bank's manifest and `export.publish` checks
+them equal to the files (a mismatch refuses the version).
+
+- The bank: ``image`` UINT8 [S, S, 3] and ``adapter`` INT32 [1] -> ``image_embeds`` FP32
+  [D], dynamic batching (requests for different adapters share a batch), one instance of
+  no fixed kind (``KIND_CPU`` for cpu-int8), and the parameters the gateway reads
+  (`cliplora.core.contract.bank_shape`). ``--target gpu`` adds the TensorRT FP16 blocks of
+  `export --target gpu` for both inputs (`cliplora.export.model_config`); not run on a GPU.
+- The companion: ``adapter`` INT32 [1] without a batch dimension (``max_batch_size: 0``,
+  no dynamic batching: one slot per request) -> ``class_embeds`` FP32 [-1, D],
+  ``class_count`` INT32 [1], ``class_names`` and ``adapters`` TYPE_STRING (BYTES on the
+  wire); the class dimension is -1 because each version has its own largest class count.
+  Always on the CPU: it is a lookup table, and strings have no GPU kernels.
+"""
+
+from __future__ import annotations
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from cliplora.core import contract
+from cliplora.core.bank_manifest import BankSettingsRecord
+from cliplora.export.model_config import MAX_QUEUE_DELAY_US, _gpu_blocks
+
+
+def _dtype(name: str) -> int:
+    return mc.DataType.Value(name)
+
+
+def bank_config(name: str, settings: BankSettingsRecord) -> mc.ModelConfig:
+    """The bank's configuration."""
+    image_shape = (settings.image_size, settings.image_size, contract.CHANNELS)
+    config = mc.ModelConfig(name=name, platform=contract.PLATFORM, max_batch_size=settings.max_batch_size)
+    config.input.add(name=contract.INPUT_NAME, data_type=_dtype(contract.INPUT_TRITON_DTYPE), dims=list(image_shape))
+    config.input.add(name=contract.BANK_ADAPTER_NAME, data_type=_dtype(contract.BANK_ADAPTER_TRITON_DTYPE), dims=[1])
+    config.output.add(name=contract.BANK_OUTPUT_NAME, data_type=_dtype(contract.OUTPUT_TRITON_DTYPE),
+                      dims=[settings.embedding_dim])
+    kind = mc.ModelInstanceGroup.KIND_CPU if settings.target == "cpu-int8" else mc.ModelInstanceGroup.KIND_AUTO
+    config.instance_group.add(count=1, kind=kind)
+    config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    parameters = {
+        contract.PARAM_KIND: contract.KIND_BANK,
+        contract.PARAM_PRECISION: settings.precision,
+        contract.PARAM_ADAPTERS_MODEL: contract.adapters_model_name(name),
+        contract.PARAM_LOGIT_SCALE: repr(float(settings.logit_scale)),
+        contract.PARAM_MAX_RANK: str(settings.max_rank),
+        contract.PARAM_MATRICES: ",".join(settings.matrices),
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    if settings.target == "gpu":
+        _gpu_blocks(config, name, [(contract.INPUT_NAME, image_shape, contract.INPUT_TRITON_DTYPE),
+                                   (contract.BANK_ADAPTER_NAME, (1,), contract.BANK_ADAPTER_TRITON_DTYPE)],
+                    settings.max_batch_size)
+    return config
+
+
+def adapters_config(bank: str, embedding_dim: int) -> mc.ModelConfig:
+    """The companion's configuration (`cliplora.core.contract.adapters_model_name`)."""
+    config = mc.ModelConfig(name=contract.adapters_model_name(bank), platform=contract.PLATFORM, max_batch_size=0)
+    config.input.add(name=contract.BANK_ADAPTER_NAME, data_type=_dtype(contract.BANK_ADAPTER_TRITON_DTYPE), dims=[1])
+    config.output.add(name=contract.CLASS_EMBEDS_NAME, data_type=_dtype(contract.OUTPUT_TRITON_DTYPE),
+                      dims=[-1, embedding_dim])
+    config.output.add(name=contract.CLASS_COUNT_NAME, data_type=_dtype(contract.BANK_ADAPTER_TRITON_DTYPE), dims=[1])
+    config.output.add(name=contract.CLASS_NAMES_NAME, data_type=_dtype(contract.STRING_TRITON_DTYPE), dims=[-1])
+    config.output.add(name=contract.ADAPTER_TABLE_NAME, data_type=_dtype(contract.STRING_TRITON_DTYPE), dims=[1])
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters[contract.PARAM_BANK].string_value = bank
+    config.parameters[contract.PARAM_PRECISION].string_value = "fp32"
+    return config

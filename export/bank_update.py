@@ -1,0 +1,257 @@
+"""`cliplora bank add`, `bank remove` and `bank list`: a new bank version from the latest one.
+
+No torch export: the new version's graph is the latest version's with longer factor
+stacks (`cliplora.export.bank_store`), its base weights a hard link, and its companion
+rebuilt from the latest companion's classes plus the new adapters'. Under the bank's own
+lock (`bank_version.LOCK_PURPOSE`), from reading the latest version to publishing the
+next, so two commands on one bank take turns and neither loses the other's adapters.
+
+Adding adapters (all or none, one version): each is read (every format `export --lora`
+reads), refused with the reason when the bank cannot hold it exactly
+(`cliplora.model.bank_adapters.check_fits`), given the next unused slot (an existing ID is
+replaced: its old slot is zeroed and retired, never reused, so a slot means one content for
+good), its class embeddings computed with its own adapted text tower, and verified inside
+the staged version (`cliplora.export.bank_verify`) before anything is published.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import cliplora
+from cliplora.core import contract
+from cliplora.core.bank_manifest import (
+    AdapterVerificationRecord,
+    BankAdapterRecord,
+    BankFilesRecord,
+    BankManifest,
+    RetiredSlotRecord,
+)
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from cliplora.core.progress import Progress
+from cliplora.core.repository import validate_model_name
+from cliplora.export import (
+    bank_companion,
+    bank_source,
+    bank_store,
+    bank_verify,
+    bank_version,
+    publish,
+    verify,
+)
+from cliplora.export.bank_create import BankResult
+from cliplora.model import head
+from cliplora.model.adapters import NO_ADAPTER, load_adapter
+from cliplora.model.bank_adapters import adapter_shape, check_fits, class_embeddings, slot_factors
+from cliplora.model.base_model import BaseModel
+from cliplora.model.lora import LoraAdapter
+
+ADAPTERS_FILE_KEYS = {"adapter", "lora", "classes", "template"}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter to add: `--adapter ID --lora L --classes F [--template T]...`."""
+
+    adapter: str
+    lora: str
+    classes: Path
+    templates: tuple[str, ...] = ()
+
+
+def validate_adapter_id(adapter_id: str) -> str:
+    """An adapter id follows the model-name rule; ``base`` is the base model's."""
+    try:
+        validate_model_name(adapter_id)
+    except InvalidArgument:
+        raise InvalidArgument(f"invalid adapter id {adapter_id!r}: use 1-64 characters from A-Z a-z 0-9 _ -") from None
+    if adapter_id == contract.BASE_ADAPTER:
+        raise InvalidArgument(f"adapter id {contract.BASE_ADAPTER!r} is reserved for the bank's base model")
+    return adapter_id
+
+
+def read_adapters_file(path: Path) -> list[AdapterSpec]:
+    """`--adapters-file`: a JSON list of {"adapter", "lora", "classes", "template": [...]};
+    relative paths are relative to the file's folder."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"--adapters-file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"--adapters-file {path} is not valid JSON: {exc}") from None
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument(f"--adapters-file {path} must hold a non-empty JSON list")
+    specs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"adapter", "lora", "classes"} <= entry.keys() \
+                or not entry.keys() <= ADAPTERS_FILE_KEYS:
+            raise InvalidArgument(f"--adapters-file {path}: entry {i} must be an object with adapter, lora, classes "
+                                  "and optionally template")
+        templates = entry.get("template", [])
+        if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates) \
+                or not all(isinstance(entry[k], str) for k in ("adapter", "lora", "classes")):
+            raise InvalidArgument(f"--adapters-file {path}: entry {i}: adapter, lora and classes are strings, "
+                                  "template a list of strings")
+        specs.append(AdapterSpec(entry["adapter"], str(path.parent / entry["lora"]),
+                                 path.parent / entry["classes"], tuple(templates)))
+    return specs
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An adapter read, checked and turned into what the bank stores."""
+
+    spec: AdapterSpec
+    adapter: LoraAdapter
+    classes: list[str]
+    templates: list[str]
+    factors: dict[str, np.ndarray]
+    class_embeds: np.ndarray
+
+
+def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: Progress | None = None,
+                 probes: int = verify.DEFAULT_PROBES) -> BankResult:
+    """Add (or replace) `specs` in one new version of bank `name`: all of them, or nothing."""
+    progress = progress or Progress(quiet=True)
+    started = time.perf_counter()
+    ids = [validate_adapter_id(s.adapter) for s in specs]
+    if not specs or len(set(ids)) != len(ids):
+        raise InvalidArgument(f"give each adapter once (got {', '.join(ids) or 'none'})")
+    texts = {s.adapter: (head.read_classes(s.classes), head.validate_templates(s.templates)) for s in specs}
+    with publish.model_lock(root, name, bank_version.LOCK_PURPOSE):
+        folder, previous = bank_version.latest(root, name)
+        with progress.step(f"loading the bank's base model {previous.source.model}"):
+            base = bank_source.reload_source(previous.source, name)
+        prepared = [_prepare(spec, *texts[spec.adapter], base, previous, progress) for spec in specs]
+        slots = bank_version.load_slots(root, name, folder, previous)
+        version = (previous.version or 0) + 1
+        adapters, retired = _retire(previous, slots, ids, version)
+        added = []
+        for item in prepared:
+            slot = slots.append(item.factors, bank_companion.SlotClasses(item.classes, item.class_embeds))
+            added.append((item, slot))
+        with bank_version.staging(root, name) as staged:
+            files = _write(folder, staged / "version", previous, slots)
+            with progress.step(f"verifying {len(added)} adapter(s) inside the bank ({probes} probe images)"):
+                records = _verify(base, staged / "version", added, probes, previous.settings.target == "cpu-int8")
+            adapters += [_record(item, slot, version, check) for (item, slot), check in zip(added, records, strict=True)]
+            manifest = _manifest(previous, version, f"add {', '.join(ids)}", adapters, retired, files, started)
+            with progress.step(f"publishing version {version} of bank {name}"):
+                published = bank_version.publish_bank(root, manifest, slots, staged)
+    return BankResult(name, published, root / name / str(published), manifest)
+
+
+def remove_adapter(root: Path, name: str, adapter_id: str, progress: Progress | None = None) -> BankResult:
+    """A new version of bank `name` without `adapter_id` (its slot zeroed and retired)."""
+    progress = progress or Progress(quiet=True)
+    started = time.perf_counter()
+    validate_adapter_id(adapter_id)
+    with publish.model_lock(root, name, bank_version.LOCK_PURPOSE):
+        folder, previous = bank_version.latest(root, name)
+        if previous.adapter(adapter_id) is None:
+            known = ", ".join(a.adapter for a in previous.adapters[1:]) or "none"
+            raise NotFound(f"bank {name!r} has no adapter {adapter_id!r} (adapters: {known})")
+        slots = bank_version.load_slots(root, name, folder, previous)
+        version = (previous.version or 0) + 1
+        adapters, retired = _retire(previous, slots, [adapter_id], version)
+        with bank_version.staging(root, name) as staged:
+            files = _write(folder, staged / "version", previous, slots)
+            manifest = _manifest(previous, version, f"remove {adapter_id}", adapters, retired, files, started)
+            with progress.step(f"publishing version {version} of bank {name}"):
+                published = bank_version.publish_bank(root, manifest, slots, staged)
+    return BankResult(name, published, root / name / str(published), manifest)
+
+
+def list_adapters(root: Path, name: str) -> list[dict[str, object]]:
+    """`cliplora bank list`: one object per adapter of the latest version, the base first."""
+    return [a.listing() for a in bank_version.latest(root, name)[1].adapters]
+
+
+def _prepare(spec: AdapterSpec, classes: list[str], templates: list[str], base: BaseModel, bank: BankManifest,
+             progress: Progress) -> _Prepared:
+    what = f"adapter {spec.adapter!r} ({spec.lora})"
+    if spec.lora == NO_ADAPTER:
+        raise InvalidArgument(f"{what}: --lora none adds nothing; the base model is the bank's slot 0 ('base')")
+    with progress.step(f"reading {what}"):
+        adapter = load_adapter(spec.lora, len(base.text_blocks), len(base.vision_blocks))
+    assert adapter is not None
+    settings = bank.settings
+    check_fits(adapter, base.model, settings.matrices, settings.max_rank, what)
+    with progress.step(f"encoding {len(classes) * len(templates)} prompts with {spec.adapter}'s text tower"):
+        class_embeds = class_embeddings(base.model, adapter, base.tokenizer, classes, templates)
+    return _Prepared(spec, adapter, classes, templates,
+                     slot_factors(adapter, base.model, settings.matrices, settings.max_rank), class_embeds)
+
+
+def _retire(previous: BankManifest, slots: bank_version.Slots, ids: Sequence[str], version: int) \
+        -> tuple[list[BankAdapterRecord], list[RetiredSlotRecord]]:
+    """The previous version's adapters without `ids`, and the retired slots with theirs (zeroed in `slots`)."""
+    kept, retired = [], list(previous.retired)
+    for adapter in previous.adapters:
+        if adapter.adapter in ids:
+            slots.clear(adapter.slot)
+            retired.append(RetiredSlotRecord(slot=adapter.slot, adapter=adapter.adapter,
+                                             lora_sha256=adapter.lora_sha256, version_retired=version))
+        else:
+            kept.append(adapter)
+    return kept, retired
+
+
+def _write(previous: Path, folder: Path, bank: BankManifest, slots: bank_version.Slots) -> BankFilesRecord:
+    """The new version's files in `folder`, and their record."""
+    folder.mkdir()
+    shas = {contract.BANK_BASE_WEIGHTS_FILENAME: bank.files.base_weights_sha256}
+    fp32_sha = bank.files.fp32_base_weights_sha256
+    if bank.settings.target == "cpu-int8":
+        if fp32_sha is None:
+            raise FailedPrecondition(f"bank {bank.name!r} is cpu-int8 but records no fp32 bank; nothing published")
+        shas[bank_store.FP32_BASE_WEIGHTS_FILENAME] = fp32_sha
+    base_file, factors = bank_store.write_version(previous, folder, slots.stacks, shas)
+    key = None
+    if bank.settings.target == "gpu":
+        key = bank_version.engine_key(base_file.sha256, factors.sha256)
+        bank_store.stamp_graph(folder, key)
+    return bank_version.files_record(folder, base_file, factors, slots.count, key, fp32_sha)
+
+
+def _verify(base: BaseModel, folder: Path, added: Sequence[tuple[_Prepared, int]], count: int,
+            int8: bool) -> list[AdapterVerificationRecord]:
+    """Each added adapter checked in the staged version; FailedPrecondition at the first that fails."""
+    sample = bank_verify.probes(base.image_size, count)
+    fp32, int8_session = bank_version.sessions(folder, int8)
+    n = len(sample.crops)
+    alone = {slot: bank_verify.embed(fp32, sample.crops, [slot] * n)
+             for slot in (contract.BASE_SLOT, *(s for _, s in added))}
+    mixed = bank_verify.mixed_batch_errors(fp32, sample.crops, alone, base.logit_scale)
+    records = []
+    for item, slot in added:
+        int8_embeds = bank_verify.embed(int8_session, sample.crops, [slot] * n) if int8_session else None
+        case = bank_verify.AdapterCase(item.spec.adapter, item.adapter, slot, item.classes, item.templates,
+                                       item.class_embeds, alone[slot], int8_embeds)
+        record = bank_verify.check_adapter(case, base, sample, alone[contract.BASE_SLOT], mixed[slot])
+        if not record.passed:
+            raise FailedPrecondition(f"adapter {item.spec.adapter!r} failed its verification inside the bank, "
+                                     f"nothing published: {'; '.join(bank_verify.failures(record))}")
+        records.append(record)
+    return records
+
+
+def _record(item: _Prepared, slot: int, version: int, check: AdapterVerificationRecord) -> BankAdapterRecord:
+    shape = adapter_shape(item.adapter)
+    return BankAdapterRecord(adapter=item.spec.adapter, slot=slot, version_added=version, classes=item.classes,
+                             templates=item.templates, lora=item.adapter.record(), rank=shape.rank,
+                             matrices=list(shape.matrices), encoders=list(shape.encoders), verification=check)
+
+
+def _manifest(previous: BankManifest, version: int, change: str, adapters: list[BankAdapterRecord],
+              retired: list[RetiredSlotRecord], files: BankFilesRecord, started: float) -> BankManifest:
+    return previous.model_copy(update={
+        "cliplora_version": cliplora.__version__, "version": version, "created": bank_version.now(), "change": change,
+        "adapters": sorted(adapters, key=lambda a: a.slot), "retired": retired, "files": files,
+        "environment": bank_version.environment(), "seconds": round(time.perf_counter() - started, 2)})
