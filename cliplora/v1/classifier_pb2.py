@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63liplora/v1/classifier.proto\x12\x0b\x63liplora.v1\"\x96\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.cliplora.v1.Image\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x11\n\ttemplates\x18\x06 \x03(\tB\x08\n\x06_top_k\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.cliplora.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"H\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x01\x12\r\n\x05logit\x18\x04 \x01(\x01\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.cliplora.v1.Prediction\"`\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.cliplora.v1.Classification\"\x13\n\x11ListModelsRequest\"\xe4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x0f\n\x07weights\x18\x06 \x01(\t\x12\x13\n\x0blora_format\x18\x07 \x01(\t\x12\x11\n\tlora_json\x18\x08 \x01(\t\x12\x11\n\tprecision\x18\t \x01(\t\x12\x17\n\x0fopen_vocabulary\x18\n \x01(\x08\x12\x15\n\rembedding_dim\x18\x0b \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.cliplora.v1.ModelInfo\"a\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.cliplora.v1.Image\x12\r\n\x05texts\x18\x04 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"~\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x06images\x18\x03 \x03(\x0b\x32\x16.cliplora.v1.Embedding\x12%\n\x05texts\x18\x04 \x03(\x0b\x32\x16.cliplora.v1.Embedding2\xe4\x01\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.cliplora.v1.ClassifyRequest\x1a\x1d.cliplora.v1.ClassifyResponse\x12M\n\nListModels\x12\x1e.cliplora.v1.ListModelsRequest\x1a\x1f.cliplora.v1.ListModelsResponse\x12>\n\x05\x45mbed\x12\x19.cliplora.v1.EmbedRequest\x1a\x1a.cliplora.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63liplora/v1/classifier.proto\x12\x0b\x63liplora.v1\"\xa7\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.cliplora.v1.Image\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x11\n\ttemplates\x18\x06 \x03(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\tB\x08\n\x06_top_k\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.cliplora.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"H\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x01\x12\r\n\x05logit\x18\x04 \x01(\x01\">\n\x0e\x43lassification\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.cliplora.v1.Prediction\"q\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.cliplora.v1.Classification\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"\x9e\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x12\n\nimage_size\x18\x04 \x01(\x05\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x0f\n\x07weights\x18\x06 \x01(\t\x12\x13\n\x0blora_format\x18\x07 \x01(\t\x12\x11\n\tlora_json\x18\x08 \x01(\t\x12\x11\n\tprecision\x18\t \x01(\t\x12\x17\n\x0fopen_vocabulary\x18\n \x01(\x08\x12\x15\n\rembedding_dim\x18\x0b \x01(\x05\x12\x0c\n\x04kind\x18\x0c \x01(\t\x12*\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x18.cliplora.v1.AdapterInfo\"\x8f\x01\n\x0b\x41\x64\x61pterInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x13\n\x0blora_sha256\x18\x04 \x01(\t\x12\x13\n\x0bpromoted_to\x18\x05 \x01(\t\x12\x10\n\x08matrices\x18\x06 \x03(\t\x12\x15\n\rversion_added\x18\x07 \x01(\x03\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.cliplora.v1.ModelInfo\"r\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.cliplora.v1.Image\x12\r\n\x05texts\x18\x04 \x03(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"~\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x06images\x18\x03 \x03(\x0b\x32\x16.cliplora.v1.Embedding\x12%\n\x05texts\x18\x04 \x03(\x0b\x32\x16.cliplora.v1.Embedding2\xe4\x01\n\nClassifier\x12G\n\x08\x43lassify\x12\x1c.cliplora.v1.ClassifyRequest\x1a\x1d.cliplora.v1.ClassifyResponse\x12M\n\nListModels\x12\x1e.cliplora.v1.ListModelsRequest\x1a\x1f.cliplora.v1.ListModelsResponse\x12>\n\x05\x45mbed\x12\x19.cliplora.v1.EmbedRequest\x1a\x1a.cliplora.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cliplora.v1.classifier_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=46
-  _globals['_CLASSIFYREQUEST']._serialized_end=196
-  _globals['_IMAGE']._serialized_start=198
-  _globals['_IMAGE']._serialized_end=270
-  _globals['_RAWIMAGE']._serialized_start=272
-  _globals['_RAWIMAGE']._serialized_end=326
-  _globals['_PREDICTION']._serialized_start=328
-  _globals['_PREDICTION']._serialized_end=400
-  _globals['_CLASSIFICATION']._serialized_start=402
-  _globals['_CLASSIFICATION']._serialized_end=464
-  _globals['_CLASSIFYRESPONSE']._serialized_start=466
-  _globals['_CLASSIFYRESPONSE']._serialized_end=562
-  _globals['_LISTMODELSREQUEST']._serialized_start=564
-  _globals['_LISTMODELSREQUEST']._serialized_end=583
-  _globals['_MODELINFO']._serialized_start=586
-  _globals['_MODELINFO']._serialized_end=814
-  _globals['_LISTMODELSRESPONSE']._serialized_start=816
-  _globals['_LISTMODELSRESPONSE']._serialized_end=876
-  _globals['_EMBEDREQUEST']._serialized_start=878
-  _globals['_EMBEDREQUEST']._serialized_end=975
-  _globals['_EMBEDDING']._serialized_start=977
-  _globals['_EMBEDDING']._serialized_end=1004
-  _globals['_EMBEDRESPONSE']._serialized_start=1006
-  _globals['_EMBEDRESPONSE']._serialized_end=1132
-  _globals['_CLASSIFIER']._serialized_start=1135
-  _globals['_CLASSIFIER']._serialized_end=1363
+  _globals['_CLASSIFYREQUEST']._serialized_end=213
+  _globals['_IMAGE']._serialized_start=215
+  _globals['_IMAGE']._serialized_end=287
+  _globals['_RAWIMAGE']._serialized_start=289
+  _globals['_RAWIMAGE']._serialized_end=343
+  _globals['_PREDICTION']._serialized_start=345
+  _globals['_PREDICTION']._serialized_end=417
+  _globals['_CLASSIFICATION']._serialized_start=419
+  _globals['_CLASSIFICATION']._serialized_end=481
+  _globals['_CLASSIFYRESPONSE']._serialized_start=483
+  _globals['_CLASSIFYRESPONSE']._serialized_end=596
+  _globals['_LISTMODELSREQUEST']._serialized_start=598
+  _globals['_LISTMODELSREQUEST']._serialized_end=617
+  _globals['_MODELINFO']._serialized_start=620
+  _globals['_MODELINFO']._serialized_end=906
+  _globals['_ADAPTERINFO']._serialized_start=909
+  _globals['_ADAPTERINFO']._serialized_end=1052
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1054
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1114
+  _globals['_EMBEDREQUEST']._serialized_start=1116
+  _globals['_EMBEDREQUEST']._serialized_end=1230
+  _globals['_EMBEDDING']._serialized_start=1232
+  _globals['_EMBEDDING']._serialized_end=1259
+  _globals['_EMBEDRESPONSE']._serialized_start=1261
+  _globals['_EMBEDRESPONSE']._serialized_end=1387
+  _globals['_CLASSIFIER']._serialized_start=1390
+  _globals['_CLASSIFIER']._serialized_end=1618
 # @@protoc_insertion_point(module_scope)

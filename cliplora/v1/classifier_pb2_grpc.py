@@ -71,7 +71,8 @@ class ClassifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
-        """Image and/or text embeddings (L2-normalised) of a model exported with --open-vocabulary.
+        """Image and/or text embeddings (L2-normalised) of a model exported with --open-vocabulary,
+        or image embeddings of one adapter of a bank.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
