@@ -15,7 +15,14 @@ from cliplora.core import contract
 from cliplora.core.errors import NotFound
 from cliplora.core.tokenizer import get_tokenizer
 from cliplora.serve.gateway.metrics import GatewayMetrics
-from cliplora.serve.gateway.models import ModelEntry, OpenVocabulary, Route, TextEntry
+from cliplora.serve.gateway.models import (
+    AdapterHead,
+    BankSide,
+    ModelEntry,
+    OpenVocabulary,
+    Route,
+    TextEntry,
+)
 from cliplora.serve.gateway.service import ClassifierService
 from cliplora.serve.gateway.settings import GatewaySettings
 from tests.images import encoded, make_image
@@ -27,7 +34,31 @@ OPEN = ModelEntry("ov", (1, 2), image_size=16, num_classes=3, max_batch_size=4, 
                       TextEntry("ov_text", (1, 2), EMBEDDING_DIM, max_batch_size=4, classifier="ov"),
                       logit_scale=10.0, templates=("a photo of a {}.",),
                       vocab_sha256=get_tokenizer().vocab_sha256))
-MODELS = {"m": ENTRY, "ov": OPEN}
+
+
+def adapter_row(adapter: str, slot: int, num_classes: int, version_added: int = 1) -> contract.AdapterRow:
+    return contract.AdapterRow(adapter=adapter, slot=slot, num_classes=num_classes, rank=0 if slot == 0 else 2,
+                               matrices=() if slot == 0 else ("q", "k", "v"), encoders=() if slot == 0 else ("vision",),
+                               lora_sha256="" if slot == 0 else f"{slot:064x}", version_added=version_added,
+                               templates=("a photo of a {}.",))
+
+
+def bank_entry(tables: dict[int, list[contract.AdapterRow]], name: str = "bank") -> ModelEntry:
+    """A bank whose versions are the keys of `tables`, each with its adapter rows."""
+    return ModelEntry(name, tuple(sorted(tables)), image_size=16, num_classes=tables[max(tables)][0].num_classes,
+                      max_batch_size=4, class_names=(),
+                      bank=BankSide(f"{name}{contract.ADAPTERS_MODEL_SUFFIX}", logit_scale=10.0,
+                                    embedding_dim=EMBEDDING_DIM,
+                                    tables={v: {row.adapter: row for row in rows} for v, rows in tables.items()}))
+
+
+BANK = bank_entry({1: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2)],
+                   2: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2), adapter_row("zeta", 2, 3, 2)]})
+MODELS = {"m": ENTRY, "ov": OPEN, "bank": BANK}
+
+
+def adapter_classes(slot: int) -> tuple[str, ...]:
+    return tuple(f"class {slot}.{i}" for i in range(3))
 
 
 def fake_embeddings(seeds: np.ndarray) -> np.ndarray:
@@ -66,10 +97,11 @@ class FakeTriton:
         self.token_batches: list[np.ndarray] = []
         self.texts_done = 0  # embed_texts calls that ran to the end
 
-    async def lookup(self, name: str, version: int, *, text: bool = False) -> Route:
+    async def lookup(self, name: str, version: int, *, text: bool = False, embeds: bool = False,
+                     adapter: str = "") -> Route:
         if name not in self.models:
             raise NotFound(f"model {name!r} not found (models: {', '.join(sorted(self.models))})")
-        return self.models[name].route(version, text=text)
+        return self.models[name].route(version, text=text, embeds=embeds, adapter=adapter)
 
     async def infer_images(self, route: Route, batch: np.ndarray, timeout_s: float,
                            output: str = contract.OUTPUT_NAME) -> tuple[np.ndarray, int]:
@@ -77,6 +109,9 @@ class FakeTriton:
         await asyncio.sleep(self.delay)
         if self.fail:
             raise self.fail
+        if route.adapter is not None:  # a bank: the embedding depends on the image and the slot
+            slots = np.full((len(batch), 1), route.adapter.slot, dtype=np.uint8)
+            return fake_embeddings(np.concatenate([batch.reshape(len(batch), -1), slots], axis=1)), route.version
         if output == contract.EMBEDS_NAME:
             if route.vocabulary is None:
                 raise AssertionError("image_embeds asked of a route without its text side")
@@ -93,6 +128,12 @@ class FakeTriton:
             raise self.fail
         self.texts_done += 1
         return fake_embeddings(tokens)
+
+    async def adapter_head(self, route: Route, timeout_s: float) -> AdapterHead:
+        assert route.adapter is not None
+        count = route.adapter.num_classes
+        seeds = np.arange(count * 2, dtype=np.int64).reshape(count, 2) + 100 * route.adapter.slot
+        return AdapterHead(fake_embeddings(seeds), adapter_classes(route.adapter.slot)[:count])
 
     async def refresh(self) -> dict[str, ModelEntry]:
         return dict(self.models)

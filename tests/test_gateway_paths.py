@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from cliplora.core import contract
-from cliplora.serve.gateway import triton as triton_module
 from cliplora.serve.gateway.backend import TritonBackend
 from cliplora.serve.gateway.models import ModelEntry, TextEntry
 from cliplora.serve.gateway.triton import CHUNKS_IN_FLIGHT, Triton
@@ -181,22 +180,32 @@ async def test_labels_the_tokenizer_tells_apart_are_ranked() -> None:
 
 
 async def test_a_large_call_goes_in_chunks_with_at_most_four_at_triton(monkeypatch) -> None:
-    """21 prompts for a text encoder whose batch limit is 2: 11 chunks in order, never more
-    than CHUNKS_IN_FLIGHT of them at Triton at once."""
-    client = Triton("127.0.0.1:1")  # no call reaches it: the chunk call is replaced
-    at_once = peak = 0
-    seen: list[int] = []
+    """21 prompts for a text encoder whose batch limit is 2: 11 calls, never more than
+    CHUNKS_IN_FLIGHT of them at Triton at once, each row back in its place."""
+    client = Triton("127.0.0.1:1")  # no call reaches it: the call itself is replaced
+    at_once = peak = calls = 0
 
-    async def one_chunk(model, version, chunk, timeout_s, input_name, wire_dtype, output, width, expected):
-        nonlocal at_once, peak
+    class Answer:
+        def __init__(self, values: np.ndarray, version: int) -> None:
+            self.values, self.version = values, version
+
+        def as_numpy(self, name: str) -> np.ndarray:
+            return self.values
+
+        def get_response(self):
+            return type("Response", (), {"model_version": str(self.version)})()
+
+    async def one_call(model, version, inputs, outputs, timeout_s, class_count=0):
+        nonlocal at_once, peak, calls
         at_once += 1
+        calls += 1
         peak = max(peak, at_once)
         await asyncio.sleep(0.01)
         at_once -= 1
-        seen.append(int(chunk[0, 0]))
-        return np.repeat(chunk[:, :1].astype(np.float32), width, axis=1), version
+        (name, tokens, _), = inputs
+        return Answer(np.repeat(tokens[:, :1].astype(np.float32), 8, axis=1), version)
 
-    monkeypatch.setattr(client, "_infer_chunk", one_chunk)
+    monkeypatch.setattr(client, "call", one_call)
     text = TextEntry("ov_text", (1, 2), 8, max_batch_size=2, classifier="ov")
     route = replace(OPEN, open_vocabulary=replace(OPEN.open_vocabulary, text=text)).route(2, text=True)
     tokens = np.arange(21, dtype=np.int32)[:, None].repeat(contract.CONTEXT_LENGTH, axis=1)
@@ -205,6 +214,5 @@ async def test_a_large_call_goes_in_chunks_with_at_most_four_at_triton(monkeypat
     finally:
         await client.close()
     assert CHUNKS_IN_FLIGHT == 4 and peak == CHUNKS_IN_FLIGHT, peak
-    assert len(seen) == 11 and embeddings.shape == (21, 8)
-    np.testing.assert_array_equal(embeddings[:, 0], np.arange(21))  # each row back in its place
-    assert triton_module.CHUNKS_IN_FLIGHT is CHUNKS_IN_FLIGHT
+    assert calls == 11 and embeddings.shape == (21, 8)
+    np.testing.assert_array_equal(embeddings[:, 0], np.arange(21))

@@ -38,6 +38,15 @@ def validate_model_name(name: str) -> str:
     return name
 
 
+def validate_adapter_id(adapter_id: str) -> str:
+    """Return `adapter_id` if it follows the model-name rule (a bank's adapter ids name
+    folders and files too), else InvalidArgument naming it."""
+    if not isinstance(adapter_id, str) or not MODEL_NAME_PATTERN.fullmatch(adapter_id):
+        shown = adapter_id if isinstance(adapter_id, str) and len(adapter_id) <= 80 else f"{str(adapter_id)[:80]}..."
+        raise InvalidArgument(f"invalid adapter id {shown!r}: use 1-64 characters from A-Z a-z 0-9 _ -")
+    return adapter_id
+
+
 def parse_version(text: str) -> int | None:
     """A version folder's number, or None when the folder is not a version."""
     if text.isascii() and text.isdigit() and not text.startswith("0"):

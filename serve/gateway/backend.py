@@ -13,13 +13,15 @@ from typing import Protocol
 import numpy as np
 
 from cliplora.core import contract
-from cliplora.serve.gateway.models import ModelEntry, Route
+from cliplora.serve.gateway.models import AdapterHead, ModelEntry, Route
 
 
 class TritonBackend(Protocol):
-    async def lookup(self, name: str, version: int, *, text: bool = False) -> Route:
-        """The route of a request for `version` (0: latest) of model `name`; with `text` its
-        text side too. NotFound, Unavailable or FailedPrecondition otherwise."""
+    async def lookup(self, name: str, version: int, *, text: bool = False, embeds: bool = False,
+                     adapter: str = "") -> Route:
+        """The route of a request for `version` (0: latest) of model `name` that needs the
+        text side (`text`) or image embeddings (`embeds`); for a bank, `adapter`'s row (empty:
+        the base). NotFound, Unavailable, InvalidArgument or FailedPrecondition otherwise."""
         ...
 
     async def infer_images(self, route: Route, batch: np.ndarray, timeout_s: float,
@@ -29,6 +31,10 @@ class TritonBackend(Protocol):
 
     async def embed_texts(self, route: Route, tokens: np.ndarray, timeout_s: float) -> np.ndarray:
         """[N, D] unit text embeddings of INT32 token rows, at the route's version."""
+        ...
+
+    async def adapter_head(self, route: Route, timeout_s: float) -> AdapterHead:
+        """A bank adapter's class embeddings and names, at the route's version."""
         ...
 
     async def refresh(self) -> dict[str, ModelEntry]:

@@ -1,5 +1,8 @@
 """The model catalogue: what ListModels answers, and the model-info metric.
 
+A bank's entry lists its adapters from the newest adapter table (rank, matrices, content
+hash, the version that added each).
+
 Models, versions, sizes and classes come from Triton (discovery,
 `cliplora.serve.gateway.triton`); provenance (base model, weights, LoRA, precision) from
 each model's manifest when the gateway can read the repository (``--repository``),
@@ -13,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from cliplora.core import contract
 from cliplora.core.manifest import Manifest
 from cliplora.core.repository import ModelRepository
 from cliplora.serve.gateway.metrics import GatewayMetrics
@@ -36,7 +40,11 @@ class Catalogue:
         vocabulary = entry.open_vocabulary
         info = pb.ModelInfo(name=entry.name, versions=list(entry.versions), num_classes=entry.num_classes,
                             image_size=entry.image_size, open_vocabulary=vocabulary is not None,
-                            embedding_dim=vocabulary.embedding_dim if vocabulary else 0)
+                            embedding_dim=vocabulary.embedding_dim if vocabulary else 0, kind=entry.kind)
+        if entry.bank is not None:
+            info.embedding_dim = entry.bank.embedding_dim
+            info.adapters.extend(_adapter_info(row) for row in entry.bank.latest_table().values())
+            return info  # a bank's provenance is its adapter table
         manifest = self.manifest_of(entry)
         if manifest is not None:
             info.base_model = manifest.base.model
@@ -73,3 +81,8 @@ class Catalogue:
             else:
                 self.metrics.model_info.labels(entry.name, manifest.base.model, manifest.base_weights_id,
                                                manifest.lora.format).set(1)
+
+
+def _adapter_info(row: contract.AdapterRow) -> pb.AdapterInfo:
+    return pb.AdapterInfo(id=row.adapter, num_classes=row.num_classes, rank=row.rank, lora_sha256=row.lora_sha256,
+                          matrices=list(row.matrices), version_added=row.version_added)

@@ -8,22 +8,28 @@ and texts -> infer -> rank (or reply).
   the model's tokenizer and prompts built (`text_encoder`, `cliplora.core.open_vocab`);
 - infer: one batched Triton call for the images, with what is left of the caller's
   deadline, beside the text encoder's call (or its cache) for the prompts;
-- rank: `cliplora.core.predictions.rank` over the model's classes or the request's labels.
+- rank: `cliplora.core.predictions.rank` over the model's classes, the request's labels,
+  or a bank adapter's classes.
+
+A pinned call (open vocabulary, banks) names its version to Triton; if Triton has
+unloaded that version meanwhile (a bank version replaced by the next one), the request is
+resolved again and answered by the new version, once, instead of failing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from cliplora.core import contract
-from cliplora.core.errors import DeadlineExceeded
+from cliplora.core.errors import DeadlineExceeded, InvalidArgument, NotFound
+from cliplora.core.open_vocab import open_vocabulary_logits
 from cliplora.core.predictions import rank
 from cliplora.serve.gateway.admission import MetricLabels
 from cliplora.serve.gateway.backend import TritonBackend
@@ -34,6 +40,9 @@ from cliplora.serve.gateway.requests import ClassifyQuery, EmbedQuery
 from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.serve.gateway.text_encoder import TextEncoder
 from cliplora.v1 import classifier_pb2 as pb
+
+T = TypeVar("T")
+Q = TypeVar("Q", ClassifyQuery, EmbedQuery)
 
 
 class Handlers:
@@ -49,38 +58,67 @@ class Handlers:
                        metric_labels: MetricLabels) -> pb.ClassifyResponse:
         deadline = self._deadline(context)
         query = ClassifyQuery.parse(request, self.settings)
-        route = await self.triton.lookup(query.model, query.version, text=query.vocabulary is not None)
+        text = query.vocabulary is not None
+        route = await self.triton.lookup(query.model, query.version, text=text, embeds=text, adapter=query.adapter)
         metric_labels.update(model=route.entry.name, version=str(route.version))
-        if query.vocabulary is None:
-            logits, version, names = await self._class_logits(route, query, deadline)
-        else:
-            logits, version, names = await self._label_logits(route, query, deadline)
+        logits, version, names = await self._again_if_unloaded(route, self._logits, query, deadline)
         metric_labels["version"] = str(version)  # the version that answered
-        return pb.ClassifyResponse(model=route.entry.name, version=version, results=[
-            pb.Classification(predictions=[
+        return pb.ClassifyResponse(
+            model=route.entry.name, version=version,
+            adapter=route.adapter.adapter if route.adapter is not None else "",
+            results=[pb.Classification(predictions=[
                 pb.Prediction(label=p.label, index=p.index, score=p.score, logit=p.logit)
                 for p in rank(row, names, query.top_k)
-            ])
-            for row in logits
-        ])
+            ]) for row in logits])
 
     async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
                     metric_labels: MetricLabels) -> pb.EmbedResponse:
         deadline = self._deadline(context)
         query = EmbedQuery.parse(request, self.settings)
-        route = await self.triton.lookup(query.model, query.version, text=True)
+        route = await self.triton.lookup(query.model, query.version, text=bool(query.texts),
+                                         embeds=bool(query.images), adapter=query.adapter)
         metric_labels.update(model=route.entry.name, version=str(route.version))
-        images = texts = np.zeros((0, 0), dtype=np.float32)
-        if query.images and query.texts:
-            (images, _), texts = await _together(self._embed_images(route, query.images, deadline),
-                                                 self.text.embed(route, query.texts, deadline))
-        elif query.images:
-            images, _ = await self._embed_images(route, query.images, deadline)
-        else:
-            texts = await self.text.embed(route, query.texts, deadline)
+        images, texts = await self._again_if_unloaded(route, self._embeddings, query, deadline)
         return pb.EmbedResponse(model=route.entry.name, version=route.version,
                                 images=[pb.Embedding(values=row.tolist()) for row in images],
                                 texts=[pb.Embedding(values=row.tolist()) for row in texts])
+
+    async def _again_if_unloaded(self, route: Route, answer: Callable[[Route, Q, float], Awaitable[T]], query: Q,
+                                 deadline: float) -> T:
+        """`answer(route, query, deadline)`; if Triton no longer has the pinned version (it
+        was replaced by a newer one since the lookup), once more on the route a new lookup
+        gives."""
+        try:
+            return await answer(route, query, deadline)
+        except NotFound:
+            if not route.pinned:
+                raise
+            await self.triton.refresh()
+            again = await self.triton.lookup(route.entry.name, route.requested, text=route.vocabulary is not None,
+                                             embeds=route.vocabulary is not None,
+                                             adapter=route.adapter.adapter if route.adapter else "")
+            if again.version == route.version:
+                raise
+            return await answer(again, query, deadline)
+
+    async def _logits(self, route: Route, query: ClassifyQuery,
+                      deadline: float) -> tuple[np.ndarray, int, Sequence[str]]:
+        if route.adapter is not None:
+            return await self._adapter_logits(route, query, deadline)
+        if query.vocabulary is None:
+            return await self._class_logits(route, query, deadline)
+        return await self._label_logits(route, query, deadline)
+
+    async def _embeddings(self, route: Route, query: EmbedQuery, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+        """(image embeddings, text embeddings), each [0, 0] when none were asked for."""
+        none = np.zeros((0, 0), dtype=np.float32)
+        if query.images and query.texts:
+            (images, _), texts = await _together(self._embed_images(route, query.images, deadline),
+                                                 self.text.embed(route, query.texts, deadline))
+            return images, texts
+        if query.images:
+            return (await self._embed_images(route, query.images, deadline))[0], none
+        return none, await self.text.embed(route, query.texts, deadline)
 
     async def _class_logits(self, route: Route, query: ClassifyQuery,
                             deadline: float) -> tuple[np.ndarray, int, Sequence[str]]:
@@ -102,15 +140,28 @@ class Handlers:
             self._infer(route, batch, deadline, contract.EMBEDS_NAME), self.text.embed(route, prompts, deadline))
         return vocabulary.logits(image_embeddings, prompt_embeddings, text_side.logit_scale), version, vocabulary.labels
 
+    async def _adapter_logits(self, route: Route, query: ClassifyQuery,
+                              deadline: float) -> tuple[np.ndarray, int, Sequence[str]]:
+        """A bank adapter's classes: image embeddings through the bank with the adapter's slot,
+        against the adapter's class embeddings (its companion's, kept once fetched)."""
+        bank, row = route.entry.bank, route.adapter
+        assert bank is not None and row is not None, "a bank's route has its adapter"
+        if not row.num_classes:
+            raise InvalidArgument(f"bank {route.entry.name!r} has no classes of its own: name an adapter "
+                                  "(ListModels lists them)")
+        batch = await self.images.batch(query.images, route.entry.image_size)
+        (image_embeddings, version), head = await _together(
+            self._infer(route, batch, deadline, contract.EMBEDS_NAME),
+            self.triton.adapter_head(route, self._remaining(deadline)))
+        return open_vocabulary_logits(image_embeddings, head.embeddings, bank.logit_scale), version, head.class_names
+
     async def _embed_images(self, route: Route, images: Sequence[pb.Image], deadline: float) -> tuple[np.ndarray, int]:
         batch = await self.images.batch(images, route.entry.image_size)
         return await self._infer(route, batch, deadline, contract.EMBEDS_NAME)
 
     async def _infer(self, route: Route, batch: np.ndarray, deadline: float, output: str) -> tuple[np.ndarray, int]:
         """One batched Triton call for `output`, with what is left of the deadline."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceeded("deadline exceeded before inference")
+        remaining = self._remaining(deadline)
         started = time.perf_counter()
         try:
             values, answered = await self.triton.infer_images(route, batch, remaining, output)
@@ -118,6 +169,13 @@ class Handlers:
             self.metrics.triton.labels(route.entry.name).observe(time.perf_counter() - started)
         self.metrics.images.labels(route.entry.name).inc(len(batch))
         return values, answered
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference")
+        return remaining
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's deadline (or the default timeout) as a time.monotonic() value."""

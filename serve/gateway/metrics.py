@@ -34,6 +34,17 @@ class GatewayMetrics:
         self.preprocess = Histogram(
             "cliplora_gateway_preprocess_duration_seconds", "Decode + resize + crop of one image.",
             buckets=PREPROCESS_BUCKETS, registry=r)
+        # The worker threads (serve/gateway/decode_pool.py): decoding and tokenizing wait here.
+        self.pool_workers = Gauge("cliplora_gateway_preprocess_pool_workers", "Threads of the preprocessing pool.",
+                                  registry=r)
+        self.pool_queued = Gauge("cliplora_gateway_preprocess_pool_queued",
+                                 "Tasks (images to decode, texts to tokenize) waiting for a pool thread.", registry=r)
+        self.pool_busy = Gauge("cliplora_gateway_preprocess_pool_busy", "Pool threads working now.", registry=r)
+        self.pool_wait = Histogram(
+            "cliplora_gateway_preprocess_pool_wait_seconds", "Time a task waited for a pool thread.",
+            buckets=PREPROCESS_BUCKETS, registry=r)
+        self.pool_cpu = Counter("cliplora_gateway_preprocess_pool_cpu_seconds_total",
+                                "CPU time the pool's tasks used (per-core throughput: tasks over this).", registry=r)
         self.in_flight = Gauge("cliplora_gateway_in_flight_requests", "Requests being handled now.", registry=r)
         self.images = Counter("cliplora_gateway_images_total", "Images classified.", ["model"], registry=r)
         self.rejected = Counter("cliplora_gateway_rejected_total", "Requests refused over the concurrency limit.",

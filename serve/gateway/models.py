@@ -1,10 +1,11 @@
 """What the gateway knows of the models Triton serves, and the route of one request.
 
-`ModelEntry` (a classifier), `TextEntry` (its text encoder) and `OpenVocabulary` (what
-the classifier's config says about its text side) are built by discovery
-(`cliplora.serve.gateway.triton`) from Triton's repository index and model configs.
+`ModelEntry` (a classifier or an adapter bank), `TextEntry` (a classifier's text encoder),
+`OpenVocabulary` (what the classifier's config says about its text side) and `BankSide`
+(a bank's adapter tables) are built by discovery (`cliplora.serve.gateway.triton`) from
+Triton's repository index, model configs and, for banks, their companion's adapter table.
 `Route` is what one lookup gives a request: the entry, the version the answer comes from,
-and the text side when the request needs it, checked once.
+the text side when the request needs it, and a bank's adapter, all checked once.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cliplora.core import contract, open_vocab
-from cliplora.core.errors import NotFound, Unavailable
+from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +50,53 @@ class OpenVocabulary:
 
 
 @dataclass(frozen=True)
+class BankSide:
+    """What discovery knows of an adapter bank: its companion (``NAME_adapters``), the scale
+    of its logits, and each ready version's adapter table (id -> row, base first)."""
+
+    adapters_model: str
+    logit_scale: float
+    embedding_dim: int
+    tables: dict[int, dict[str, contract.AdapterRow]]  # versions both the bank and its companion have ready
+
+    def latest_table(self) -> dict[str, contract.AdapterRow]:
+        return self.tables[max(self.tables)] if self.tables else {}
+
+    def adapter(self, bank: str, version: int, adapter: str) -> contract.AdapterRow:
+        """The row of `adapter` (empty: the base) in `version`'s table; NotFound naming it."""
+        table = self.tables[version]
+        row = table.get(adapter or contract.BASE_ADAPTER)
+        if row is None:
+            shown = ", ".join(list(table)[:10]) + (", ..." if len(table) > 10 else "")
+            raise NotFound(f"adapter {adapter!r} not found in bank {bank!r} version {version} (adapters: {shown})")
+        return row
+
+
+@dataclass(frozen=True)
+class AdapterHead:
+    """One bank adapter's classes: unit class embeddings [C, D] and their names."""
+
+    embeddings: np.ndarray
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """A servable classifier as Triton describes it."""
+    """A servable model as Triton describes it: a classifier, or an adapter bank (`bank`)."""
 
     name: str
     versions: tuple[int, ...]  # ready versions, ascending
     image_size: int
-    num_classes: int
+    num_classes: int  # a bank: its base's (each adapter has its own, in `bank.tables`)
     max_batch_size: int
-    class_names: tuple[str, ...]  # from the model's labels.txt, by Triton's classification extension
+    class_names: tuple[str, ...]  # a classifier's labels.txt, by Triton's classification extension; () for a bank
     open_vocabulary: OpenVocabulary | None = None  # None: no (ready) text encoder
     text_model: str | None = None  # the text encoder the config names, ready or not
+    bank: BankSide | None = None  # set for an adapter bank
+
+    @property
+    def kind(self) -> str:
+        return contract.KIND_BANK if self.bank is not None else contract.KIND_CLASSIFIER
 
     def resolve(self, version: int) -> int:
         """The version to run: `version`, or the latest ready one for 0."""
@@ -82,11 +121,21 @@ class ModelEntry:
             return self.text_model is not None
         return bool(version) and version not in self.open_vocabulary.text.versions
 
-    def route(self, version: int, *, text: bool) -> Route:
-        """The route of a request for `version` (0: latest). With `text` (request-time labels,
-        Embed) the text side must be there, and the version is pinned to the newest one the
-        classifier and its text encoder both have ready: they are one export."""
-        if not text:
+    def route(self, version: int, *, text: bool = False, embeds: bool = False, adapter: str = "") -> Route:
+        """The route of a request for `version` (0: latest) that needs the text side (`text`:
+        request-time labels, text embeddings) or image embeddings (`embeds`).
+
+        A classifier has image embeddings only with its text side (``--open-vocabulary``):
+        with either need the text side must be there, and the version is pinned to the
+        newest one the classifier and its text encoder both have ready (they are one export).
+        A bank's route is pinned to a version whose adapter table the gateway holds, with the
+        `adapter`'s row (empty: the base); `adapter` on a classifier is INVALID_ARGUMENT."""
+        if self.bank is not None:
+            return self._bank_route(version, text=text, adapter=adapter)
+        if adapter:
+            raise InvalidArgument(f"model {self.name!r} is not an adapter bank: 'adapter' is for banks "
+                                  f"(ListModels shows each model's kind)")
+        if not text and not embeds:
             return Route(self, requested=version, version=self.resolve(version))
         vocabulary = self.text_side()
         if version:
@@ -98,6 +147,21 @@ class ModelEntry:
                               f"{list(vocabulary.text.versions)})")
         return Route(self, requested=version, version=common[-1], vocabulary=vocabulary)
 
+    def _bank_route(self, version: int, *, text: bool, adapter: str) -> Route:
+        assert self.bank is not None
+        if text:
+            raise FailedPrecondition(f"bank {self.name!r} has no text encoder: request-time labels and text "
+                                     "embeddings need a bank created with --open-vocabulary")
+        tabled = sorted(set(self.versions) & set(self.bank.tables))
+        if version:
+            self.resolve(version)
+            if version not in self.bank.tables:
+                raise Unavailable(f"the adapter table of bank {self.name!r} version {version} is not ready yet")
+        elif not tabled:
+            raise Unavailable(f"no version of bank {self.name!r} has its adapter table ready yet")
+        chosen = version or tabled[-1]
+        return Route(self, requested=version, version=chosen, adapter=self.bank.adapter(self.name, chosen, adapter))
+
 
 @dataclass(frozen=True)
 class Route:
@@ -107,18 +171,24 @@ class Route:
     without a text side asks Triton for `requested` (0: the latest of whichever replica
     takes the call, which during a rolling upgrade may be newer than what the gateway last
     saw), and the answer says which version ran. A call with a text side (`vocabulary`)
-    is pinned: image and text encoders run `version`, the one both have.
+    is pinned: image and text encoders run `version`, the one both have. So is a bank's
+    call: the `adapter`'s slot is read from `version`'s table.
     """
 
     entry: ModelEntry
     requested: int
     version: int
     vocabulary: OpenVocabulary | None = None
+    adapter: contract.AdapterRow | None = None  # a bank's adapter (its base when none was asked for)
+
+    @property
+    def pinned(self) -> bool:
+        return self.vocabulary is not None or self.adapter is not None
 
     @property
     def triton_version(self) -> int:
         """The version to ask Triton for (0: its latest)."""
-        return self.version if self.vocabulary is not None else self.requested
+        return self.version if self.pinned else self.requested
 
     def check_version(self, version: int) -> None:
         """NotFound when a text encoder is asked for a version it does not have ready."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.open_vocab import RequestVocabulary, validate_texts
 from cliplora.core.predictions import validate_top_k
-from cliplora.core.repository import validate_model_name
+from cliplora.core.repository import validate_adapter_id, validate_model_name
 from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.v1 import classifier_pb2 as pb
 
@@ -26,13 +26,14 @@ class ClassifyQuery:
     images: Sequence[pb.Image]
     top_k: int
     vocabulary: RequestVocabulary | None  # request-time labels; None: the model's classes
+    adapter: str  # a bank's adapter; empty: its base (or not a bank)
 
     @classmethod
     def parse(cls, request: pb.ClassifyRequest, settings: GatewaySettings) -> ClassifyQuery:
         check_images(request.model, request.version, request.images, 1, settings)
         top_k = validate_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K)
         vocabulary = RequestVocabulary.parse(request.labels, request.templates, settings.vocabulary_limits)
-        return cls(request.model, request.version, request.images, top_k, vocabulary)
+        return cls(request.model, request.version, request.images, top_k, vocabulary, check_adapter(request.adapter))
 
 @dataclass(frozen=True)
 class EmbedQuery:
@@ -40,6 +41,7 @@ class EmbedQuery:
     version: int
     images: Sequence[pb.Image]
     texts: list[str]
+    adapter: str
 
     @classmethod
     def parse(cls, request: pb.EmbedRequest, settings: GatewaySettings) -> EmbedQuery:
@@ -47,7 +49,12 @@ class EmbedQuery:
         if not request.images and not request.texts:
             raise InvalidArgument("nothing to embed: send images, texts or both")
         texts = validate_texts(request.texts, settings.vocabulary_limits)
-        return cls(request.model, request.version, request.images, texts)
+        return cls(request.model, request.version, request.images, texts, check_adapter(request.adapter))
+
+
+def check_adapter(adapter: str) -> str:
+    """A bank adapter's id as given (empty: none named), or InvalidArgument."""
+    return validate_adapter_id(adapter) if adapter else ""
 
 def check_images(model: str, version: int, images: Sequence[pb.Image], min_images: int,
                  settings: GatewaySettings) -> None:

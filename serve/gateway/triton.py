@@ -1,10 +1,10 @@
 """The gateway's Triton (`TritonBackend`): one long-lived client, model discovery, inference.
 
-Models, versions, input size, batch limit and class names all come from Triton itself
-(the repository index, each model's config, and one classification-extension call per
-model version for its labels.txt), so the gateway needs no access to the model files.
-Discovery runs at start, every `refresh_interval_s`, and whenever a request names a
-model or version the gateway has not seen.
+Models, versions, input size, batch limit, class names and a bank's adapter tables and
+class embeddings all come from Triton itself (`cliplora.serve.gateway.discovery`), so the
+gateway needs no access to the model files. Discovery runs at start, every
+`refresh_interval_s`, and whenever a request names a model, version or adapter the
+gateway has not seen.
 
 Scale-out: the channel balances calls round-robin over every address Triton's name
 resolves to (a Kubernetes headless Service gives one per pod), and with
@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,12 +29,14 @@ from tritonclient.utils import InferenceServerException
 
 from cliplora.core import contract
 from cliplora.core.errors import NotFound, Unavailable
+from cliplora.serve.gateway.discovery import Discovery, Tensor
 from cliplora.serve.gateway.errors import from_triton
-from cliplora.serve.gateway.models import ModelEntry, Route, TextEntry, describe_open_vocabulary
+from cliplora.serve.gateway.models import AdapterHead, ModelEntry, Route
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 5.0
 CHUNKS_IN_FLIGHT = 4  # max_batch_size chunks one call has at Triton at once
+ADAPTER_HEADS_KEPT = 1024  # banks: the class embeddings of this many (version, adapter) pairs stay in memory
 
 
 def channel_args() -> list[tuple[str, Any]]:
@@ -66,7 +69,8 @@ class Triton:
         self._calls: dict[triton_aio.InferenceServerClient, int] = {}
         self._retired: set[triton_aio.InferenceServerClient] = set()
         self._models: dict[str, ModelEntry] = {}
-        self._class_names: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._discovery = Discovery(self.call)
+        self._heads: OrderedDict[tuple[str, int, int], AdapterHead] = OrderedDict()  # (bank, version, slot), LRU
         self._refresh_lock = asyncio.Lock()
         self.discovery_error: str | None = None  # why the last discovery round failed; None after a good one
         self._background: set[asyncio.Task[object]] = set()
@@ -128,33 +132,7 @@ class Triton:
             for model in index.get("models", []):
                 if model.get("state") == "READY" and str(model.get("version", "")).isdigit():
                     ready.setdefault(model["name"], []).append(int(model["version"]))
-            configs: dict[str, dict[str, Any]] = {}
-            for name in sorted(ready):
-                try:
-                    async with self._channel() as client:
-                        response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
-                    configs[name] = response.get("config", response)
-                except InferenceServerException as exc:
-                    log.warning("skipping model %s: %s", name, exc)
-            texts: dict[str, TextEntry] = {}
-            for name, config in configs.items():
-                if contract.is_text_model(config):
-                    try:
-                        shape = contract.text_shape(name, config)
-                    except ValueError as exc:
-                        log.warning("skipping text encoder %s: %s", name, exc)
-                        continue
-                    texts[name] = TextEntry(name, tuple(sorted(ready[name])), shape.embedding_dim,
-                                            shape.max_batch_size,
-                                            contract.parameter(config, contract.PARAM_CLASSIFIER) or "")
-            found: dict[str, ModelEntry] = {}
-            for name, config in configs.items():
-                if name in texts:
-                    continue
-                try:
-                    found[name] = await self._describe(name, sorted(ready[name]), config, texts)
-                except (InferenceServerException, ValueError) as exc:
-                    log.warning("skipping model %s: %s", name, exc)
+            found = await self._discovery.describe(ready, await self._configs(sorted(ready)))
             if set(found) != set(self._models):
                 log.info("models now served: %s", ", ".join(f"{n} {list(e.versions)}" for n, e in found.items()) or "none")
             self._models = found
@@ -162,42 +140,26 @@ class Triton:
                 callback(self.models)
             return self.models
 
-    async def _describe(self, name: str, versions: list[int], config: dict[str, Any],
-                        texts: dict[str, TextEntry]) -> ModelEntry:
-        shape = contract.classifier_shape(name, config)
-        names = await self._class_names_of(name, versions[-1], shape.image_size, shape.num_classes)
-        return ModelEntry(name, tuple(versions), shape.image_size, shape.num_classes, shape.max_batch_size, names,
-                          describe_open_vocabulary(name, config, shape, texts),
-                          contract.parameter(config, contract.PARAM_TEXT_MODEL) or None)
+    async def _configs(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        configs: dict[str, dict[str, Any]] = {}
+        for name in names:
+            try:
+                async with self._channel() as client:
+                    response = await client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+                configs[name] = response.get("config", response)
+            except InferenceServerException as exc:
+                log.warning("skipping model %s: %s", name, exc)
+        return configs
 
-    async def _class_names_of(self, name: str, version: int, size: int, classes: int) -> tuple[str, ...]:
-        """Class names via Triton's classification extension (``"value:index:label"`` strings
-        from the model's labels.txt)."""
-        key = (name, version)
-        if key not in self._class_names:
-            image = triton_aio.InferInput(contract.INPUT_NAME, [1, size, size, contract.CHANNELS], contract.INPUT_WIRE_DTYPE)
-            image.set_data_from_numpy(np.zeros((1, size, size, contract.CHANNELS), dtype=np.uint8))
-            output = triton_aio.InferRequestedOutput(contract.OUTPUT_NAME, class_count=classes)
-            async with self._channel() as client:
-                result = await client.infer(name, [image], model_version=str(version), outputs=[output],
-                                            client_timeout=60.0)
-            names: list[str | None] = [None] * classes
-            for entry in result.as_numpy(contract.OUTPUT_NAME).reshape(-1):
-                text = entry.decode("utf-8") if isinstance(entry, bytes) else str(entry)
-                _value, index, label = text.split(":", 2)
-                names[int(index)] = label
-            if any(n is None for n in names):
-                raise ValueError(f"model {name} has no labels.txt (classification extension gave no labels)")
-            self._class_names[key] = tuple(names)  # type: ignore[arg-type]
-        return self._class_names[key]
-
-    async def lookup(self, name: str, version: int, *, text: bool = False) -> Route:
-        """The route of a request: its model entry and version, and with `text` (request-time
-        labels, Embed) its text side. Refreshes once if the model or version is unknown, or
-        with `text` when the text encoder, or its version, was not ready at the last look
-        (the two models load one after the other)."""
+    async def lookup(self, name: str, version: int, *, text: bool = False, embeds: bool = False,
+                     adapter: str = "") -> Route:
+        """The route of a request (`ModelEntry.route`): its model entry and version, its text
+        side when it needs it, and for a bank the row of `adapter` (empty: its base).
+        Refreshes once if the model, the version or the adapter is unknown, or with `text`
+        when the text encoder, or its version, was not ready at the last look (the two
+        models load one after the other)."""
         entry = self._models.get(name)
-        if entry is None or (version and version not in entry.versions) or (text and entry.text_missing(version)):
+        if entry is None or _stale(entry, version, text or (embeds and entry.bank is None), adapter):
             await self.refresh()
             entry = self._models.get(name)
         if entry is None:
@@ -208,22 +170,28 @@ class Triton:
         if version and version not in entry.versions and self.discovery_error is not None:
             raise Unavailable(f"Triton is unavailable, so version {version} of {name!r} cannot be looked up: "
                               f"{self.discovery_error}")
-        return entry.route(version, text=text)
+        return entry.route(version, text=text, embeds=embeds, adapter=adapter)
 
     async def infer_images(self, route: Route, batch: np.ndarray, timeout_s: float,
                            output: str = contract.OUTPUT_NAME) -> tuple[np.ndarray, int]:
         """(`output` [N, C] logits or [N, D] image_embeds, the version that answered) for a
         uint8 batch [N, S, S, 3], split to the model's batch limit. Triton sends only the
-        output asked for. The version asked for is `route.triton_version`."""
+        output asked for. The version asked for is `route.triton_version`; a bank's call
+        names the route's adapter slot for every image."""
         entry = route.entry
-        if output == contract.OUTPUT_NAME:
+        inputs: list[Tensor] = [(contract.INPUT_NAME, batch, contract.INPUT_WIRE_DTYPE)]
+        if entry.bank is not None and route.adapter is not None:
+            width = entry.bank.embedding_dim
+            slots = np.full((len(batch), 1), route.adapter.slot, dtype=contract.BANK_ADAPTER_NUMPY_DTYPE)
+            inputs.append((contract.BANK_ADAPTER_NAME, slots, contract.BANK_ADAPTER_WIRE_DTYPE))
+        elif output == contract.OUTPUT_NAME:
             width = entry.num_classes
         elif route.vocabulary is not None:
             width = route.vocabulary.embedding_dim
         else:
             raise ValueError(f"{output} of {entry.name} asked for without its text side")
-        return await self._chunked(entry.name, route.triton_version, batch, entry.max_batch_size, timeout_s,
-                                   contract.INPUT_NAME, contract.INPUT_WIRE_DTYPE, output, width, route.version)
+        return await self._chunked(entry.name, route.triton_version, inputs, entry.max_batch_size, timeout_s,
+                                   output, width, route.version)
 
     async def embed_texts(self, route: Route, tokens: np.ndarray, timeout_s: float) -> np.ndarray:
         """[N, D] unit text embeddings from the route's text encoder, at the route's version
@@ -232,39 +200,80 @@ class Triton:
             raise ValueError(f"texts of {route.entry.name} asked for without its text side")
         text = route.vocabulary.text
         route.check_version(route.version)
-        embeddings, _ = await self._chunked(text.name, route.version, tokens, text.max_batch_size, timeout_s,
-                                            contract.TEXT_INPUT_NAME, contract.TEXT_INPUT_WIRE_DTYPE,
-                                            contract.TEXT_OUTPUT_NAME, text.embedding_dim, route.version)
+        embeddings, _ = await self._chunked(text.name, route.version,
+                                            [(contract.TEXT_INPUT_NAME, tokens, contract.TEXT_INPUT_WIRE_DTYPE)],
+                                            text.max_batch_size, timeout_s, contract.TEXT_OUTPUT_NAME,
+                                            text.embedding_dim, route.version)
         return embeddings
 
-    async def _chunked(self, model: str, version: int, batch: np.ndarray, max_batch: int, timeout_s: float,
-                       input_name: str, wire_dtype: str, output: str, width: int,
-                       expected_version: int) -> tuple[np.ndarray, int]:
+    async def adapter_head(self, route: Route, timeout_s: float) -> AdapterHead:
+        """A bank adapter's class embeddings and names, from the bank's companion at the
+        route's version (kept for the next call: a version's slot never changes)."""
+        bank, row = route.entry.bank, route.adapter
+        if bank is None or row is None:
+            raise ValueError(f"the route of {route.entry.name} is not a bank adapter's")
+        key = (route.entry.name, route.version, row.slot)
+        head = self._heads.get(key)
+        if head is None:
+            slot = np.array([row.slot], dtype=contract.BANK_ADAPTER_NUMPY_DTYPE)
+            result = await self.call(bank.adapters_model, route.version,
+                                     [(contract.BANK_ADAPTER_NAME, slot, contract.BANK_ADAPTER_WIRE_DTYPE)],
+                                     [contract.CLASS_EMBEDS_NAME, contract.CLASS_COUNT_NAME, contract.CLASS_NAMES_NAME],
+                                     timeout_s)
+            count = int(result.as_numpy(contract.CLASS_COUNT_NAME).reshape(-1)[0])
+            embeddings = result.as_numpy(contract.CLASS_EMBEDS_NAME)[:count].astype(np.float32)
+            names = tuple(n.decode("utf-8") for n in result.as_numpy(contract.CLASS_NAMES_NAME).reshape(-1)[:count])
+            if embeddings.shape != (row.num_classes, bank.embedding_dim) or len(names) != row.num_classes:
+                raise RuntimeError(f"{bank.adapters_model} returned {embeddings.shape} class embeddings and "
+                                   f"{len(names)} names for adapter {row.adapter!r} of {row.num_classes} classes")
+            head = AdapterHead(embeddings, names)
+            self._heads[key] = head
+            if len(self._heads) > ADAPTER_HEADS_KEPT:
+                self._heads.popitem(last=False)
+        self._heads.move_to_end(key)
+        return head
+
+    async def _chunked(self, model: str, version: int, inputs: list[Tensor], max_batch: int, timeout_s: float,
+                       output: str, width: int, expected_version: int) -> tuple[np.ndarray, int]:
         """One call's inputs in chunks of the model's batch limit, at most CHUNKS_IN_FLIGHT at
         Triton at once; (outputs in order, the newest version that answered)."""
-        limit = max_batch or len(batch)
-        chunks = [batch[i : i + limit] for i in range(0, len(batch), limit)]
+        count = len(inputs[0][1])
+        limit = max_batch or count
         in_flight = asyncio.Semaphore(CHUNKS_IN_FLIGHT)  # one call's share of Triton, however many prompts
 
-        async def one(chunk: np.ndarray) -> tuple[np.ndarray, int]:
+        async def one(start: int) -> tuple[np.ndarray, int]:
+            chunk = [(name, values[start : start + limit], dtype) for name, values, dtype in inputs]
             async with in_flight:
-                return await self._infer_chunk(model, version, chunk, timeout_s, input_name, wire_dtype, output, width,
-                                               expected_version)
+                return await self._infer_chunk(model, version, chunk, timeout_s, output, width, expected_version)
 
-        results = await asyncio.gather(*(one(chunk) for chunk in chunks))
+        results = await asyncio.gather(*(one(start) for start in range(0, count, limit)))
         return np.concatenate([values for values, _ in results]), max(answered for _, answered in results)
 
-    async def _infer_chunk(
-        self, model: str, version: int, chunk: np.ndarray, timeout_s: float, input_name: str, wire_dtype: str,
-        output_name: str, width: int, expected_version: int,
-    ) -> tuple[np.ndarray, int]:
-        tensor = triton_aio.InferInput(input_name, list(chunk.shape), wire_dtype)
-        tensor.set_data_from_numpy(chunk)
-        output = triton_aio.InferRequestedOutput(output_name)
+    async def _infer_chunk(self, model: str, version: int, inputs: list[Tensor], timeout_s: float,
+                           output: str, width: int, expected_version: int) -> tuple[np.ndarray, int]:
+        result = await self.call(model, version, inputs, [output], timeout_s)
+        values = result.as_numpy(output)
+        rows = len(inputs[0][1])
+        if values is None or values.shape != (rows, width):
+            shape = None if values is None else values.shape
+            raise RuntimeError(f"Triton returned {output} of shape {shape} for {rows} inputs of {model}")
+        answered = result.get_response().model_version
+        return values, int(answered) if answered.isdigit() else expected_version
+
+    async def call(self, model: str, version: int, inputs: Sequence[Tensor], outputs: Sequence[str],
+                   timeout_s: float, class_count: int = 0) -> triton_aio.InferResult:
+        """One inference call (version 0: Triton's latest), Triton's errors as domain errors;
+        a model that went away makes discovery run again soon."""
+        tensors = []
+        for name, values, dtype in inputs:
+            tensor = triton_aio.InferInput(name, list(values.shape), dtype)
+            tensor.set_data_from_numpy(values)
+            tensors.append(tensor)
+        requested = [triton_aio.InferRequestedOutput(name, class_count=class_count) for name in outputs]
         try:
             async with self._channel() as client:
-                result = await client.infer(
-                    model, [tensor], model_version=str(version) if version else "", outputs=[output],
+                return await client.infer(
+                    model, tensors, model_version=str(version) if version else "", outputs=requested,
                     client_timeout=timeout_s, timeout=max(1, int(timeout_s * 1e6)),
                 )
         except InferenceServerException as exc:
@@ -278,15 +287,21 @@ class Triton:
             raise error from None
         except (TimeoutError, OSError) as exc:
             raise Unavailable(f"Triton is unavailable: {exc}") from None
-        values = result.as_numpy(output_name)
-        if values is None or values.shape != (len(chunk), width):
-            shape = None if values is None else values.shape
-            raise RuntimeError(f"Triton returned {output_name} of shape {shape} for {len(chunk)} inputs of {model}")
-        answered = result.get_response().model_version
-        return values, int(answered) if answered.isdigit() else expected_version
 
     async def close(self) -> None:
         for client in (self.client, *self._retired):
             await client.close()
         self._retired.clear()
 
+
+def _stale(entry: ModelEntry, version: int, text: bool, adapter: str) -> bool:
+    """Whether the last look may be out of date for this request: a version, a text side or
+    (in the newest table) an adapter it has not seen."""
+    if version and version not in entry.versions:
+        return True
+    if text and entry.text_missing(version):
+        return True
+    if entry.bank is not None and adapter:
+        tables = entry.bank.tables
+        return not tables or adapter not in tables[version if version in tables else max(tables)]
+    return False

@@ -1,0 +1,142 @@
+"""Adapter banks on the gateway's request path, against the stand-in for Triton: the
+adapter chosen per request, its own classes, the errors of DESIGN §8.2, version pinning,
+a version replaced under a request, and what ListModels shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cliplora.core.errors import NotFound
+from cliplora.core.preprocess import preprocess_bytes
+from cliplora.v1 import classifier_pb2 as pb
+from tests.fakes import (
+    BANK,
+    Aborted,
+    FakeContext,
+    FakeTriton,
+    adapter_classes,
+    adapter_row,
+    bank_entry,
+    fake_embeddings,
+    image_bytes,
+    service,
+)
+
+
+def _classify(adapter: str = "", model: str = "bank", version: int = 0, **extra) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=model, version=version, images=[pb.Image(encoded=image_bytes(5))], top_k=0,
+                              adapter=adapter, **extra)
+
+
+async def _refused(request: pb.ClassifyRequest | pb.EmbedRequest, triton: FakeTriton | None = None) -> Aborted:
+    svc = service(triton)
+    call = svc.Classify if isinstance(request, pb.ClassifyRequest) else svc.Embed
+    with pytest.raises(Aborted) as caught:
+        await call(request, FakeContext())
+    return caught.value
+
+
+async def test_an_adapter_answers_with_its_own_classes_and_slot() -> None:
+    """logit = logit_scale x cos(the bank's image embedding for the adapter's slot, the
+    adapter's class embeddings); names are the adapter's."""
+    triton = FakeTriton()
+    reply = await service(triton).Classify(_classify("zeta"), FakeContext())
+    assert (reply.model, reply.version, reply.adapter) == ("bank", 2, "zeta")
+    row = BANK.bank.tables[2]["zeta"]
+    head = await triton.adapter_head(BANK.route(2, adapter="zeta"), 1.0)
+    crop = preprocess_bytes(image_bytes(5), 16).reshape(1, -1)
+    image = fake_embeddings(np.concatenate([crop, [[row.slot]]], axis=1).astype(np.uint8))
+    expected = 10.0 * image @ head.embeddings.T
+    got = {p.label: p.logit for p in reply.results[0].predictions}
+    assert sorted(got) == sorted(adapter_classes(row.slot))
+    np.testing.assert_allclose([got[name] for name in head.class_names], expected[0], atol=1e-5)
+
+
+async def test_every_adapter_changes_the_answer() -> None:
+    svc = service()
+    acme = await svc.Classify(_classify("acme"), FakeContext())
+    zeta = await svc.Classify(_classify("zeta"), FakeContext())
+    assert [p.label for p in acme.results[0].predictions] != [p.label for p in zeta.results[0].predictions]
+
+
+@pytest.mark.parametrize(("request_", "code", "says"), [
+    (_classify("acme", model="m"), "INVALID_ARGUMENT", "model 'm' is not an adapter bank"),
+    (_classify("nobody"), "NOT_FOUND", "adapter 'nobody' not found in bank 'bank' version 2"),
+    (_classify("zeta", version=1), "NOT_FOUND", "adapter 'zeta' not found in bank 'bank' version 1"),
+    (_classify("../etc"), "INVALID_ARGUMENT", "invalid adapter id '../etc'"),
+    (_classify(""), "INVALID_ARGUMENT", "bank 'bank' has no classes of its own: name an adapter"),
+    (_classify("acme", labels=["cat", "dog"]), "FAILED_PRECONDITION", "--open-vocabulary"),
+    (pb.EmbedRequest(model="bank", adapter="acme", texts=["a cat"]), "FAILED_PRECONDITION", "--open-vocabulary"),
+    (pb.EmbedRequest(model="m", adapter="acme", images=[pb.Image(encoded=image_bytes())]), "INVALID_ARGUMENT",
+     "not an adapter bank"),
+])
+async def test_bank_requests_are_refused_with_the_status_of_the_contract(request_, code: str, says: str) -> None:
+    triton = FakeTriton()
+    refused = await _refused(request_, triton)
+    assert refused.code.name == code and says in refused.details, refused.details
+    assert triton.batches == []  # refused before any image was sent
+
+
+async def test_the_base_answers_when_it_has_classes() -> None:
+    triton = FakeTriton()
+    triton.models["bank"] = bank_entry({1: [adapter_row("base", 0, 3), adapter_row("acme", 1, 2)]})
+    reply = await service(triton).Classify(_classify(), FakeContext())
+    assert reply.adapter == "base" and len(reply.results[0].predictions) == 3
+
+
+async def test_embed_gives_the_adapters_image_embeddings() -> None:
+    svc = service()
+    request = pb.EmbedRequest(model="bank", images=[pb.Image(encoded=image_bytes())], adapter="acme")
+    acme = await svc.Embed(request, FakeContext())
+    request.adapter = "zeta"
+    zeta = await svc.Embed(request, FakeContext())
+    base = await svc.Embed(pb.EmbedRequest(model="bank", images=[pb.Image(encoded=image_bytes())]), FakeContext())
+    vectors = [np.array(reply.images[0].values) for reply in (acme, zeta, base)]
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
+    assert not np.allclose(vectors[0], vectors[1]) and not np.allclose(vectors[0], vectors[2])
+
+
+class _Replaced(FakeTriton):
+    """Version 1 of the bank is unloaded by Triton after the gateway resolved a request to
+    it: Triton answers NOT_FOUND for it, and a refresh shows version 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models["bank"] = bank_entry({1: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2)]})
+        self.asked: list[int] = []
+
+    async def infer_images(self, route, batch, timeout_s, output="logits"):
+        self.asked.append(route.triton_version)
+        if route.triton_version == 1:
+            raise NotFound("Triton: Request for unknown model: 'bank' version 1 is not found")
+        return await super().infer_images(route, batch, timeout_s, output)
+
+    async def refresh(self):
+        self.models["bank"] = bank_entry({2: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2)]})
+        return dict(self.models)
+
+
+async def test_a_version_unloaded_under_a_request_is_answered_by_the_next_one() -> None:
+    triton = _Replaced()
+    reply = await service(triton).Classify(_classify("acme"), FakeContext())
+    assert reply.version == 2 and triton.asked == [1, 2]
+
+
+async def test_a_version_that_stays_gone_is_not_found() -> None:
+    class Gone(_Replaced):
+        async def refresh(self):
+            return dict(self.models)  # nothing newer: the NOT_FOUND stands
+
+    refused = await _refused(_classify("acme"), Gone())
+    assert refused.code.name == "NOT_FOUND" and "version 1 is not found" in refused.details
+
+
+async def test_list_models_shows_a_bank_and_its_adapters() -> None:
+    reply = await service().ListModels(pb.ListModelsRequest(), FakeContext())
+    (bank,) = [m for m in reply.models if m.name == "bank"]
+    assert bank.kind == "bank" and bank.embedding_dim == 8 and list(bank.versions) == [1, 2]
+    assert [(a.id, a.num_classes, a.rank, list(a.matrices), a.version_added) for a in bank.adapters] == [
+        ("base", 0, 0, [], 1), ("acme", 2, 2, ["q", "k", "v"], 1), ("zeta", 3, 2, ["q", "k", "v"], 2)]
+    assert bank.adapters[1].lora_sha256 == f"{1:064x}" and bank.adapters[1].promoted_to == ""
+    assert {m.name: m.kind for m in reply.models}["m"] == "classifier"
