@@ -29,10 +29,10 @@ from cliplora.core.bank_manifest import (
     BankSettingsRecord,
     BaseVerificationRecord,
 )
-from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.errors import FailedPrecondition
 from cliplora.core.manifest import GpuServingRecord, QuantizationRecord
 from cliplora.core.progress import Progress
-from cliplora.core.repository import MODEL_NAME_PATTERN, ModelRepository, validate_model_name
+from cliplora.core.repository import ModelRepository
 from cliplora.export import (
     bank_companion,
     bank_source,
@@ -43,53 +43,11 @@ from cliplora.export import (
     quantize,
     verify,
 )
-from cliplora.export.model_config import TARGETS
+from cliplora.export.bank_options import BankOptions
 from cliplora.model import head
 from cliplora.model.bank_adapters import class_embeddings
 from cliplora.model.bank_graph import BANK_MATRICES, BankGraph, export_bank
 from cliplora.model.base_model import BaseModel
-
-MAX_RANK_LIMIT = 64
-
-
-@dataclass(frozen=True)
-class BankOptions:
-    """Everything `cliplora bank create` takes (DESIGN.md §8.1)."""
-
-    name: str
-    model: str
-    pretrained: str | None
-    classes: Path | None = None
-    templates: tuple[str, ...] = ()
-    max_rank: int = 2
-    matrices: tuple[str, ...] = ("q", "k", "v")
-    target: str = "portable"
-    open_vocabulary: bool = False
-    repository: Path = Path("model_repository")
-    allow_random_weights: bool = False
-    max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE
-    probes: int = verify.DEFAULT_PROBES
-
-    def __post_init__(self) -> None:
-        validate_model_name(self.name)
-        if not MODEL_NAME_PATTERN.fullmatch(contract.adapters_model_name(self.name)):
-            raise InvalidArgument(f"a bank needs the name {contract.adapters_model_name(self.name)!r} for its adapter "
-                                  f"table: use a name of at most {64 - len(contract.ADAPTERS_MODEL_SUFFIX)} characters")
-        if self.open_vocabulary:
-            raise InvalidArgument("--open-vocabulary for banks is not available yet (each adapter's text encoder "
-                                  "served as NAME_text comes later); create the bank without it")
-        if not 1 <= self.max_rank <= MAX_RANK_LIMIT:
-            raise InvalidArgument(f"--max-rank must be 1..{MAX_RANK_LIMIT}, got {self.max_rank}")
-        unknown = [m for m in self.matrices if m not in BANK_MATRICES]
-        if unknown or not self.matrices or len(set(self.matrices)) != len(self.matrices):
-            raise InvalidArgument(f"--matrices must list some of {','.join(BANK_MATRICES)} once each, "
-                                  f"got {','.join(self.matrices)!r}")
-        if self.target not in TARGETS:
-            raise InvalidArgument(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if not 1 <= self.max_batch_size <= 1024:
-            raise InvalidArgument(f"max batch size must be 1..1024, got {self.max_batch_size}")
-        if self.probes < 1:
-            raise InvalidArgument("at least one probe image is needed")
 
 
 @dataclass(frozen=True)

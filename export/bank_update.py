@@ -16,7 +16,6 @@ the staged version (`cliplora.export.bank_verify`) before anything is published.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from cliplora.core.bank_manifest import (
 )
 from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from cliplora.core.progress import Progress
-from cliplora.core.repository import validate_model_name
 from cliplora.export import (
     bank_companion,
     bank_source,
@@ -43,64 +41,14 @@ from cliplora.export import (
     bank_verify,
     bank_version,
     publish,
-    verify,
 )
 from cliplora.export.bank_create import BankResult
+from cliplora.export.bank_options import DEFAULT_PROBES, AdapterSpec, validate_adapter_id
 from cliplora.model import head
 from cliplora.model.adapters import NO_ADAPTER, load_adapter
 from cliplora.model.bank_adapters import adapter_shape, check_fits, class_embeddings, slot_factors
 from cliplora.model.base_model import BaseModel
 from cliplora.model.lora import LoraAdapter
-
-ADAPTERS_FILE_KEYS = {"adapter", "lora", "classes", "template"}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One adapter to add: `--adapter ID --lora L --classes F [--template T]...`."""
-
-    adapter: str
-    lora: str
-    classes: Path
-    templates: tuple[str, ...] = ()
-
-
-def validate_adapter_id(adapter_id: str) -> str:
-    """An adapter id follows the model-name rule; ``base`` is the base model's."""
-    try:
-        validate_model_name(adapter_id)
-    except InvalidArgument:
-        raise InvalidArgument(f"invalid adapter id {adapter_id!r}: use 1-64 characters from A-Z a-z 0-9 _ -") from None
-    if adapter_id == contract.BASE_ADAPTER:
-        raise InvalidArgument(f"adapter id {contract.BASE_ADAPTER!r} is reserved for the bank's base model")
-    return adapter_id
-
-
-def read_adapters_file(path: Path) -> list[AdapterSpec]:
-    """`--adapters-file`: a JSON list of {"adapter", "lora", "classes", "template": [...]};
-    relative paths are relative to the file's folder."""
-    try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFound(f"--adapters-file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"--adapters-file {path} is not valid JSON: {exc}") from None
-    if not isinstance(entries, list) or not entries:
-        raise InvalidArgument(f"--adapters-file {path} must hold a non-empty JSON list")
-    specs = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not {"adapter", "lora", "classes"} <= entry.keys() \
-                or not entry.keys() <= ADAPTERS_FILE_KEYS:
-            raise InvalidArgument(f"--adapters-file {path}: entry {i} must be an object with adapter, lora, classes "
-                                  "and optionally template")
-        templates = entry.get("template", [])
-        if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates) \
-                or not all(isinstance(entry[k], str) for k in ("adapter", "lora", "classes")):
-            raise InvalidArgument(f"--adapters-file {path}: entry {i}: adapter, lora and classes are strings, "
-                                  "template a list of strings")
-        specs.append(AdapterSpec(entry["adapter"], str(path.parent / entry["lora"]),
-                                 path.parent / entry["classes"], tuple(templates)))
-    return specs
 
 
 @dataclass(frozen=True)
@@ -116,7 +64,7 @@ class _Prepared:
 
 
 def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: Progress | None = None,
-                 probes: int = verify.DEFAULT_PROBES) -> BankResult:
+                 probes: int = DEFAULT_PROBES) -> BankResult:
     """Add (or replace) `specs` in one new version of bank `name`: all of them, or nothing."""
     progress = progress or Progress(quiet=True)
     started = time.perf_counter()

@@ -180,7 +180,8 @@ KIND_CLASSIFIER = "classifier"
 PARAM_ADAPTERS_MODEL = "adapters_model"  # on a bank: its companion's name
 PARAM_BANK = "bank"  # on the companion: the bank it belongs to
 PARAM_MAX_RANK = "max_rank"  # on a bank: the rank every adapter is padded to
-PARAM_MATRICES = "matrices"  # on a bank: the vision-tower matrices it adapts, comma-separated (q,k,v,o)
+PARAM_MATRICES = "matrices"  # on a bank: the vision-tower matrices it adapts, comma-separated
+BANK_MATRICES = ("q", "k", "v", "o")  # what a bank may adapt: rows of in_proj_weight, and out_proj (o)
 # PARAM_LOGIT_SCALE (above) is on a bank too: logit = logit_scale x cos(image_embeds, class embedding).
 
 
@@ -240,7 +241,7 @@ def bank_shape(name: str, config: dict[str, Any]) -> BankShape:
     except ValueError:
         raise ValueError(f"bank {name} has unreadable parameters") from None
     if adapters_model != adapters_model_name(name) or not logit_scale > 0 or max_rank < 1 \
-            or not set(matrices) <= {"q", "k", "v", "o"}:
+            or not set(matrices) <= set(BANK_MATRICES):
         raise ValueError(f"bank {name} has parameters {adapters_model=}, {logit_scale=}, {max_rank=}, {matrices=}")
     return BankShape(dims[0], embeds[0], int(config.get("max_batch_size", 0)), adapters_model, logit_scale,
                      max_rank, matrices)

@@ -35,7 +35,7 @@ from cliplora.model.graph import OPSET
 from cliplora.model.merge import tower_blocks
 
 OUT_OF_RANGE = 2**31 - 1  # where a negative slot is sent: past any stack, so Gather fails loudly
-BANK_MATRICES = ("q", "k", "v", "o")
+BANK_MATRICES = contract.BANK_MATRICES
 
 
 def stack_name(block: int, matrix: str, factor: str) -> str:

@@ -8,7 +8,10 @@ native backend (``platform: "onnxruntime_onnx"``) run here unchanged.
 
 - Tensor names and dtypes come from the model config, not from this file.
 - Dynamic batching: the requests of one `execute` call are concatenated along the batch
-  dimension and run once.
+  dimension and run once. A model without a batch dimension (``max_batch_size: 0``, such as
+  a bank's adapter table) runs each request on its own and answers its outputs whole.
+- String outputs (``TYPE_STRING``, BYTES on the wire) go back as the UTF-8 of ONNX
+  Runtime's strings.
 - ``parameters { key: "intra_op_thread_count" }`` and ``inter_op_thread_count`` set ONNX
   Runtime's thread counts (the names Triton's native backend reads too); unset, CPU
   instances share the cores (cores / instances each, at least 1) and use one inter-op
@@ -37,12 +40,14 @@ def _parameter(config: dict, key: str, default: str) -> str:
 
 def _spinning(setting: str, model_folder: str) -> str:
     """``on`` or ``off``: `setting`, where ``auto`` means on for the repository's only model
-    (an open-vocabulary model's ``<name>_text`` beside it does not count as another)."""
+    (an open-vocabulary model's ``<name>_text``, or a bank's ``<name>_adapters``, beside it
+    does not count as another)."""
     if setting in ("on", "off"):
         return setting
     root = os.path.dirname(os.path.abspath(model_folder))
     models = {name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, "config.pbtxt"))}
-    classifiers = {m for m in models if not (m.endswith("_text") and m.removesuffix("_text") in models)}
+    classifiers = {m for m in models
+                   if not any(m.endswith(suffix) and m.removesuffix(suffix) in models for suffix in ("_text", "_adapters"))}
     return "on" if len(classifiers) <= 1 else "off"
 
 
@@ -67,6 +72,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+        self.batching = int(config.get("max_batch_size", 0)) > 0
         filename = config.get("default_model_filename") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], filename)
 
@@ -93,6 +99,10 @@ class TritonPythonModel:
                              f"{instances} instance(s)")
 
     def execute(self, requests: list) -> list:
+        groups = [requests] if self.batching else [[request] for request in requests]
+        return [response for group in groups for response in self._execute(group)]
+
+    def _execute(self, requests: list) -> list:
         try:
             arrays = {
                 name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy().astype(dtype, copy=False) for r in requests]
@@ -105,15 +115,18 @@ class TritonPythonModel:
             error = pb_utils.TritonError(f"onnxruntime backend: {type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
 
+        if not self.batching:  # one request, its outputs whole
+            sizes = [None]
         responses = []
         start = 0
         for size in sizes:
             tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(result[start : start + size]).astype(dtype, copy=False))
+                pb_utils.Tensor(name, np.ascontiguousarray(result if size is None else result[start : start + size])
+                                .astype(dtype, copy=False))
                 for (name, dtype), result in zip(self.outputs, results, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += size
+            start += size or 0
         return responses
 
     def finalize(self) -> None:
