@@ -9,6 +9,7 @@ import pytest
 
 from cliplora.core.errors import NotFound
 from cliplora.core.preprocess import preprocess_bytes
+from cliplora.serve.gateway.errors import VersionNotReady
 from cliplora.v1 import classifier_pb2 as pb
 from tests.fakes import (
     BANK,
@@ -99,17 +100,19 @@ async def test_embed_gives_the_adapters_image_embeddings() -> None:
 
 class _Replaced(FakeTriton):
     """Version 1 of the bank is unloaded by Triton after the gateway resolved a request to
-    it: Triton answers NOT_FOUND for it, and a refresh shows version 2."""
+    it: Triton says it is gone (`error`), and a refresh shows version 2."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception = NotFound("Triton: Request for unknown model: 'bank' version 1 is not found")
+                 ) -> None:
         super().__init__()
+        self.error = error
         self.models["bank"] = bank_entry({1: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2)]})
         self.asked: list[int] = []
 
     async def infer_images(self, route, batch, timeout_s, output="logits"):
         self.asked.append(route.triton_version)
         if route.triton_version == 1:
-            raise NotFound("Triton: Request for unknown model: 'bank' version 1 is not found")
+            raise self.error
         return await super().infer_images(route, batch, timeout_s, output)
 
     async def refresh(self):
@@ -117,8 +120,12 @@ class _Replaced(FakeTriton):
         return dict(self.models)
 
 
-async def test_a_version_unloaded_under_a_request_is_answered_by_the_next_one() -> None:
-    triton = _Replaced()
+@pytest.mark.parametrize("error", [
+    NotFound("Triton: Request for unknown model: 'bank' version 1 is not found"),
+    VersionNotReady("Triton: Request for unknown model: 'bank' version 1 is not at ready state"),
+])
+async def test_a_version_unloaded_under_a_request_is_answered_by_the_next_one(error: Exception) -> None:
+    triton = _Replaced(error)
     reply = await service(triton).Classify(_classify("acme"), FakeContext())
     assert reply.version == 2 and triton.asked == [1, 2]
 

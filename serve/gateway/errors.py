@@ -43,10 +43,17 @@ _TRITON_CODES: dict[str, type[CliploraError]] = {
 }
 
 
+class VersionNotReady(Unavailable):
+    """Triton has the model but not (or no longer) the version asked for ready: a version
+    being unloaded after its successor loaded. A call pinned to it is resolved again."""
+
+
 def from_triton(exc: InferenceServerException, model: str) -> CliploraError | None:
     """The domain error a Triton client error means, or None if it means a bug of ours."""
     status = str(exc.status() or "")
     message = str(exc.message() or "")
+    if "unknown model" in message.lower() and "not at ready state" in message.lower():
+        return VersionNotReady(f"Triton: {message}")
     if status in _TRITON_CODES:
         error = _TRITON_CODES[status]
         if error is Unavailable:

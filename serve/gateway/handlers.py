@@ -33,6 +33,7 @@ from cliplora.core.open_vocab import open_vocabulary_logits
 from cliplora.core.predictions import rank
 from cliplora.serve.gateway.admission import MetricLabels
 from cliplora.serve.gateway.backend import TritonBackend
+from cliplora.serve.gateway.errors import VersionNotReady
 from cliplora.serve.gateway.images import ImagePreparer
 from cliplora.serve.gateway.metrics import GatewayMetrics
 from cliplora.serve.gateway.models import Route
@@ -90,7 +91,7 @@ class Handlers:
         gives."""
         try:
             return await answer(route, query, deadline)
-        except NotFound:
+        except (NotFound, VersionNotReady):
             if not route.pinned:
                 raise
             await self.triton.refresh()

@@ -1,0 +1,193 @@
+"""Adapter banks end to end: a tiny bank published by `cliplora.export` and served by the
+real tritonserver, through the gateway. Each adapter answers like its own merged export;
+requests for different adapters share Triton's batches and each still gets its own
+adapter; adapters are added, replaced and removed while requests keep flowing, none
+failing, and a replaced adapter never answers with its old content once the new one has."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cliplora.export.bank_create import BankOptions, create_bank
+from cliplora.export.bank_update import AdapterSpec, add_adapters, remove_adapter
+from cliplora.export.pipeline import ExportOptions, run_export
+from cliplora.serve.stack.triton_launcher import LocalTriton
+from cliplora.v1 import classifier_pb2 as pb
+from tests import factories
+from tests.images import encoded, make_image
+from tests.serving import in_process_gateway, metrics_text, triton_ports
+
+pytestmark = pytest.mark.triton
+CLASSES = ("cat", "dog", "red_panda", "golden_retriever")
+FIDELITY = 1e-4  # issue 20: each adapter in a bank equals its own merged export within 1e-4 in logits
+ADAPTERS = {  # id -> the checkpoint's layout
+    "vision": dict(encoder="vision", params=("q", "k", "v"), position="all", seed=11),
+    "both": dict(encoder="both", params=("q", "v"), position="half-up", seed=12, r=1),
+    "text": dict(encoder="text", params=("q", "k", "v"), position="all", seed=13),
+}
+
+
+@pytest.fixture(scope="module")
+def bank_repository(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Path:
+    """Bank `shop` (base with the classes, three adapters) and, for each adapter, its own
+    merged export `shop-ID-merged` with the same classes and template."""
+    root = tmp_path_factory.mktemp("bank")
+    repository = root / "repo"
+    classes = factories.write_classes(root / "classes.txt", CLASSES)
+    create_bank(BankOptions(name="shop", model=str(tiny_config), pretrained=None, classes=classes,
+                            allow_random_weights=True, repository=repository, probes=2))
+    specs = []
+    for adapter, layout in ADAPTERS.items():
+        lora = factories.write_paper_checkpoint(root / f"{adapter}.pt", **layout)
+        specs.append(AdapterSpec(adapter, str(lora), classes))
+        run_export(ExportOptions(model=str(tiny_config), pretrained=None, lora=str(lora), classes=classes,
+                                 templates=(), name=f"shop-{adapter}-merged", repository=repository,
+                                 allow_random_weights=True, probes=2))
+    add_adapters(repository, "shop", specs, probes=2)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def bank_triton(bank_repository: Path):
+    with LocalTriton(bank_repository, ports=triton_ports()) as server:
+        yield server
+
+
+IMAGES = [encoded(make_image(40, 30, seed=seed), "PNG") for seed in range(3)]
+
+
+def _request(model: str, adapter: str = "", images: list[bytes] = IMAGES) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=model, adapter=adapter, images=[pb.Image(encoded=i) for i in images], top_k=0)
+
+
+def _logits(reply: pb.ClassifyResponse) -> np.ndarray:
+    """[N, C] logits in class order (a reply lists them by rank)."""
+    return np.array([[p.logit for p in sorted(r.predictions, key=lambda p: p.index)] for r in reply.results])
+
+
+async def test_each_adapter_answers_like_its_own_merged_export(bank_triton: LocalTriton) -> None:
+    async with in_process_gateway(bank_triton.grpc_url) as (_, stub):
+        base = _logits(await stub.Classify(_request("shop")))
+        answers = {}
+        for adapter in ADAPTERS:
+            reply = await stub.Classify(_request("shop", adapter))
+            assert reply.adapter == adapter and reply.model == "shop"
+            assert [p.label for p in sorted(reply.results[0].predictions, key=lambda p: p.index)] == list(CLASSES)
+            answers[adapter] = _logits(reply)
+            merged = _logits(await stub.Classify(_request(f"shop-{adapter}-merged")))
+            np.testing.assert_allclose(answers[adapter], merged, atol=FIDELITY, err_msg=adapter)
+            assert np.abs(answers[adapter] - base).max() > 100 * FIDELITY, f"{adapter} answers like the base"
+        assert np.abs(answers["vision"] - answers["both"]).max() > 100 * FIDELITY
+
+
+async def test_a_batch_mixing_adapters_equals_each_answer_alone(bank_triton: LocalTriton) -> None:
+    """Many single-image requests at once, for every adapter in turn: Triton's dynamic
+    batcher puts several adapters into one execution (fewer executions than requests),
+    and every answer equals the same request sent alone."""
+    adapters = ["", *ADAPTERS]
+    calls = [(adapters[i % len(adapters)], IMAGES[i % len(IMAGES)]) for i in range(48)]
+    async with in_process_gateway(bank_triton.grpc_url) as (_, stub):
+        alone = {(adapter, image): _logits(await stub.Classify(_request("shop", adapter, [image])))
+                 for adapter, image in set(calls)}
+        before = _executions(bank_triton)
+        together = await asyncio.gather(*(stub.Classify(_request("shop", a, [i])) for a, i in calls))
+        after = _executions(bank_triton)
+    for (adapter, image), reply in zip(calls, together, strict=True):
+        np.testing.assert_allclose(_logits(reply), alone[(adapter, image)], atol=1e-5)
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    assert requests == len(calls) and executions < requests, (requests, executions)
+
+
+def _executions(triton: LocalTriton) -> tuple[int, int]:
+    """(requests, executions) Triton counted for the bank, all versions."""
+    text = metrics_text(triton.metrics_url)
+
+    def total(metric: str) -> int:
+        return sum(int(float(v)) for v in re.findall(rf'^{metric}{{model="shop",version="\d+"}} (\S+)', text, re.M))
+
+    return total("nv_inference_request_success"), total("nv_inference_exec_count")
+
+
+async def test_adding_replacing_and_removing_adapters_fail_no_request(
+        bank_triton: LocalTriton, bank_repository: Path, tmp_path: Path) -> None:
+    classes = factories.write_classes(tmp_path / "classes.txt", ("sofa", "chair"))
+    new = factories.write_paper_checkpoint(tmp_path / "new.pt", encoder="vision", seed=21)
+    replacement = factories.write_paper_checkpoint(tmp_path / "replacement.pt", encoder="vision", seed=22)
+    outcomes: list[str] = []
+    stop = asyncio.Event()
+    async with in_process_gateway(bank_triton.grpc_url) as (_, stub):
+        old_both = _logits(await stub.Classify(_request("shop", "both")))
+
+        async def stream() -> None:  # what other callers keep asking meanwhile
+            while not stop.is_set():
+                try:
+                    await stub.Classify(_request("shop", "vision"), timeout=30)
+                    outcomes.append("OK")
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    outcomes.append(repr(exc))
+
+        streaming = asyncio.create_task(stream())
+        try:
+            started = time.monotonic()
+            await asyncio.to_thread(add_adapters, bank_repository, "shop", [AdapterSpec("new", str(new), classes)], None, 2)
+            published = time.monotonic() - started
+            reply = await _until_answered(stub, "new")
+            print(f"\nadd: published after {published:.1f} s, answering {time.monotonic() - started:.1f} s after the start")
+            assert [p.label for p in reply.results[0].predictions] and reply.results[0].predictions[0].label in \
+                ("sofa", "chair")
+
+            await asyncio.to_thread(add_adapters, bank_repository, "shop",
+                                    [AdapterSpec("both", str(replacement), classes)], None, 2)
+            first = await _until(stub, "both", lambda reply: len(reply.results[0].predictions) == 2)
+            for _ in range(10):  # once the new content answered, never the old again
+                reply = await stub.Classify(_request("shop", "both"))
+                assert len(reply.results[0].predictions) == 2 and reply.version >= first.version
+            assert old_both.shape[1] == len(CLASSES)
+
+            await asyncio.to_thread(remove_adapter, bank_repository, "shop", "new")
+            await _until_not_found(stub, "new")
+        finally:
+            stop.set()
+            await streaming
+    failures = [o for o in outcomes if o != "OK"]
+    assert outcomes and not failures, failures[:3]
+
+
+async def _until(stub, adapter: str, done, timeout_s: float = 60.0) -> pb.ClassifyResponse:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            reply = await stub.Classify(_request("shop", adapter))
+            if done(reply):
+                return reply
+        except Exception as exc:  # noqa: BLE001 - not there yet
+            last = exc
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"adapter {adapter} not as expected after {timeout_s:.0f} s: {last!r}")
+
+
+async def _until_answered(stub, adapter: str) -> pb.ClassifyResponse:
+    return await _until(stub, adapter, lambda reply: reply.adapter == adapter)
+
+
+async def _until_not_found(stub, adapter: str, timeout_s: float = 60.0) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            await stub.Classify(_request("shop", adapter))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                assert f"adapter {adapter!r} not found" in exc.details()
+                return
+            raise
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"adapter {adapter} still answers {timeout_s:.0f} s after its removal")
