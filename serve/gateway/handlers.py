@@ -52,7 +52,7 @@ class Handlers:
         self.settings = settings
         self.triton = triton
         self.metrics = metrics
-        self.images = ImagePreparer(pool, metrics, settings.max_pixels)
+        self.images = ImagePreparer(pool, metrics, settings.max_pixels, settings.decoding)
         self.text = TextEncoder(triton, metrics, pool, settings.text_cache_entries)
 
     async def classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,

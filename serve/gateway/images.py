@@ -1,10 +1,11 @@
 """Images to the model's input, off the event loop.
 
 Each image of a request is decoded, resized and centre-cropped (`cliplora.core.preprocess`,
-open_clip's preprocessing exactly) or, sent raw, checked to be the model's size, in the
-gateway's thread pool: Pillow releases the GIL while it decodes, so the pool's threads
-run side by side while the event loop keeps answering. Each image's time goes into
-``cliplora_gateway_preprocess_duration_seconds``.
+open_clip's preprocessing, with the gateway's ``--decode`` and ``--exif-orientation``) or,
+sent raw, checked to be the model's size, in the gateway's thread pool
+(`cliplora.serve.gateway.decode_pool`, one thread per core by default): Pillow releases
+the GIL while it decodes, so the pool's threads run side by side while the event loop
+keeps answering. Each image's time goes into ``cliplora_gateway_preprocess_duration_seconds``.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import numpy as np
 
 from cliplora.core import contract
 from cliplora.core.errors import InvalidArgument
-from cliplora.core.preprocess import preprocess_bytes
+from cliplora.core.preprocess import Decoding, preprocess_bytes
 from cliplora.serve.gateway.metrics import GatewayMetrics
 from cliplora.v1 import classifier_pb2 as pb
 
 
 class ImagePreparer:
-    def __init__(self, pool: ThreadPoolExecutor, metrics: GatewayMetrics, max_pixels: int) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, metrics: GatewayMetrics, max_pixels: int,
+                 decoding: Decoding = Decoding()) -> None:
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
+        self.decoding = decoding
 
     async def batch(self, images: Sequence[pb.Image], image_size: int) -> np.ndarray:
         """[N, S, S, 3] uint8, one row per image, in order; InvalidArgument naming the image."""
@@ -44,7 +47,7 @@ class ImagePreparer:
         try:
             if image.WhichOneof("data") == "raw":
                 return raw_pixels(image.raw, image_size)
-            return preprocess_bytes(image.encoded, image_size, max_pixels=self.max_pixels)
+            return preprocess_bytes(image.encoded, image_size, max_pixels=self.max_pixels, decoding=self.decoding)
         except InvalidArgument as exc:
             raise InvalidArgument(f"image {index}: {exc}") from None
         finally:

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cliplora.core.errors import InvalidArgument
+from cliplora.serve.gateway.decode_pool import DecodePool
 from cliplora.serve.gateway.health import TritonHealth
 from cliplora.serve.gateway.metrics import GatewayMetrics
 from cliplora.serve.gateway.security import BearerTokenInterceptor, load_tokens, server_credentials
@@ -39,7 +39,7 @@ class GatewayServer:
         self.port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+        self._pool = DecodePool(settings.pool_workers, self.metrics)
         self._stopping = asyncio.Event()  # stop() began: refuse new calls
         self._stopped = asyncio.Event()  # stop() finished: in-flight calls drained, all released
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.open_vocab import VocabularyLimits
-from cliplora.core.preprocess import DEFAULT_MAX_PIXELS
+from cliplora.core.preprocess import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decoding
+from cliplora.serve.gateway.decode_pool import available_cores
 
 ENV_PREFIX = "CLIPLORA_"
 
@@ -32,7 +33,9 @@ class GatewaySettings:
     max_images: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_concurrent: int = 64
-    preprocess_workers: int = 4
+    preprocess_workers: int = 0  # decoding threads; 0: one per core the gateway may use (affinity, CPU quota)
+    decode: str = DEFAULT_DECODE  # exact | fast: JPEGs scaled in the decoder (DESIGN.md §9)
+    exif_orientation: str = "apply"  # apply | ignore (open_clip's way: stored pixel order)
     default_timeout_s: float = 30.0  # when the caller sets no deadline
     refresh_interval_s: float = 5.0  # model discovery
     health_interval_s: float = 0.5  # Triton readiness probe
@@ -49,12 +52,15 @@ class GatewaySettings:
     health_timeout_s: float = 1.0  # each Triton readiness probe: a hung Triton shows within this + the interval
 
     def __post_init__(self) -> None:
-        positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent", "preprocess_workers",
+        positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent",
                     "default_timeout_s", "refresh_interval_s", "health_interval_s", "max_labels", "max_templates",
                     "max_label_chars", "max_prompts")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        if self.preprocess_workers < 0:
+            raise InvalidArgument(f"preprocess_workers must not be negative (0: one per core), got {self.preprocess_workers}")
+        self.decoding  # noqa: B018 - checks decode and exif_orientation
         if self.text_cache_entries < 0:
             raise InvalidArgument(f"text_cache_entries must not be negative, got {self.text_cache_entries}")
         if self.triton_renew_s < 0:
@@ -76,6 +82,15 @@ class GatewaySettings:
         theirs (4 bytes a character at most in UTF-8), plus room for the envelope."""
         text = (self.max_labels + self.max_templates) * (4 * self.max_label_chars + 16)
         return self.max_images * (self.max_image_bytes + 1024) + text + 64 * 1024
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.decode, self.exif_orientation)
+
+    @property
+    def pool_workers(self) -> int:
+        """The decoding threads: `preprocess_workers`, or one per available core."""
+        return self.preprocess_workers or available_cores()
 
     @property
     def vocabulary_limits(self) -> VocabularyLimits:
