@@ -60,12 +60,12 @@ class BankResult:
 
 def check_new(root: Path, name: str) -> None:
     """A bank is created under a name nothing in `root` uses yet (nor its companion's)."""
-    publish.preflight(root, name, "")
     models = ModelRepository(root).model_names()
     if name in models or ModelRepository(root).versions(name):
         kind = "a bank: add adapters with `cliplora bank add`" if publish.is_bank(root, name) else \
             "a model that is not a bank: create the bank under another name"
         raise FailedPrecondition(f"{root} already has {name!r}, {kind}; nothing published")
+    publish.preflight(root, name, "")
     publish.check_names(root, name, False, bank=True)
 
 
