@@ -17,7 +17,13 @@ Verification, with the classifier's tolerances (`cliplora.export.verify.toleranc
   bound above is loose by up to √D) by the logits it gives against the verified strings'
   reference embeddings, within the INT8 gate's tolerance, as its logits were;
 - the project's torch-free tokenizer (what the gateway runs) must give open_clip's ids
-  for every string verified, or the gateway would embed other prompts than the export.
+  for every string verified, or the gateway would embed other prompts than the export:
+  checked before anything slow runs (`check_tokenizer`), and measured again on the very
+  ids the verification feeds the ONNX text encoder (ours) and the reference (open_clip's),
+  which is what the manifest's ``tokenizer_matches`` records.
+
+`plan_open_vocabulary` decides all of this before the export starts (`OpenVocabularyPlan`:
+None without ``--open-vocabulary``); `cliplora.export.text_encoder` runs it.
 
 A name ``x`` exported with ``--open-vocabulary`` reserves ``x_text``: no classifier may be
 called ``x_text`` while ``x`` has a text encoder, and ``x`` cannot take one while a
@@ -30,13 +36,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.errors import FailedPrecondition, InvalidArgument
 from cliplora.core.manifest import (
     EmbeddingComparisonRecord,
@@ -45,6 +52,11 @@ from cliplora.core.manifest import (
 )
 from cliplora.core.runtime import create_session
 from cliplora.core.tokenizer import ClipTokenizer, default_vocab_path
+from cliplora.export.model_config import ModelConfig, OpenVocabularyParameters, text_model_config
+from cliplora.export.options import ExportOptions
+
+if TYPE_CHECKING:
+    from cliplora.model.base_model import BaseModel
 
 PROBE_STRINGS = (
     "a photo of a dog.",
@@ -80,6 +92,33 @@ def check_tokenizer(open_clip_tokenizer: object, strings: Sequence[str]) -> Clip
         raise FailedPrecondition(f"the gateway's tokenizer disagrees with open_clip on {len(rows)} strings, "
                                  f"e.g. {rows[0][:60]!r}; nothing published")
     return ours
+
+
+@dataclass(frozen=True)
+class OpenVocabularyPlan:
+    """What ``--open-vocabulary`` adds to an export, decided before anything slow runs."""
+
+    text_model: str  # <name>_text
+    tokenizer: ClipTokenizer  # the gateway's, checked against open_clip's on `strings`
+    strings: tuple[str, ...]  # what the text encoder is verified on: the model's own prompts, then the probes
+    parameters: OpenVocabularyParameters  # what the classifier's config tells the gateway
+    config: ModelConfig  # the text encoder's config.pbtxt
+
+
+def plan_open_vocabulary(options: ExportOptions, base: BaseModel, classes: Sequence[str],
+                         templates: Sequence[str]) -> OpenVocabularyPlan | None:
+    """The text encoder to publish beside the classifier; None without ``--open-vocabulary``.
+    Refuses a model whose tokenizer the gateway cannot reproduce (`check_tokenizer`)."""
+    if not options.open_vocabulary:
+        return None
+    text_model = contract.text_model_name(options.name)
+    strings = (*open_vocab.prompts(classes, templates), *PROBE_STRINGS)
+    tokenizer = check_tokenizer(base.tokenizer, strings)
+    parameters = OpenVocabularyParameters(text_model, base.logit_scale, tuple(templates), tokenizer.vocab_sha256)
+    config = text_model_config(text_model, options.name, base.embedding_dim, options.precision,
+                               options.max_batch_size, options.target, vocab_sha256=tokenizer.vocab_sha256,
+                               runtime=options.runtime)
+    return OpenVocabularyPlan(text_model, tokenizer, strings, parameters, config)
 
 
 @dataclass(frozen=True)
@@ -124,7 +163,7 @@ class TextVerification:
     image_label_logit_error: float  # label_logit_error against the verified strings' reference embeddings
     image_tolerance: float  # the classifier graph's tolerance (INT8's for cpu-int8)
     int8: bool  # cpu-int8: image_embeds are judged by image_label_logit_error
-    tokenizer_matches: bool  # check_tokenizer passed (a disagreement stops the export before this)
+    tokenizer_matches: bool  # the ids fed to the ONNX text encoder (ours) are open_clip's, measured
 
     @property
     def failures(self) -> list[str]:
@@ -140,6 +179,9 @@ class TextVerification:
         if self.merged_torch_vs_reference.max_logit_error > FP32_TOLERANCE:
             problems.append(f"the merged text encoder differs from the unmerged reference by up to "
                             f"{self.merged_torch_vs_reference.max_logit_error:.3g} in logits")
+        if not self.tokenizer_matches:
+            problems.append("the gateway's tokenizer gives other token ids than open_clip's for the verified "
+                            "strings")
         return problems
 
     def record(self) -> TextVerificationRecord:

@@ -16,22 +16,26 @@ Tolerances on max |Δlogit| (logits are ``logit_scale · cosine``):
 The adapter must also *do* something: the merged model's logits must differ from the
 base model's by more than the fp32 tolerance, or the export stops (an all-zero
 ``lora_B``, as the paper's initialisation leaves it, merges into a no-op).
+
+The reference path imports torch and open_clip when it runs; the rest (probes, tolerances,
+rules, `DEFAULT_PROBES`) is read by the command line, which starts without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import open_clip
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from cliplora.core.manifest import ComparisonRecord, VerificationRecord
 from cliplora.core.preprocess import clip_crop
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FP32_TOLERANCE = 1e-3
 FP16_COSINE_TOLERANCE = 5e-3
@@ -65,7 +69,6 @@ def product_inputs(images: Sequence[Image.Image], size: int) -> np.ndarray:
     return np.stack([clip_crop(image, size) for image in images])
 
 
-@torch.no_grad()
 def reference_logits(
     reference: nn.Module,
     text_matrix: torch.Tensor,
@@ -76,18 +79,25 @@ def reference_logits(
     std: Sequence[float],
 ) -> np.ndarray:
     """Logits by the reference path: open_clip's transform and a PyTorch model."""
+    import torch
+
     features = torch.from_numpy(reference_features(reference, images, size, mean, std))
-    return (logit_scale * features @ text_matrix).numpy()
+    with torch.no_grad():
+        return (logit_scale * features @ text_matrix).numpy()
 
 
-@torch.no_grad()
 def reference_features(
     reference: nn.Module, images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
     """Unit image embeddings [N, D] by the reference path (open_clip's transform)."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
     transform = open_clip.image_transform(size, is_train=False, mean=tuple(mean), std=tuple(std))
-    batch = torch.stack([transform(image) for image in images])
-    return F.normalize(reference.encode_image(batch).float(), dim=-1).numpy()
+    with torch.no_grad():
+        batch = torch.stack([transform(image) for image in images])
+        return F.normalize(reference.encode_image(batch).float(), dim=-1).numpy()
 
 
 @dataclass(frozen=True)

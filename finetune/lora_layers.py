@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cliplora.core.errors import InvalidArgument
-from cliplora.model.lora import TOWERS, Target, Tower
-from cliplora.model.lora_paper import ENCODERS, SAVED_NAME, adapted_blocks
+from cliplora.finetune.options import LoraSpec
+from cliplora.model.lora import TOWERS, Tower
+from cliplora.model.lora_paper import SAVED_NAME
+from cliplora.model.lora_targets import adapted_blocks
 from cliplora.model.merge import tower_blocks
 from cliplora.model.reference import LoraAttention
 
@@ -40,42 +41,6 @@ class TrainableLoraBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.dropout(x) @ self.w_lora_A.t()) @ self.w_lora_B.t() * self.scale
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """Where the adapter goes and its hyper-parameters (the paper's flags)."""
-
-    encoder: str = "both"
-    position: str = "all"
-    params: tuple[Target, ...] = ("q", "k", "v")
-    r: int = 2
-    alpha: float = 1.0
-    dropout: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise InvalidArgument(f"--encoder must be text, vision or both, got {self.encoder!r}")
-        if not self.params or any(p not in SAVED_NAME for p in self.params) or len(set(self.params)) != len(self.params):
-            raise InvalidArgument(f"--params must be distinct letters of q, k, v, o, got {''.join(self.params)!r}")
-        if self.r < 1:
-            raise InvalidArgument(f"--r must be at least 1, got {self.r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise InvalidArgument(f"--alpha must be a positive number, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise InvalidArgument(f"--dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def ordered_params(self) -> list[Target]:
-        return [t for t in SAVED_NAME if t in self.params]
-
-    def adapts(self, tower: Tower) -> bool:
-        return tower in ENCODERS[self.encoder]
-
-    def metadata(self) -> dict[str, Any]:
-        """The checkpoint's ``metadata``, as the paper's ``save_lora`` writes it."""
-        return {"r": self.r, "alpha": self.alpha, "encoder": self.encoder,
-                "params": self.ordered_params, "position": self.position}
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,10 @@ Outputs in ``--output``: ``lora.pt`` (the paper's checkpoint format, read by
 
 from __future__ import annotations
 
-import json
-import math
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,11 +42,11 @@ from cliplora.core.run_record import DataRecord, RunRecord
 from cliplora.finetune.batches import TrainingBatches, train_transform
 from cliplora.finetune.lora_layers import (
     AdaptedBlock,
-    LoraSpec,
     apply_lora,
     lora_parameters,
     paper_checkpoint,
 )
+from cliplora.finetune.options import FinetuneOptions
 from cliplora.model.base_model import BaseModel, load_base_model
 from cliplora.model.graph import ClassifierGraph
 from cliplora.model.head import (
@@ -59,58 +57,8 @@ from cliplora.model.head import (
 )
 
 TRAIN_LOGIT_SCALE = 100.0  # the paper's code: 100 × cosine similarity, not the model's own scale
-ITERATIONS_PER_SHOT = 500
 STATE_FORMAT = "cliplora-finetune-state/1"
 EVAL_BATCH = 64
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """Everything `cliplora finetune` takes; defaults are the paper's."""
-
-    model: str
-    pretrained: str | None
-    data: Path
-    shots: int
-    output: Path
-    eval_data: Path | None = None
-    seed: int = 1
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    min_lr: float = 1e-6
-    iterations: int | None = None  # None: 500 × shots
-    batch_size: int = 32
-    templates: tuple[str, ...] = ()
-    device: str = "auto"
-    allow_random_weights: bool = False
-    resume: bool = False
-    save_every: int = 100
-
-    def __post_init__(self) -> None:
-        if self.iterations is not None and self.iterations < 1:
-            raise InvalidArgument(f"--iterations must be at least 1, got {self.iterations}")
-        if self.batch_size < 1:
-            raise InvalidArgument(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.min_lr < 0 or self.weight_decay < 0:
-            raise InvalidArgument("--lr must be positive; --min-lr and --weight-decay not negative")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InvalidArgument(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.save_every < 1:
-            raise InvalidArgument(f"--save-every must be at least 1, got {self.save_every}")
-
-    @property
-    def total_iterations(self) -> int:
-        return self.iterations if self.iterations is not None else ITERATIONS_PER_SHOT * self.shots
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What must not change between a run and its resumption."""
-        record = json.loads(json.dumps(asdict(self), default=str))
-        for key in ("output", "resume", "save_every", "device"):
-            record.pop(key)
-        record["iterations"] = self.total_iterations
-        return record
 
 
 @dataclass(frozen=True)

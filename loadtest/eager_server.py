@@ -26,8 +26,8 @@ from PIL import Image
 
 from cliplora.core.predictions import rank
 from cliplora.model import head
+from cliplora.model.adapters import load_adapter
 from cliplora.model.base_model import load_base_model
-from cliplora.model.lora import load_adapter
 from cliplora.model.merge import merge_adapter
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc

@@ -33,7 +33,7 @@ for pair in "pets-base-int8 none" "pets-lora-int8 $OUT/inputs/lora_demo.pt"; do
   set -- $pair
   [ -d "$REPO/$1" ] || $CL export --model ViT-B-16 --lora "$2" --classes "$OUT/inputs/classes.txt" \
     --template "a photo of a {}, a type of pet." --name "$1" --repository "$REPO" --target cpu-int8 \
-    --allow-random-weights --quiet > "$OUT/export-$1.json"
+    --uncalibrated --allow-random-weights --quiet > "$OUT/export-$1.json"
 done
 $PY - "$OUT" <<'EOF'
 import json, sys

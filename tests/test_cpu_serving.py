@@ -41,6 +41,8 @@ def _options(inputs, tiny_config, repository: Path, **overrides) -> ExportOption
     settings = dict(model=str(tiny_config), pretrained=None, lora=str(lora), classes=classes, templates=(),
                     name="int8", repository=repository, allow_random_weights=True, probes=8, target="cpu-int8")
     settings.update(overrides)
+    # cpu-int8 without --calibration images is asked for explicitly (tests/test_export_int8_gate.py)
+    settings.setdefault("uncalibrated", settings["target"] == "cpu-int8" and settings.get("calibration") is None)
     return ExportOptions(**settings)
 
 

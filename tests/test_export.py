@@ -25,7 +25,7 @@ from cliplora.core.runtime import create_session, run_logits
 from cliplora.export import model_config, verify
 from cliplora.export.pipeline import ExportOptions, run_export
 from cliplora.model import head
-from cliplora.model.lora import load_adapter
+from cliplora.model.adapters import load_adapter
 from cliplora.model.merge import merge_adapter
 from cliplora.model.reference import build_reference
 from tests import factories

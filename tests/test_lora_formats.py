@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cliplora.core.errors import InvalidArgument, NotFound
-from cliplora.model.lora import load_adapter
+from cliplora.model.adapters import load_adapter
 from cliplora.model.merge import merge_adapter
 from tests import factories
 

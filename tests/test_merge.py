@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cliplora.core.errors import FailedPrecondition, InvalidArgument
-from cliplora.model.lora import load_adapter
-from cliplora.model.lora_paper import block_indices
+from cliplora.model.adapters import load_adapter
+from cliplora.model.lora_targets import block_indices
 from cliplora.model.merge import merge_adapter
 from cliplora.model.reference import build_reference
 from tests import factories

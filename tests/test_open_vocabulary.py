@@ -29,7 +29,7 @@ from cliplora.core.manifest import Manifest, TextEncoderManifest
 from cliplora.export import model_config
 from cliplora.export.pipeline import ExportOptions, run_export
 from cliplora.export.verify import reference_features
-from cliplora.model.lora import load_adapter
+from cliplora.model.adapters import load_adapter
 from cliplora.model.reference import build_reference
 from cliplora.predict import predict_files
 from cliplora.serve.stack.triton_launcher import LocalTriton

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cliplora.cli import main
 from cliplora.core.predictions import rank
 from cliplora.export.pipeline import ExportOptions, run_export
-from cliplora.model.lora import load_adapter
+from cliplora.model.adapters import load_adapter
 from cliplora.model.reference import build_reference
 from cliplora.predict import predict_files
 from tests import factories

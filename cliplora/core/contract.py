@@ -32,6 +32,7 @@ MANIFEST_FILENAME = "manifest.json"
 CONFIG_FILENAME = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
 DEFAULT_MAX_BATCH_SIZE = 32
+PRECISIONS = ("fp32", "fp16")  # what an export's graph may compute in (`--target cpu-int8` makes int8 of fp32)
 
 # Open vocabulary (`cliplora export --open-vocabulary`).
 EMBEDS_NAME = "image_embeds"  # the classifier's second output

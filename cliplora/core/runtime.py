@@ -184,9 +184,11 @@ class PublishedTextEncoder:
 
     def label_heads(self, labels: Sequence[str], templates: Sequence[str] | None = None,
                     limits: open_vocab.VocabularyLimits = open_vocab.VocabularyLimits()) -> np.ndarray:
-        """[L, D] unit label embeddings (the head), checked and built exactly as the gateway does;
-        `templates` default to the model's own."""
+        """[L, D] unit label embeddings (the head), checked and built exactly as the gateway does
+        (no two labels the tokenizer reads alike: `open_vocab.check_distinct`); `templates`
+        default to the model's own."""
         labels = open_vocab.validate_labels(labels, limits)
+        open_vocab.check_distinct(labels, self.tokenizer.encode)
         given = open_vocab.validate_templates(templates, limits) if templates else None
         prompts = open_vocab.request_prompts(labels, given, self.templates, limits.max_prompts)
         return open_vocab.label_embeddings(self.embed(prompts), len(labels))

@@ -16,7 +16,7 @@ import torch
 
 from cliplora.core.repository import render_labels
 from cliplora.model.base_model import resolve_model_config
-from cliplora.model.lora_paper import block_indices
+from cliplora.model.lora_targets import block_indices
 
 CLASSES = ["abyssinian", "bengal", "birman", "bombay", "british_shorthair", "egyptian_mau", "maine_coon",
            "persian", "ragdoll", "russian_blue"]

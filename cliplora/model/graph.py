@@ -26,7 +26,7 @@ from cliplora.core import contract
 
 OPSET = 17
 EXPORTER = f"torch.onnx TorchScript exporter (torch {torch.__version__})"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = dict(zip(contract.PRECISIONS, (torch.float32, torch.float16), strict=True))  # -> the torch dtype
 
 
 class ClassifierGraph(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 
 from cliplora.core import open_vocab
 from cliplora.core.errors import InvalidArgument
+from cliplora.core.tokenizer import get_tokenizer
 
 PLACEHOLDER = open_vocab.PLACEHOLDER
 DEFAULT_TEMPLATE = open_vocab.DEFAULT_TEMPLATE
@@ -28,6 +29,10 @@ def read_classes(path: str | Path) -> list[str]:
 
 
 def validate_classes(names: Sequence[str], source: str) -> list[str]:
+    """Class names as given, or InvalidArgument: at least one, at most ``MAX_CLASSES``,
+    each a non-empty single line, none twice, and no two the model reads alike
+    (`cliplora.core.open_vocab.check_distinct` with the gateway's tokenizer: ``red_panda``
+    and ``Red panda``, ``café`` and ``cafe\u0301``), the rule request-time labels follow."""
     names = list(names)
     if not names:
         raise InvalidArgument(f"classes file {source} lists no classes")
@@ -40,6 +45,10 @@ def validate_classes(names: Sequence[str], source: str) -> list[str]:
     duplicates = [n for n in names if n in seen or seen.add(n)]
     if duplicates:
         raise InvalidArgument(f"classes file {source} repeats class names: {sorted(set(duplicates))[:5]}")
+    try:
+        open_vocab.check_distinct(names, get_tokenizer().encode, "class")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"classes file {source}: {exc}") from None
     return names
 
 

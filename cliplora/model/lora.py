@@ -1,7 +1,10 @@
 """The adapter, format-independent: a list of low-rank updates of attention projections.
 
-Every format (the CLIP-LoRA paper's checkpoints, PEFT folders) is read into a
-`LoraAdapter`; the merge, the unmerged reference and the manifest only see this.
+Every format (the CLIP-LoRA paper's checkpoints, `cliplora.model.lora_paper`; PEFT
+folders, `cliplora.model.lora_peft`) is read into a `LoraAdapter`
+(`cliplora.model.adapters.load_adapter` picks the format); the merge, the unmerged
+reference and the manifest only see this. This module knows no format, so the formats
+import it and nothing here imports them back.
 An update of target ``q``/``k``/``v`` in block ``i`` of a tower changes the rows
 ``[0:d]``/``[d:2d]``/``[2d:3d]`` of that block's ``attn.in_proj_weight``; target ``o``
 changes ``attn.out_proj.weight``. The update is ``ΔW = scale · B @ A`` with
@@ -11,18 +14,15 @@ changes ``attn.out_proj.weight``. The update is ``ΔW = scale · B @ A`` with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.errors import InvalidArgument
 from cliplora.core.manifest import PaperLoraRecord, PeftLoraRecord
+from cliplora.model.lora_targets import TARGETS, TOWERS, Target, Tower
 
-Tower = Literal["text", "vision"]
-Target = Literal["q", "k", "v", "o"]
-TOWERS: tuple[Tower, ...] = ("text", "vision")
-TARGETS: tuple[Target, ...] = ("q", "k", "v", "o")
+__all__ = ["TARGETS", "TOWERS", "LoraAdapter", "LoraUpdate", "Target", "Tower", "to_fp32_matrix"]
 
 
 @dataclass(frozen=True)
@@ -104,18 +104,3 @@ def to_fp32_matrix(value: Any, what: str) -> torch.Tensor:
         raise InvalidArgument(f"{what} must be a 2-D floating tensor, got {value.dtype} {tuple(value.shape)}")
     return value.detach().to(torch.float32).contiguous()
 
-
-def load_adapter(spec: str, text_blocks: int, vision_blocks: int) -> LoraAdapter | None:
-    """Read `--lora`: ``none``, a PEFT adapter folder, or a CLIP-LoRA checkpoint file."""
-    if spec == "none":
-        return None
-    path = Path(spec)
-    if not path.exists():
-        raise NotFound(f"LoRA adapter not found: {path} (pass 'none' to export the base model)")
-    if path.is_dir() or path.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
-        from cliplora.model.lora_peft import load_peft_adapter
-
-        return load_peft_adapter(path if path.is_dir() else path.parent)
-    from cliplora.model.lora_paper import load_clip_lora_checkpoint
-
-    return load_clip_lora_checkpoint(path, text_blocks=text_blocks, vision_blocks=vision_blocks)

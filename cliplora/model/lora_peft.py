@@ -74,16 +74,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_peft_adapter(folder: Path) -> LoraAdapter:
-    """Read a PEFT LoRA folder into a `LoraAdapter`."""
-    config = _read_config(folder)
+def _weight_pairs(folder: Path) -> tuple[Path, dict[tuple[str, int, str], dict[str, Any]]]:
+    """The weight file and its tensors by (tower, block, projection) -> {"A": ..., "B": ...}."""
     weight_file = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weight_file is None:
         raise NotFound(f"PEFT adapter {folder} has no {' or '.join(WEIGHT_FILES)}")
     tensors = load_tensors(weight_file, "PEFT adapter weights")
     if not isinstance(tensors, dict) or not tensors:
         raise InvalidArgument(f"PEFT adapter weights {weight_file} hold no tensors")
-
     pairs: dict[tuple[str, int, str], dict[str, Any]] = {}
     for key, value in tensors.items():
         match = _KEY.match(str(key))
@@ -94,27 +92,36 @@ def load_peft_adapter(folder: Path) -> LoraAdapter:
             )
         slot = (match["tower"], int(match["block"]), match["proj"])
         pairs.setdefault(slot, {})[match["ab"]] = value
+    return weight_file, pairs
 
+
+def _update(config: dict[str, Any], slot: tuple[str, int, str], ab: dict[str, Any], weight_file: Path) -> LoraUpdate:
+    """One projection's update, its rank and alpha from the config (patterns honoured)."""
+    hf_tower, block, proj = slot
+    module = f"{hf_tower}.encoder.layers.{block}.self_attn.{proj}"
+    if set(ab) != {"A", "B"}:
+        raise InvalidArgument(f"PEFT adapter {weight_file}: {module} has lora_{''.join(ab)} but not both A and B")
+    a = to_fp32_matrix(ab["A"], f"{module}.lora_A")
+    b = to_fp32_matrix(ab["B"], f"{module}.lora_B")
+    r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    if a.shape[0] != r or b.shape[1] != r:
+        raise InvalidArgument(
+            f"PEFT adapter {weight_file}: {module} has rank {a.shape[0]}/{b.shape[1]} "
+            f"(A {tuple(a.shape)}, B {tuple(b.shape)}) but the config says r={r}"
+        )
+    scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+    return LoraUpdate(_TOWER[hf_tower], block, _TARGET[proj], a, b, scale)
+
+
+def load_peft_adapter(folder: Path) -> LoraAdapter:
+    """Read a PEFT LoRA folder into a `LoraAdapter`."""
+    config = _read_config(folder)
+    weight_file, pairs = _weight_pairs(folder)
+    updates = [_update(config, slot, ab, weight_file) for slot, ab in sorted(pairs.items())]
     use_rslora = bool(config.get("use_rslora", False))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    updates: list[LoraUpdate] = []
-    for (hf_tower, block, proj), ab in sorted(pairs.items()):
-        module = f"{hf_tower}.encoder.layers.{block}.self_attn.{proj}"
-        if set(ab) != {"A", "B"}:
-            raise InvalidArgument(f"PEFT adapter {weight_file}: {module} has lora_{''.join(ab)} but not both A and B")
-        a = to_fp32_matrix(ab["A"], f"{module}.lora_A")
-        b = to_fp32_matrix(ab["B"], f"{module}.lora_B")
-        r = int(_pattern_value(rank_pattern, module, config["r"]))
-        alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
-        if a.shape[0] != r or b.shape[1] != r:
-            raise InvalidArgument(
-                f"PEFT adapter {weight_file}: {module} has rank {a.shape[0]}/{b.shape[1]} "
-                f"(A {tuple(a.shape)}, B {tuple(b.shape)}) but the config says r={r}"
-            )
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        updates.append(LoraUpdate(_TOWER[hf_tower], block, _TARGET[proj], a, b, scale))
-
     return LoraAdapter(
         format="peft",
         source=str(folder),

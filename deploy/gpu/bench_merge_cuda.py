@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from cliplora.model.adapters import load_adapter  # noqa: E402
 from cliplora.model.base_model import load_base_model  # noqa: E402
 from cliplora.model.demo import synthetic_adapter  # noqa: E402
-from cliplora.model.lora import load_adapter  # noqa: E402
 from cliplora.model.merge import merge_adapter  # noqa: E402
 from cliplora.model.reference import build_reference  # noqa: E402
 
