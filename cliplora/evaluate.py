@@ -11,18 +11,55 @@ The figures are `cliplora.core.accuracy`'s, the definition `cliplora finetune` r
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cliplora.core import flags
 from cliplora.core.accuracy import accuracy_report, top1_in_batches
 from cliplora.core.datasets import LabelledImages, align_classes
 from cliplora.core.errors import FailedPrecondition, InvalidArgument
-from cliplora.core.progress import Progress
+
+if TYPE_CHECKING:
+    from cliplora.core.progress import Progress
 
 BATCH = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image folder (one sub-folder per class) or path,label CSV")
+    parser.add_argument("--name", action="append", required=True,
+                        help="published model; repeat to compare (e.g. the --lora none base)")
+    flags.add_repository(parser)
+    parser.add_argument("--version", type=int, help="model version (default: latest)")
+    parser.add_argument("--target", help="gateway HOST:PORT: evaluate what is served, not the file")
+    flags.add_gateway_access(parser)
+    flags.add_labels(parser, inline=False, purpose="to score against instead of the model's classes (needs "
+                     "--open-vocabulary models)")
+    flags.add_template(parser, flags.MODEL_TEMPLATES)
+    flags.add_quiet(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cliplora.core.datasets import read_labelled_images
+    from cliplora.core.progress import Progress
+
+    data = read_labelled_images(args.data)
+    access = flags.gateway_access(args) if args.target else {}
+    progress = Progress(quiet=args.quiet)
+    labels = flags.labels(args)
+    models = {
+        name: evaluate_model(data, name, repository=Path(args.repository), target=args.target,
+                             version=args.version, access=access, progress=progress, labels=labels,
+                             templates=args.template)
+        for name in args.name
+    }
+    print(json.dumps({"data": data.source, "images": len(data), "models": models}, indent=2))
+    return 0
 
 
 def _in_process(repository: Path, name: str, version: int | None,
@@ -88,6 +125,8 @@ def evaluate_model(
     With `labels` (a model exported with ``--open-vocabulary``), the images are scored
     against those labels at request time instead of the model's own classes: held-out
     classes the model was never exported with."""
+    from cliplora.core.progress import Progress
+
     progress = progress or Progress(quiet=True)
     targets = None
     if labels is not None:

@@ -1,28 +1,43 @@
 """`cliplora predict`: a published model, in process, with ONNX Runtime.
 
 Same preprocessing as the gateway (`cliplora.core.preprocess`), same output format
-(`cliplora.core.predictions`): what Triton would answer, without Triton.
+(`cliplora.core.predictions`): what Triton would answer, without Triton. ONNX Runtime is
+imported when images are classified: the command line declares the flags without it.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cliplora.core import flags
 from cliplora.core.errors import InvalidArgument
-from cliplora.core.predictions import rank, result_json, validate_top_k
+from cliplora.core.predictions import DEFAULT_TOP_K, rank, result_json, validate_top_k
 from cliplora.core.preprocess import preprocess_file
-from cliplora.core.runtime import (
-    open_published,
-    open_text_encoder,
-    run_image_embeddings,
-    run_logits,
-)
 
 BATCH = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flags.add_repository(parser)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", type=int, help="model version (default: latest)")
+    flags.add_top_k(parser)
+    flags.add_labels(parser)
+    flags.add_template(parser, flags.MODEL_TEMPLATES)
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = predict_files(args.repository, args.name, args.images, top_k=args.top_k, version=args.version,
+                            labels=flags.labels(args), templates=args.template)
+    print(json.dumps(results, indent=2))
+    return 0
 
 
 def predict_files(
@@ -30,7 +45,7 @@ def predict_files(
     name: str,
     images: Sequence[str | Path],
     *,
-    top_k: int = 5,
+    top_k: int = DEFAULT_TOP_K,
     version: int | None = None,
     labels: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
@@ -40,6 +55,13 @@ def predict_files(
     With `labels` (a model exported with ``--open-vocabulary``) they are ranked instead
     of the model's classes, with `templates` or the model's own, as the gateway does.
     """
+    from cliplora.core.runtime import (
+        open_published,
+        open_text_encoder,
+        run_image_embeddings,
+        run_logits,
+    )
+
     validate_top_k(top_k)
     if not images:
         raise InvalidArgument("no images given")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cliplora.core import flags
 from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
 from cliplora.core.repository import validate_model_name
 
@@ -24,9 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated; ratios are against the first. NAME:labels sends the --labels-file "
                              "labels to NAME (request-time labels, warm cache); NAME:labels-cold sends them with a "
                              "fresh suffix each request (every prompt a cache miss)")
-    parser.add_argument("--labels-file", help="labels for the NAME:labels entries: one per line, or a JSON list")
-    parser.add_argument("--template", action="append", metavar="TEMPLATE",
-                        help="templates for the NAME:labels entries (default: the model's own)")
+    flags.add_labels(parser, inline=False, purpose="for the NAME:labels entries")
+    flags.add_template(parser, flags.MODEL_TEMPLATES)
     parser.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (default 1)")
     parser.add_argument("--rate", type=float, help="open loop: requests per second on a fixed schedule")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds (default 30)")

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from cliplora.core.errors import CliploraError, InvalidArgument
-from cliplora.core.predictions import Prediction, result_json, validate_top_k
+from cliplora.core.predictions import DEFAULT_TOP_K, Prediction, result_json, validate_top_k
 from cliplora.core.preprocess import read_image_bytes
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
@@ -24,6 +24,7 @@ from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 DEFAULT_BATCH = 16
 TEXT_BATCH = 256  # texts per Embed call (the gateway's --max-labels is 1000 by default)
 TOKEN_ENV = "CLIPLORA_TOKEN"
+DEFAULT_TIMEOUT_S = 30.0  # the deadline of each call (`--timeout`)
 
 
 class RemoteError(CliploraError):
@@ -59,9 +60,9 @@ def classify_files(
     model: str,
     images: Sequence[str | Path],
     *,
-    top_k: int = 5,
+    top_k: int = DEFAULT_TOP_K,
     version: int = 0,
-    timeout_s: float = 30.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     batch: int = DEFAULT_BATCH,
     labels: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
@@ -105,7 +106,7 @@ def embed_files(
     texts: Sequence[str] = (),
     *,
     version: int = 0,
-    timeout_s: float = 30.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     batch: int = DEFAULT_BATCH,
     token: str | None = None,
     tls_ca: Path | None = None,

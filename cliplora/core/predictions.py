@@ -16,6 +16,7 @@ import numpy as np
 from cliplora.core.errors import InvalidArgument
 
 MAX_TOP_K = 100_000
+DEFAULT_TOP_K = 5  # predictions per image unless asked (`--top-k`)
 
 
 @dataclass(frozen=True)
