@@ -25,6 +25,7 @@ from cliplora.export.pipeline import ExportOptions, run_export
 from cliplora.model import head
 from tests import banks, factories
 
+pytestmark = pytest.mark.slow  # every test here exports banks (seconds each); quick checks: test_bank_units.py
 TOLERANCE = 1e-5  # ONNX Runtime against PyTorch, fp32, on unit embeddings of the tiny model
 
 
