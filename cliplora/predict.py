@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from cliplora.core import flags
-from cliplora.core.errors import InvalidArgument
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
 from cliplora.core.predictions import DEFAULT_TOP_K, rank, result_json, validate_top_k
 from cliplora.core.preprocess import preprocess_file
+from cliplora.core.repository import validate_adapter_id
 
 BATCH = 16
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", type=int, help="model version (default: latest)")
     flags.add_top_k(parser)
+    flags.add_adapter(parser)
     flags.add_labels(parser)
     flags.add_template(parser, flags.MODEL_TEMPLATES)
     parser.add_argument("images", nargs="+", metavar="IMAGE")
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = predict_files(args.repository, args.name, args.images, top_k=args.top_k, version=args.version,
-                            labels=flags.labels(args), templates=args.template)
+                            labels=flags.labels(args), templates=args.template, adapter=args.adapter or "")
     print(json.dumps(results, indent=2))
     return 0
 
@@ -49,12 +51,23 @@ def predict_files(
     version: int | None = None,
     labels: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
+    adapter: str = "",
 ) -> list[dict[str, Any]]:
     """Classify image files with the published model; one result dict per image.
 
     With `labels` (a model exported with ``--open-vocabulary``) they are ranked instead
-    of the model's classes, with `templates` or the model's own, as the gateway does.
+    of the model's classes, with `templates` or the model's own, as the gateway does. An
+    adapter bank answers with `adapter`'s classes (empty: its base's), as the gateway does.
     """
+    from cliplora.core.bank_runtime import is_bank
+
+    if is_bank(repository, name):
+        if labels:
+            raise FailedPrecondition(f"bank {name!r} has no text encoder: request-time labels need a bank created "
+                                     "with --open-vocabulary")
+        return _predict_bank(repository, name, images, top_k=top_k, version=version, adapter=adapter)
+    if adapter:
+        raise InvalidArgument(f"model {name!r} is not an adapter bank: --adapter is for banks")
     from cliplora.core.runtime import (
         open_published,
         open_text_encoder,
@@ -77,4 +90,24 @@ def predict_files(
         logits = np.concatenate([run_logits(model.session, batch) for batch in batches])
     else:
         logits = text.logits(np.concatenate([run_image_embeddings(model.session, batch) for batch in batches]), heads)
+    return [result_json(str(path), rank(row, names, top_k)) for path, row in zip(images, logits, strict=True)]
+
+
+def _predict_bank(repository: str | Path, name: str, images: Sequence[str | Path], *, top_k: int,
+                  version: int | None, adapter: str) -> list[dict[str, Any]]:
+    from cliplora.core.bank_runtime import open_bank
+
+    validate_top_k(top_k)
+    if not images:
+        raise InvalidArgument("no images given")
+    bank = open_bank(repository, name, version)
+    record = bank.adapter(validate_adapter_id(adapter) if adapter else "")
+    if not record.classes:
+        raise InvalidArgument(f"bank {name!r} has no classes of its own: name an adapter (--adapter; "
+                              "`cliplora bank list` lists them)")
+    class_embeddings, names = bank.classes(record)
+    crops = [preprocess_file(path, bank.image_size) for path in images]
+    embeddings = np.concatenate([bank.image_embeddings(np.stack(crops[i : i + BATCH]), record)
+                                 for i in range(0, len(crops), BATCH)])
+    logits = bank.logits(embeddings, class_embeddings)
     return [result_json(str(path), rank(row, names, top_k)) for path, row in zip(images, logits, strict=True)]

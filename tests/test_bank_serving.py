@@ -191,3 +191,50 @@ async def _until_not_found(stub, adapter: str, timeout_s: float = 60.0) -> None:
             raise
         await asyncio.sleep(0.2)
     raise AssertionError(f"adapter {adapter} still answers {timeout_s:.0f} s after its removal")
+
+
+async def test_predict_classify_and_embed_with_an_adapter_agree(bank_triton: LocalTriton, bank_repository: Path,
+                                                                 tmp_path: Path, capsys) -> None:
+    """`cliplora predict --adapter` (in process) prints what `cliplora classify --adapter`
+    gets from the gateway; `embed --adapter` gives that adapter's image embedding."""
+    import json
+
+    from cliplora.cli import main
+
+    image = tmp_path / "image.png"
+    image.write_bytes(IMAGES[1])
+
+    def printed(argv: list[str]) -> object:
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    predicted = printed(["predict", "--repository", str(bank_repository), "--name", "shop", "--adapter", "vision",
+                         "--top-k", "0", str(image)])
+    async with in_process_gateway(bank_triton.grpc_url) as (gateway, _):
+        call = ["--target", f"127.0.0.1:{gateway.port}", "--model", "shop"]
+        classified = await asyncio.to_thread(printed, ["classify", *call, "--adapter", "vision", "--top-k", "0",
+                                                       str(image)])
+        vision, both = [await asyncio.to_thread(printed, ["embed", *call, "--adapter", adapter, str(image)])
+                        for adapter in ("vision", "both")]
+    by_label = {p["label"]: p["logit"] for p in classified[0]["predictions"]}
+    assert [p["label"] for p in predicted[0]["predictions"]] == [p["label"] for p in classified[0]["predictions"]]
+    np.testing.assert_allclose([p["logit"] for p in predicted[0]["predictions"]],
+                               [by_label[p["label"]] for p in predicted[0]["predictions"]], atol=1e-4)
+    assert not np.allclose(vision[0]["embedding"], both[0]["embedding"])
+
+
+@pytest.mark.parametrize(("name", "adapter", "code", "says"), [
+    ("shop", "nobody", "NOT_FOUND", "adapter 'nobody' not found in bank 'shop'"),
+    ("shop-vision-merged", "vision", "INVALID_ARGUMENT", "is not an adapter bank"),
+    ("shop", "../x", "INVALID_ARGUMENT", "invalid adapter id"),
+])
+def test_predict_refuses_a_wrong_adapter(bank_repository: Path, tmp_path: Path, capsys, name: str, adapter: str,
+                                         code: str, says: str) -> None:
+    from cliplora.cli import main
+
+    image = tmp_path / "image.png"
+    image.write_bytes(IMAGES[0])
+    assert main(["predict", "--repository", str(bank_repository), "--name", name, "--adapter", adapter,
+                 str(image)]) == 1
+    err = capsys.readouterr().err
+    assert f"{code}: " in err and says in err, err

@@ -66,6 +66,7 @@ def classify_files(
     batch: int = DEFAULT_BATCH,
     labels: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
+    adapter: str = "",
     token: str | None = None,
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
@@ -74,9 +75,9 @@ def classify_files(
     """Classify image files through the gateway at `target` (HOST:PORT).
 
     `labels` (and `templates`) rank request-time labels instead of the model's classes
-    (a model exported with ``--open-vocabulary``). The bearer token comes from `token` or
-    ``CLIPLORA_TOKEN``; `tls_ca` switches to TLS (with `tls_cert`/`tls_key` for mutual TLS).
-    The batches after the first ask for the version that answered it (version 0: the
+    (a model exported with ``--open-vocabulary``); `adapter` names one adapter of a bank.
+    The bearer token comes from `token` or ``CLIPLORA_TOKEN``; `tls_ca` switches to TLS
+    (with `tls_cert`/`tls_key` for mutual TLS). The batches after the first ask for the version that answered it (version 0: the
     latest), so a version published meanwhile does not split one run over two models.
     """
     validate_top_k(top_k)
@@ -90,7 +91,8 @@ def classify_files(
         for start in range(0, len(payloads), batch):
             request = pb.ClassifyRequest(model=model, version=version, top_k=top_k,
                                          images=[pb.Image(encoded=data) for data in payloads[start : start + batch]],
-                                         labels=list(labels or ()), templates=list(templates or ()))
+                                         labels=list(labels or ()), templates=list(templates or ()),
+                                         adapter=adapter)
             response = _call(stub.Classify, request, timeout_s, token)
             version = version or response.version  # one version for every batch of the run
             for path, result in zip(images[start : start + batch], response.results, strict=True):
@@ -108,13 +110,15 @@ def embed_files(
     version: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     batch: int = DEFAULT_BATCH,
+    adapter: str = "",
     token: str | None = None,
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Embeddings through the gateway: ``{"image": PATH, "embedding": [...]}`` for each image,
-    then ``{"text": S, "embedding": [...]}`` for each text, in the order given. The calls
+    then ``{"text": S, "embedding": [...]}`` for each text, in the order given (with
+    `adapter`, of that adapter of a bank). The calls
     after the first ask for the version that answered it, so that a version published in
     between cannot mix two models' embeddings."""
     if not images and not texts:
@@ -123,7 +127,7 @@ def embed_files(
     results: list[dict[str, Any]] = []
     with _stub(target, tls_ca, tls_cert, tls_key) as stub:
         for start in range(0, len(payloads), batch):
-            request = pb.EmbedRequest(model=model, version=version,
+            request = pb.EmbedRequest(model=model, version=version, adapter=adapter,
                                       images=[pb.Image(encoded=data) for data in payloads[start : start + batch]])
             response = _call(stub.Embed, request, timeout_s, token)
             version = version or response.version
@@ -131,7 +135,8 @@ def embed_files(
                         for path, e in zip(images[start : start + batch], response.images, strict=True)]
         texts = list(texts)
         for start in range(0, len(texts), TEXT_BATCH):
-            request = pb.EmbedRequest(model=model, version=version, texts=texts[start : start + TEXT_BATCH])
+            request = pb.EmbedRequest(model=model, version=version, adapter=adapter,
+                                      texts=texts[start : start + TEXT_BATCH])
             response = _call(stub.Embed, request, timeout_s, token)
             version = version or response.version
             results += [{"text": text, "embedding": list(e.values)}

@@ -22,6 +22,7 @@ def _add_call(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=int, default=0, help="model version (default: latest)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help=f"deadline in seconds (default {DEFAULT_TIMEOUT_S:g})")
+    flags.add_adapter(parser)
 
 
 def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
     results = classify_files(args.target, args.model, args.images, top_k=args.top_k, version=args.version,
                              timeout_s=args.timeout, labels=flags.labels(args), templates=args.template,
-                             **flags.gateway_access(args))
+                             adapter=args.adapter or "", **flags.gateway_access(args))
     print(json.dumps(results, indent=2))
     return 0
 
@@ -54,6 +55,6 @@ def run_embed(args: argparse.Namespace) -> int:
     from cliplora.core.client import embed_files
 
     results = embed_files(args.target, args.model, args.images, args.text or (), version=args.version,
-                          timeout_s=args.timeout, **flags.gateway_access(args))
+                          timeout_s=args.timeout, adapter=args.adapter or "", **flags.gateway_access(args))
     print(json.dumps(results))
     return 0

@@ -80,3 +80,9 @@ def add_top_k(parser: argparse.ArgumentParser) -> None:
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def add_adapter(parser: argparse.ArgumentParser) -> None:
+    """``--adapter ID``: one adapter of a bank (classify, embed, predict)."""
+    parser.add_argument("--adapter", metavar="ID",
+                        help="the adapter of a bank to use (`cliplora bank list`); default: the bank's base")
