@@ -16,6 +16,7 @@ from cliplora.core.repository import validate_model_name
 if TYPE_CHECKING:
     from cliplora.loadtest.targets import Target
 
+PHOTOS = "photos"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
@@ -33,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, help="stop after this many measured requests")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
     parser.add_argument("--report", required=True, help="folder for report.json, report.md, latency.png")
-    parser.add_argument("--images", help="folder of images to send (default: generated 640x480 JPEGs)")
+    parser.add_argument("--images", help="folder of images to send, or 'photos': generated phone photos (4032x3024 "
+                                         "and 3024x4032 JPEGs, quality 90, half with an EXIF orientation tag); "
+                                         "default: generated 640x480 JPEGs")
     parser.add_argument("--batch", type=int, default=1, help="images per request (default 1)")
     parser.add_argument("--direct-triton", action="store_true", help="send uint8 crops straight to Triton")
     parser.add_argument("--raw", action="store_true", help="send raw RGB crops to the gateway (no decoding there)")
@@ -74,6 +77,16 @@ def folder_images(folder: Path) -> list[bytes]:
     if not files:
         raise InvalidArgument(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return [p.read_bytes() for p in files]
+
+
+def load_images(images: str | None, seed: int) -> list[bytes]:
+    """What ``--images`` names: ``photos`` (`cliplora.loadtest.photos`), a folder, or by default
+    the 640x480 JPEGs. A folder called photos is ``./photos``."""
+    if images == PHOTOS:
+        from cliplora.loadtest.photos import phone_photos
+
+        return phone_photos(seed=seed)
+    return folder_images(Path(images)) if images else generated_images(seed=seed)
 
 
 def _target(args: argparse.Namespace, images: list[bytes],
@@ -132,7 +145,7 @@ async def _run(args: argparse.Namespace) -> dict:
         raise InvalidArgument("--rate must be positive")
     if args.prometheus and args.in_process:
         raise InvalidArgument("--prometheus needs a server: the --in-process load has no server-side figures")
-    images = folder_images(Path(args.images)) if args.images else generated_images(seed=args.seed)
+    images = load_images(args.images, args.seed)
     target = _target(args, images, vocabulary)
     try:
         await target.start(models)
