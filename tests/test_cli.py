@@ -35,19 +35,19 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_the_commands_and_their_contract_flags() -> None:
     parsers = _subparsers()
-    assert list(parsers) == COMMANDS
+    assert [name for name in parsers if name in COMMANDS] == COMMANDS  # more may come, in any case these
     for command, wanted in CONTRACT_FLAGS.items():
         flags = {option for action in parsers[command]._actions for option in action.option_strings}
         assert wanted <= flags, (command, sorted(wanted - flags))
 
 
-@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
-def test_every_help_page_prints(command: list[str], capsys) -> None:
-    with pytest.raises(SystemExit) as done:
-        main([*command, "--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"usage: cliplora {' '.join(command)}".rstrip())
+def test_every_help_page_prints(capsys) -> None:
+    for command in [[], *([name] for name in _subparsers())]:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0, command
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: cliplora {' '.join(command)}".rstrip()), out[:80]
 
 
 def test_export_defaults_are_the_options_defaults() -> None:
