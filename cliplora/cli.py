@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cliplora import evaluate, predict
 from cliplora.core import client_commands
 from cliplora.core.errors import CliploraError
+from cliplora.export import bank_cli
 from cliplora.export import cli as export_cli
 from cliplora.finetune import cli as finetune_cli
 from cliplora.loadtest import cli as loadtest_cli
@@ -51,6 +52,8 @@ COMMANDS = (
             client_commands.add_embed_arguments, client_commands.run_embed),
     Command("loadtest", "interleaved load test with a report (and Prometheus figures)",
             loadtest_cli.add_arguments, loadtest_cli.run),
+    Command("bank", "adapter banks: many adapters on one base, one Triton model (create, add, remove, list)",
+            bank_cli.add_arguments, bank_cli.run),
 )
 
 

@@ -177,12 +177,13 @@ def _verify(base: BaseModel, folder: Path, added: Sequence[tuple[_Prepared, int]
     alone = {slot: bank_verify.embed(fp32, sample.crops, [slot] * n)
              for slot in (contract.BASE_SLOT, *(s for _, s in added))}
     mixed = bank_verify.mixed_batch_errors(fp32, sample.crops, alone, base.logit_scale)
+    reference = bank_verify.Reference(base.model)
     records = []
     for item, slot in added:
         int8_embeds = bank_verify.embed(int8_session, sample.crops, [slot] * n) if int8_session else None
         case = bank_verify.AdapterCase(item.spec.adapter, item.adapter, slot, item.classes, item.templates,
                                        item.class_embeds, alone[slot], int8_embeds)
-        record = bank_verify.check_adapter(case, base, sample, alone[contract.BASE_SLOT], mixed[slot])
+        record = bank_verify.check_adapter(case, base, reference, sample, alone[contract.BASE_SLOT], mixed[slot])
         if not record.passed:
             raise FailedPrecondition(f"adapter {item.spec.adapter!r} failed its verification inside the bank, "
                                      f"nothing published: {'; '.join(bank_verify.failures(record))}")

@@ -19,12 +19,14 @@ ONNX Runtime, open_clip's transform into PyTorch):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+from torch import nn
 
 from cliplora.core import contract
 from cliplora.core.bank_manifest import AdapterVerificationRecord, BaseVerificationRecord
@@ -32,7 +34,8 @@ from cliplora.export import quantize, verify
 from cliplora.model import head
 from cliplora.model.base_model import BaseModel
 from cliplora.model.lora import LoraAdapter
-from cliplora.model.reference import build_reference
+from cliplora.model.merge import attention_module, check_shapes, target_weight
+from cliplora.model.reference import LoraBranch, build_reference
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,30 @@ def _int8_gate(int8: np.ndarray, fp32: np.ndarray, logit_scale: float) -> quanti
                          min_top1_margin=None if margins is None else float(margins.min()))
 
 
+class Reference:
+    """The unmerged reference (`cliplora.model.reference`) built once for all the adapters of
+    one `bank add`: each adapter's branches go in for its check and come out after, so the
+    base is copied once, not once per adapter (64 adapters in one add)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.base = model
+        self.model = build_reference(model, None)
+
+    @contextmanager
+    def adapted(self, adapter: LoraAdapter) -> Iterator[nn.Module]:
+        touched = []
+        try:
+            for update in adapter.updates:  # as build_reference adds them
+                check_shapes(update, target_weight(self.base, update.tower, update.block, update.target))
+                attention = attention_module(self.model, update.tower, update.block)
+                attention.add_branch(update.target, LoraBranch(update.a, update.b, update.scale))
+                touched.append(attention)
+            yield self.model
+        finally:
+            for attention in touched:
+                attention.branches.clear()
+
+
 @dataclass(frozen=True)
 class AdapterCase:
     """One adapter to verify: its slot, its classes and its embeddings from the staged bank."""
@@ -91,16 +118,19 @@ class AdapterCase:
     int8_embeds: np.ndarray | None  # cpu-int8: the published INT8 bank's
 
 
-def check_adapter(case: AdapterCase, base: BaseModel, sample: Probes, base_embeds: np.ndarray,
-                  mixed_error: float) -> AdapterVerificationRecord:
+def check_adapter(case: AdapterCase, base: BaseModel, reference: Reference, sample: Probes,
+                  base_embeds: np.ndarray, mixed_error: float) -> AdapterVerificationRecord:
     """The adapter's record; `passed` False with the reasons in `failures`."""
     scale, size = base.logit_scale, base.image_size
-    reference = build_reference(base.model, case.adapter)
     tokens = head.prompt_tokens(base.tokenizer, case.classes, case.templates)
-    reference_text = head.text_matrix(reference, tokens, len(case.classes))
-    expected = verify.reference_logits(reference, reference_text, scale, sample.images, size, base.mean, base.std)
+    with reference.adapted(case.adapter) as adapted:
+        reference_text = head.text_matrix(adapted, tokens, len(case.classes))
+        expected = verify.reference_logits(adapted, reference_text, scale, sample.images, size, base.mean, base.std)
     logits = scale * case.embeds.astype(np.float64) @ case.class_embeds.T
-    base_logits = scale * base_embeds.astype(np.float64) @ head.text_matrix(base.model, tokens, len(case.classes)).numpy()
+    # Without text updates the base text tower is the adapter's own: its class embeddings.
+    base_text = head.text_matrix(base.model, tokens, len(case.classes)).numpy() \
+        if any(u.tower == "text" for u in case.adapter.updates) else case.class_embeds.T
+    base_logits = scale * base_embeds.astype(np.float64) @ base_text
     bound = verify.FP32_TOLERANCE
     gate = None
     if case.int8_embeds is not None:
@@ -140,8 +170,8 @@ def check_base(base: BaseModel, sample: Probes, embeds: np.ndarray, class_embeds
                int8_embeds: np.ndarray | None) -> BaseVerificationRecord:
     """Slot 0 of a new bank against the base model (no adapter), at `bank create`."""
     scale = base.logit_scale
-    reference = build_reference(base.model, None)
-    expected = verify.reference_features(reference, sample.images, base.image_size, base.mean, base.std)
+    expected = verify.reference_features(Reference(base.model).model, sample.images, base.image_size, base.mean,
+                                         base.std)
     error = float(scale * np.linalg.norm(embeds.astype(np.float64) - expected, axis=1).max())
     logits = None
     if len(class_embeds):

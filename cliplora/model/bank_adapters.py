@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -89,6 +90,12 @@ def text_only(adapter: LoraAdapter | None) -> LoraAdapter | None:
     return replace(adapter, updates=updates) if updates else None
 
 
+def _without_image_tower(model: nn.Module) -> nn.Module:
+    """A copy of a CLIP without its image tower (deepcopy's memo makes it None): what a
+    text-side merge needs, at the text tower's size."""
+    return copy.deepcopy(model, memo={id(model.visual): None})
+
+
 @torch.no_grad()
 def class_embeddings(model: nn.Module, adapter: LoraAdapter | None, tokenizer: object, classes: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
@@ -96,6 +103,6 @@ def class_embeddings(model: nn.Module, adapter: LoraAdapter | None, tokenizer: o
     if not classes:
         return np.zeros((0, int(model.text_projection.shape[1])), dtype=np.float32)
     text = text_only(adapter)
-    encoder = merge_adapter(model, text)[0] if text else model
+    encoder = merge_adapter(_without_image_tower(model), text)[0] if text else model
     tokens = head.prompt_tokens(tokenizer, classes, templates)  # type: ignore[arg-type]
     return head.text_matrix(encoder, tokens, len(classes)).t().contiguous().numpy()
