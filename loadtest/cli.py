@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import io
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cliplora.core import flags
 from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
-from cliplora.core.repository import validate_model_name
+from cliplora.core.open_vocab import read_names_file, validate_labels, validate_templates
+from cliplora.loadtest.entries import Entry, parse_entry, parse_skew, wants_labels
 
 if TYPE_CHECKING:
     from cliplora.loadtest.targets import Target
@@ -25,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", required=True,
                         help="comma-separated; ratios are against the first. NAME:labels sends the --labels-file "
                              "labels to NAME (request-time labels, warm cache); NAME:labels-cold sends them with a "
-                             "fresh suffix each request (every prompt a cache miss)")
+                             "fresh suffix each request (every prompt a cache miss); NAME@ID asks adapter ID of bank "
+                             "NAME; NAME@* each request the next adapter of bank NAME")
+    parser.add_argument("--adapter-skew", metavar="zipf:S",
+                        help="NAME@* entries draw their adapters Zipf-distributed with exponent S (the bank's first "
+                             "adapter the most often) instead of round robin")
     flags.add_labels(parser, inline=False, purpose="for the NAME:labels entries")
     flags.add_template(parser, flags.MODEL_TEMPLATES)
     parser.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight (default 1)")
@@ -89,8 +95,7 @@ def load_images(images: str | None, seed: int) -> list[bytes]:
     return folder_images(Path(images)) if images else generated_images(seed=seed)
 
 
-def _target(args: argparse.Namespace, images: list[bytes],
-            vocabulary: dict[str, tuple[str, list[str], list[str], bool]]) -> Target:
+def _target(args: argparse.Namespace, images: list[bytes], entries: dict[str, Entry]) -> Target:
     from cliplora.loadtest.targets import GatewayTarget, InProcessTarget, TritonTarget
 
     if args.in_process:
@@ -99,35 +104,27 @@ def _target(args: argparse.Namespace, images: list[bytes],
         raise InvalidArgument("--target HOST:PORT is required (or --in-process REPOSITORY)")
     if args.direct_triton:
         return TritonTarget(args.target, images, batch=args.batch)
-    return GatewayTarget(args.target, images, batch=args.batch, raw=args.raw, vocabulary=vocabulary)
+    return GatewayTarget(args.target, images, batch=args.batch, raw=args.raw, entries=entries,
+                         adapter_skew=parse_skew(args.adapter_skew), seed=args.seed)
 
 
-LABEL_VARIANTS = ("labels", "labels-cold")
-
-
-def _vocabulary(models: list[str], args: argparse.Namespace) -> dict[str, tuple[str, list[str], list[str], bool]]:
-    """{entry: (model, labels, templates, cold)} for the NAME:labels entries; every other
-    entry must be a plain model name."""
-    from cliplora.core.open_vocab import read_names_file, validate_labels, validate_templates
-
-    found = {}
-    vocabulary: tuple[list[str], list[str]] | None = None  # read once, for every NAME:labels entry
-    for entry in models:
-        name, _, variant = entry.partition(":")
-        validate_model_name(name)
-        if not variant:
-            continue
-        if variant not in LABEL_VARIANTS:
-            raise InvalidArgument(f"--models entry {entry!r}: after ':' comes labels or labels-cold")
-        if args.direct_triton or args.in_process:
-            raise InvalidArgument(f"--models entry {entry!r}: request-time labels go through the gateway")
+def _entries(models: list[str], args: argparse.Namespace) -> dict[str, Entry]:
+    """Every --models entry parsed (`cliplora.loadtest.entries`), the labels file read once
+    for all NAME:labels entries."""
+    entries = {text: parse_entry(text) for text in models}
+    special = [e.name for e in entries.values() if e.adapter or wants_labels(e.name)]
+    if special and (args.direct_triton or args.in_process):
+        raise InvalidArgument(f"--models entry {special[0]!r}: labels and adapters go through the gateway")
+    if args.adapter_skew is not None and not any(e.every_adapter for e in entries.values()):
+        raise InvalidArgument("--adapter-skew goes with a NAME@* entry")
+    if any(wants_labels(text) for text in models):
         if not args.labels_file:
-            raise InvalidArgument(f"--models entry {entry!r} needs --labels-file")
-        if vocabulary is None:
-            vocabulary = (validate_labels(read_names_file(args.labels_file)),
-                          validate_templates(args.template) if args.template else [])
-        found[entry] = (name, *vocabulary, variant == "labels-cold")
-    return found
+            raise InvalidArgument(f"--models entry {next(t for t in models if wants_labels(t))!r} needs --labels-file")
+        labels = tuple(validate_labels(read_names_file(args.labels_file)))
+        templates = tuple(validate_templates(args.template) if args.template else ())
+        entries = {text: replace(entry, labels=labels, templates=templates) if wants_labels(text) else entry
+                   for text, entry in entries.items()}
+    return entries
 
 
 async def _run(args: argparse.Namespace) -> dict:
@@ -138,7 +135,7 @@ async def _run(args: argparse.Namespace) -> dict:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise InvalidArgument("--models needs at least one model name")
-    vocabulary = _vocabulary(models, args)
+    entries = _entries(models, args)
     if args.concurrency < 1 or args.batch < 1 or args.duration <= 0 or args.warmup < 0:
         raise InvalidArgument("--concurrency and --batch must be >= 1, --duration > 0, --warmup >= 0")
     if args.rate is not None and args.rate <= 0:
@@ -146,7 +143,7 @@ async def _run(args: argparse.Namespace) -> dict:
     if args.prometheus and args.in_process:
         raise InvalidArgument("--prometheus needs a server: the --in-process load has no server-side figures")
     images = load_images(args.images, args.seed)
-    target = _target(args, images, vocabulary)
+    target = _target(args, images, entries)
     try:
         await target.start(models)
     except Exception as exc:  # unreachable server, unknown model: say which and stop

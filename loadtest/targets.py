@@ -7,6 +7,8 @@ failure; the runner measures. Images are prepared once, before the clock starts.
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -15,8 +17,10 @@ import grpc
 import numpy as np
 
 from cliplora.core import contract
+from cliplora.core.errors import InvalidArgument, NotFound
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.runtime import open_published, run_logits
+from cliplora.loadtest.entries import AdapterChooser, Entry
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -47,17 +51,22 @@ class RequestFailed(Exception):
 
 
 class GatewayTarget:
-    """`cliplora.v1.Classifier/Classify` over gRPC (the gateway, or any server with the API)."""
+    """`cliplora.v1.Classifier/Classify` over gRPC (the gateway, or any server with the API).
+
+    Each ``--models`` entry (`cliplora.loadtest.entries`) has its requests built once; a
+    ``NAME@*`` entry's request names the adapter its `AdapterChooser` picks for the item.
+    """
 
     def __init__(self, address: str, images: list[bytes], *, batch: int = 1, raw: bool = False,
-                 timeout_s: float = 60.0, top_k: int = 5,
-                 vocabulary: dict[str, tuple[str, list[str], list[str], bool]] | None = None) -> None:
+                 timeout_s: float = 60.0, top_k: int = 5, entries: dict[str, Entry] | None = None,
+                 adapter_skew: float | None = None, seed: int = 0) -> None:
         self.address, self.images, self.batch, self.raw = address, images, batch, raw
         self.timeout_s, self.top_k = timeout_s, top_k
-        # entry -> (model, labels, templates, cold): request-time labels (see loadtest.cli)
-        self.vocabulary = vocabulary or {}
+        self.entries = entries or {}
+        self.adapter_skew, self.seed = adapter_skew, seed
         self.description = f"gateway {address}" + (" (raw RGB)" if raw else " (encoded images)")
         self._requests: dict[str, list[pb.ClassifyRequest]] = {}
+        self._choosers: dict[str, tuple[AdapterChooser, Iterator[int]]] = {}  # NAME@*: chooser, its own count
 
     async def start(self, models: list[str]) -> None:
         from cliplora.core.client import token_metadata
@@ -65,31 +74,48 @@ class GatewayTarget:
         self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_send_message_length", 1 << 28)])
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.metadata = token_metadata()  # CLIPLORA_TOKEN, when the gateway wants one
-        sizes: dict[str, int] = {}
-        if self.raw:
-            listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=self.metadata)
-            sizes = {m.name: m.image_size for m in listing.models}
-        for entry in models:
-            model, labels, templates, _cold = self.vocabulary.get(entry, (entry, [], [], False))
+        listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=self.metadata)
+        served = {m.name: m for m in listing.models}
+        for name in models:
+            entry = self.entries.get(name) or Entry(name, name)
+            if entry.every_adapter:
+                self._choosers[name] = (self._chooser(entry, served), itertools.count())
             requests = []
             for chosen in rotating_batches(self.images, self.batch):
-                if self.raw:
-                    size = sizes[model]
-                    images = [pb.Image(raw=pb.RawImage(rgb=preprocess_bytes(data, size).tobytes(), width=size, height=size))
-                              for data in chosen]
-                else:
-                    images = [pb.Image(encoded=data) for data in chosen]
-                requests.append(pb.ClassifyRequest(model=model, images=images, top_k=self.top_k, labels=labels,
-                                                   templates=templates))
-            self._requests[entry] = requests
+                requests.append(pb.ClassifyRequest(
+                    model=entry.model, images=self._images(chosen, served, entry.model), top_k=self.top_k,
+                    labels=entry.labels, templates=entry.templates,
+                    adapter="" if entry.every_adapter else entry.adapter))
+            self._requests[name] = requests
+
+    def _chooser(self, entry: Entry, served: dict[str, pb.ModelInfo]) -> AdapterChooser:
+        info = served.get(entry.model)
+        if info is None or info.kind != "bank":
+            raise InvalidArgument(f"--models entry {entry.name!r}: {entry.model!r} is not a bank the gateway serves")
+        adapters = [a.id for a in info.adapters if a.id != "base"]
+        return AdapterChooser(adapters, self.adapter_skew, seed=self.seed)
+
+    def _images(self, chosen: list[bytes], served: dict[str, pb.ModelInfo], model: str) -> list[pb.Image]:
+        if not self.raw:
+            return [pb.Image(encoded=data) for data in chosen]
+        if model not in served:
+            raise NotFound(f"model {model!r} not served (--raw needs its image size)")
+        size = served[model].image_size
+        return [pb.Image(raw=pb.RawImage(rgb=preprocess_bytes(data, size).tobytes(), width=size, height=size))
+                for data in chosen]
 
     async def send(self, model: str, item: int) -> None:
         requests = self._requests[model]
         request = requests[item % len(requests)]
-        if self.vocabulary.get(model, ("", [], [], False))[3]:  # cold: labels no call has used before
+        entry = self.entries.get(model)
+        if entry is not None and (entry.cold or entry.every_adapter):
             fresh = pb.ClassifyRequest()
             fresh.CopyFrom(request)
-            fresh.labels[:] = [f"{label} {item}" for label in request.labels]
+            if entry.cold:  # labels no call has used before
+                fresh.labels[:] = [f"{label} {item}" for label in request.labels]
+            if entry.every_adapter:  # the entry's own count: items of interleaved entries skip numbers
+                chooser, count = self._choosers[model]
+                fresh.adapter = chooser(next(count))
             request = fresh
         try:
             await self.stub.Classify(request, timeout=self.timeout_s, metadata=self.metadata)

@@ -238,3 +238,26 @@ def test_predict_refuses_a_wrong_adapter(bank_repository: Path, tmp_path: Path, 
                  str(image)]) == 1
     err = capsys.readouterr().err
     assert f"{code}: " in err and says in err, err
+
+
+async def test_loadtest_interleaves_a_model_an_adapter_and_every_adapter(bank_triton: LocalTriton,
+                                                                          tmp_path: Path) -> None:
+    """`cliplora loadtest --models shop,shop@vision,shop@* --adapter-skew zipf:1.1`: three
+    interleaved entries, none failing; the @* entry reached every adapter of the bank
+    (the gateway counts requests per adapter: cliplora_gateway_adapter_requests_total)."""
+    import json
+
+    from cliplora.cli import main
+
+    async with in_process_gateway(bank_triton.grpc_url) as (gateway, _):
+        argv = ["loadtest", "--target", f"127.0.0.1:{gateway.port}", "--models", "shop,shop@vision,shop@*",
+                "--adapter-skew", "zipf:1.1", "--concurrency", "2", "--duration", "4", "--warmup", "0.5",
+                "--report", str(tmp_path / "report"), "--quiet"]
+        assert await asyncio.to_thread(main, argv) == 0
+        text = metrics_text(gateway.metrics_port)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert set(report["models"]) == {"shop", "shop@vision", "shop@*"}
+    assert all(m["requests"] > 0 and m["errors"] == 0 for m in report["models"].values()), report["models"]
+    counted = {adapter: float(value) for adapter, value in re.findall(
+        r'^cliplora_gateway_adapter_requests_total\{adapter="([^"]+)",model="shop"\} (\S+)', text, re.M)}
+    assert set(ADAPTERS) <= set(counted) and all(counted[a] > 0 for a in ADAPTERS), counted

@@ -31,6 +31,7 @@ from cliplora.core import contract
 from cliplora.core.errors import DeadlineExceeded, InvalidArgument, NotFound
 from cliplora.core.open_vocab import open_vocabulary_logits
 from cliplora.core.predictions import rank
+from cliplora.serve.gateway.adapter_traffic import AdapterTraffic
 from cliplora.serve.gateway.admission import MetricLabels
 from cliplora.serve.gateway.backend import TritonBackend
 from cliplora.serve.gateway.errors import VersionNotReady
@@ -54,6 +55,7 @@ class Handlers:
         self.metrics = metrics
         self.images = ImagePreparer(pool, metrics, settings.max_pixels, settings.decoding)
         self.text = TextEncoder(triton, metrics, pool, settings.text_cache_entries)
+        self.traffic = AdapterTraffic(metrics.adapter_requests, metrics.adapter_evictions, settings.adapter_series)
 
     async def classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
                        metric_labels: MetricLabels) -> pb.ClassifyResponse:
@@ -61,7 +63,7 @@ class Handlers:
         query = ClassifyQuery.parse(request, self.settings)
         text = query.vocabulary is not None
         route = await self.triton.lookup(query.model, query.version, text=text, embeds=text, adapter=query.adapter)
-        metric_labels.update(model=route.entry.name, version=str(route.version))
+        self._resolved(route, metric_labels)
         logits, version, names = await self._again_if_unloaded(route, self._logits, query, deadline)
         metric_labels["version"] = str(version)  # the version that answered
         return pb.ClassifyResponse(
@@ -78,11 +80,17 @@ class Handlers:
         query = EmbedQuery.parse(request, self.settings)
         route = await self.triton.lookup(query.model, query.version, text=bool(query.texts),
                                          embeds=bool(query.images), adapter=query.adapter)
-        metric_labels.update(model=route.entry.name, version=str(route.version))
+        self._resolved(route, metric_labels)
         images, texts = await self._again_if_unloaded(route, self._embeddings, query, deadline)
         return pb.EmbedResponse(model=route.entry.name, version=route.version,
                                 images=[pb.Embedding(values=row.tolist()) for row in images],
                                 texts=[pb.Embedding(values=row.tolist()) for row in texts])
+
+    def _resolved(self, route: Route, metric_labels: MetricLabels) -> None:
+        """What a resolved request counts in: its model and version, and a bank's adapter."""
+        metric_labels.update(model=route.entry.name, version=str(route.version))
+        if route.adapter is not None:
+            self.traffic.count(route.entry.name, route.adapter.adapter)
 
     async def _again_if_unloaded(self, route: Route, answer: Callable[[Route, Q, float], Awaitable[T]], query: Q,
                                  deadline: float) -> T:

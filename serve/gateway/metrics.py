@@ -60,6 +60,15 @@ class GatewayMetrics:
             ["model"], registry=r)
         self.text_cache_entries = Gauge("cliplora_gateway_text_cache_entries", "Prompt embeddings in the cache.",
                                         registry=r)
+        # Per bank adapter: one counter, its series bounded (serve/gateway/adapter_traffic.py).
+        self.adapter_requests = Counter(
+            "cliplora_gateway_adapter_requests_total",
+            "Requests per bank adapter, for the adapters the gateway tracks (at most --adapter-series per bank).",
+            ["model", "adapter"], registry=r)
+        self.adapter_evictions = Counter(
+            "cliplora_gateway_adapter_series_evictions_total",
+            "Adapters whose request series gave way to another (the --adapter-series bound at work).",
+            ["model"], registry=r)
         self.model_info = Gauge(
             "cliplora_gateway_model_info",
             "1 per served model; base_model/base_weights/lora from its manifest pair a LoRA model with its base.",

@@ -45,6 +45,7 @@ class GatewaySettings:
     max_label_chars: int = 300  # characters per label, template or text
     max_prompts: int = 32_000  # labels x templates per call: what one call may make the text encoder embed
     text_cache_entries: int = 100_000  # prompt embeddings kept (LRU); 0: none
+    adapter_series: int = 64  # banks: adapters with a request-count series, per bank (the heaviest hitters)
     tls_cert: Path | None = None  # PEM; with tls_key, the gateway speaks TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM; clients must then present a certificate it signed
@@ -54,7 +55,7 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         positive = ("max_image_bytes", "max_images", "max_pixels", "max_concurrent",
                     "default_timeout_s", "refresh_interval_s", "health_interval_s", "max_labels", "max_templates",
-                    "max_label_chars", "max_prompts")
+                    "max_label_chars", "max_prompts", "adapter_series")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")

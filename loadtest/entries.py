@@ -1,0 +1,96 @@
+"""The ``--models`` entries of `cliplora loadtest`: what each entry's requests ask for.
+
+- ``NAME``: model NAME (its own classes, or a bank's base);
+- ``NAME:labels`` / ``NAME:labels-cold``: the ``--labels-file`` labels as request-time
+  labels, the same ones every time (warm text cache) or with a fresh suffix each request
+  (every prompt a cache miss);
+- ``NAME@ID``: adapter ID of bank NAME;
+- ``NAME@*``: every adapter of bank NAME (its base aside), the next one for each request
+  (round robin), or drawn from a Zipf distribution over them with
+  ``--adapter-skew zipf:S`` (the first adapter the most often: P(k) ∝ 1 / k^S).
+
+Entries are interleaved request by request, whatever they ask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cliplora.core.errors import InvalidArgument
+from cliplora.core.repository import validate_adapter_id, validate_model_name
+
+LABEL_VARIANTS = ("labels", "labels-cold")
+EVERY_ADAPTER = "*"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # as written in --models: the report's key
+    model: str
+    labels: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    cold: bool = False
+    adapter: str = ""  # NAME@ID; EVERY_ADAPTER for NAME@*
+
+    @property
+    def every_adapter(self) -> bool:
+        return self.adapter == EVERY_ADAPTER
+
+
+def parse_entry(text: str) -> Entry:
+    """One entry's model and what it asks (labels come later, from the labels file)."""
+    name, at, adapter = text.partition("@")
+    model, colon, variant = name.partition(":")
+    validate_model_name(model)
+    if colon and variant not in LABEL_VARIANTS:
+        raise InvalidArgument(f"--models entry {text!r}: after ':' comes labels or labels-cold")
+    if at:
+        if colon:
+            raise InvalidArgument(f"--models entry {text!r}: an adapter entry takes no ':labels'")
+        if adapter != EVERY_ADAPTER:
+            validate_adapter_id(adapter)
+    return Entry(text, model, cold=variant == "labels-cold", adapter=adapter if at else "")
+
+
+def wants_labels(text: str) -> bool:
+    return ":" in text.partition("@")[0]
+
+
+@dataclass
+class AdapterChooser:
+    """Which adapter of a ``NAME@*`` entry request `item` asks for: round robin over
+    `adapters`, or a seeded Zipf(`skew`) draw (the same sequence for the same seed)."""
+
+    adapters: list[str]
+    skew: float | None = None
+    seed: int = 0
+    _draws: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.adapters:
+            raise InvalidArgument("an @* entry needs a bank with at least one adapter besides its base")
+        if self.skew is not None:
+            weights = 1.0 / np.arange(1, len(self.adapters) + 1, dtype=np.float64) ** self.skew
+            rng = np.random.default_rng(self.seed)
+            self._draws = rng.choice(len(self.adapters), size=1 << 16, p=weights / weights.sum())
+
+    def __call__(self, item: int) -> str:
+        if self.skew is None:
+            return self.adapters[item % len(self.adapters)]
+        return self.adapters[int(self._draws[item % len(self._draws)])]
+
+
+def parse_skew(text: str | None) -> float | None:
+    """``--adapter-skew zipf:S`` (S > 0) -> S; None (round robin) when not given."""
+    if text is None:
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        skew = float(value)
+    except ValueError:
+        skew = float("nan")
+    if kind != "zipf" or not skew > 0:
+        raise InvalidArgument(f"--adapter-skew must be zipf:S with S > 0 (e.g. zipf:1.1), got {text!r}")
+    return skew
