@@ -194,6 +194,30 @@ def load_base_model(
 ) -> BaseModel:
     """Build the open_clip model `model` and load the weights `pretrained` into it."""
     name, config = resolve_model_config(model)
+    weights, state = _read_weights(name, config, pretrained, allow_random_weights)
+    if weights.quick_gelu is not None:
+        _check_activation(name, config, weights.reference, weights.quick_gelu)
+    clip = _build_model(name)
+    if state is not None:
+        _load_state_dict(clip, state, weights.reference)
+    clip.eval()
+    size, preprocess = _square_clip_preprocessing(name, clip)
+    return BaseModel(
+        name=name,
+        model=clip,
+        tokenizer=open_clip.get_tokenizer(name),
+        weights=weights,
+        quick_gelu=bool(config.get("quick_gelu", False)),
+        image_size=size,
+        mean=tuple(float(m) for m in preprocess["mean"]),
+        std=tuple(float(s) for s in preprocess["std"]),
+        config=config,
+    )
+
+
+def _read_weights(name: str, config: dict[str, Any], pretrained: str | None,
+                  allow_random_weights: bool) -> tuple[WeightsSource, dict[str, torch.Tensor] | None]:
+    """Where the weights come from and their state dict (None: random weights, only when allowed)."""
     if pretrained in (None, "", "none"):
         if not allow_random_weights:
             raise InvalidArgument(
@@ -201,36 +225,32 @@ def load_base_model(
                 f"{_tags_hint(name)}, a state-dict file or an OpenAI .pt archive). "
                 "For tests and demos only, --allow-random-weights exports a random model."
             )
-        weights = WeightsSource("random", "random", None, None)
-        state = None
-    else:
-        path = Path(pretrained)
-        if path.exists():
-            if is_torchscript_archive(path):
-                state = load_torchscript_state_dict(path, "base weights")
-                weights = WeightsSource("torchscript", str(path), sha256_file(path), True)
-            else:
-                state = load_tensors(path, "base weights")
-                weights = WeightsSource("file", str(path), sha256_file(path), None)
-            state = _normalise_state_dict(state, path)
-        elif open_clip.get_pretrained_cfg(name, pretrained):
-            tag_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
-            _check_activation(name, config, pretrained, tag_quick_gelu)  # before a long download
-            checkpoint = _tag_checkpoint(name, pretrained)
-            state = _normalise_state_dict(load_tensors(checkpoint, "base weights"), checkpoint)
-            weights = WeightsSource("tag", pretrained, sha256_file(checkpoint), tag_quick_gelu)
+        return WeightsSource("random", "random", None, None), None
+    path = Path(pretrained)
+    if path.exists():
+        if is_torchscript_archive(path):
+            state = load_torchscript_state_dict(path, "base weights")
+            weights = WeightsSource("torchscript", str(path), sha256_file(path), True)
         else:
-            raise NotFound(
-                f"--pretrained {pretrained!r} is neither a file nor an open_clip tag for {name} "
-                f"(tags: {_tags_hint(name)})"
-            )
+            state = load_tensors(path, "base weights")
+            weights = WeightsSource("file", str(path), sha256_file(path), None)
+        return weights, _normalise_state_dict(state, path)
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        tag_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        _check_activation(name, config, pretrained, tag_quick_gelu)  # before a long download
+        checkpoint = _tag_checkpoint(name, pretrained)
+        state = _normalise_state_dict(load_tensors(checkpoint, "base weights"), checkpoint)
+        return WeightsSource("tag", pretrained, sha256_file(checkpoint), tag_quick_gelu), state
+    raise NotFound(
+        f"--pretrained {pretrained!r} is neither a file nor an open_clip tag for {name} "
+        f"(tags: {_tags_hint(name)})"
+    )
 
-    quick_gelu = bool(config.get("quick_gelu", False))
-    if weights.quick_gelu is not None:
-        _check_activation(name, config, weights.reference, weights.quick_gelu)
 
-    # Random weights are deterministic, from a seeded generator of their own: the caller's
-    # random state is left as it was (fork_rng restores it), and so is logging.
+def _build_model(name: str) -> CLIP:
+    """open_clip's model `name`, fp32 on the CPU, with random weights of a seed of its own.
+
+    The caller's random state is left as it was (fork_rng restores it), and so is logging."""
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _without_random_init_warning():
         torch.manual_seed(RANDOM_SEED)
         warnings.simplefilter("ignore")
@@ -243,10 +263,11 @@ def load_base_model(
             f"model {name} is not supported: cliplora needs a CLIP with transformer text and "
             "vision towers (ViT-*), as CLIP-LoRA adapts their attention"
         )
-    if state is not None:
-        _load_state_dict(clip, state, weights.reference)
-    clip.eval()
+    return clip
 
+
+def _square_clip_preprocessing(name: str, clip: CLIP) -> tuple[int, dict[str, Any]]:
+    """The image size and preprocessing config, when they are CLIP's (square, shortest side, bicubic)."""
     preprocess = clip.visual.preprocess_cfg
     size = preprocess["size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -257,17 +278,7 @@ def load_base_model(
             f"model {name} preprocesses with {preprocess.get('resize_mode')}/{preprocess.get('interpolation')}; "
             "only shortest-side bicubic resize + centre crop (CLIP's) is supported"
         )
-    return BaseModel(
-        name=name,
-        model=clip,
-        tokenizer=open_clip.get_tokenizer(name),
-        weights=weights,
-        quick_gelu=quick_gelu,
-        image_size=int(size[0]),
-        mean=tuple(float(m) for m in preprocess["mean"]),
-        std=tuple(float(s) for s in preprocess["std"]),
-        config=config,
-    )
+    return int(size[0]), preprocess
 
 
 class _RandomInitFilter(logging.Filter):
