@@ -24,7 +24,14 @@ class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        r = self.registry
+        self._requests(self.registry)
+        self._pool(self.registry)
+        self._text_cache(self.registry)
+        self._models(self.registry)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _requests(self, r: CollectorRegistry) -> None:
         self.requests = Histogram(
             "cliplora_gateway_request_duration_seconds", "Gateway request latency, receipt to reply.",
             ["model", "version", "method", "code"], buckets=LATENCY_BUCKETS, registry=r)
@@ -34,6 +41,15 @@ class GatewayMetrics:
         self.preprocess = Histogram(
             "cliplora_gateway_preprocess_duration_seconds", "Decode + resize + crop of one image.",
             buckets=PREPROCESS_BUCKETS, registry=r)
+        self.in_flight = Gauge("cliplora_gateway_in_flight_requests", "Requests being handled now.", registry=r)
+        self.images = Counter("cliplora_gateway_images_total", "Images classified.", ["model"], registry=r)
+        self.rejected = Counter("cliplora_gateway_rejected_total", "Requests refused over the concurrency limit.",
+                                registry=r)
+        self.unauthenticated = Counter("cliplora_gateway_unauthenticated_total",
+                                       "Calls refused for a missing or invalid bearer token.", registry=r)
+        self.triton_ready = Gauge("cliplora_gateway_triton_ready", "1 while Triton answers ready.", registry=r)
+
+    def _pool(self, r: CollectorRegistry) -> None:
         # The worker threads (serve/gateway/decode_pool.py): decoding and tokenizing wait here.
         self.pool_workers = Gauge("cliplora_gateway_preprocess_pool_workers", "Threads of the preprocessing pool.",
                                   registry=r)
@@ -45,13 +61,8 @@ class GatewayMetrics:
             buckets=PREPROCESS_BUCKETS, registry=r)
         self.pool_cpu = Counter("cliplora_gateway_preprocess_pool_cpu_seconds_total",
                                 "CPU time the pool's tasks used (per-core throughput: tasks over this).", registry=r)
-        self.in_flight = Gauge("cliplora_gateway_in_flight_requests", "Requests being handled now.", registry=r)
-        self.images = Counter("cliplora_gateway_images_total", "Images classified.", ["model"], registry=r)
-        self.rejected = Counter("cliplora_gateway_rejected_total", "Requests refused over the concurrency limit.",
-                                registry=r)
-        self.unauthenticated = Counter("cliplora_gateway_unauthenticated_total",
-                                       "Calls refused for a missing or invalid bearer token.", registry=r)
-        self.triton_ready = Gauge("cliplora_gateway_triton_ready", "1 while Triton answers ready.", registry=r)
+
+    def _text_cache(self, r: CollectorRegistry) -> None:
         self.text_cache_hits = Counter(
             "cliplora_gateway_text_cache_hits_total", "Prompt embeddings found in the cache (request-time labels).",
             ["model"], registry=r)
@@ -60,6 +71,8 @@ class GatewayMetrics:
             ["model"], registry=r)
         self.text_cache_entries = Gauge("cliplora_gateway_text_cache_entries", "Prompt embeddings in the cache.",
                                         registry=r)
+
+    def _models(self, r: CollectorRegistry) -> None:
         # Per bank adapter: one counter, its series bounded (serve/gateway/adapter_traffic.py).
         self.adapter_requests = Counter(
             "cliplora_gateway_adapter_requests_total",
@@ -77,8 +90,6 @@ class GatewayMetrics:
         self.stack_restarts = Counter("cliplora_stack_restarts_total",
                                       "Restarts of a local stack child (triton, prometheus) after it exited or hung.",
                                       ["component"], registry=r)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP; returns the bound port (useful with port 0)."""
