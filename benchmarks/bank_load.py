@@ -21,6 +21,7 @@ and each load test's own report folder beside them.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from pathlib import Path
 import grpc
 import psutil
 from bank_bench import towers, write_adapter  # the same adapters as the memory benchmark
+from PIL import Image
 
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
@@ -71,7 +73,9 @@ def start_stack(repo: Path, log_dir: Path) -> subprocess.Popen[bytes]:
 def until_answered(adapter: str, timeout_s: float = 900) -> float:
     """Poll the gateway until `adapter` (or the base model, for "") answers; seconds waited."""
     started = time.perf_counter()
-    image = pb.Image(raw=pb.RawImage(rgb=bytes(224 * 224 * 3), width=224, height=224))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(buffer, "PNG")
+    image = pb.Image(encoded=buffer.getvalue())
     with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
         stub = pb_grpc.ClassifierStub(channel)
         while True:
