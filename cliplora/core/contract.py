@@ -273,3 +273,37 @@ def read_adapter_table(raw: bytes | str) -> list[AdapterRow]:
     if not table or table[0].adapter != BASE_ADAPTER or table[0].slot != BASE_SLOT:
         raise ValueError(f"an adapter table starts with {BASE_ADAPTER!r} in slot {BASE_SLOT}")
     return table
+
+
+# Promotion (`cliplora bank promote NAME --adapter ID`, DESIGN.md §8.3 in docs/architecture.md
+# "Adapter banks"): the adapter exported as a merged classifier `NAME--ID`, whose config
+# names the bank, the adapter and the adapter's content hash. The gateway answers
+# model=NAME, adapter=ID with it while it is ready and those three match the bank's current
+# adapter table (a replaced adapter never answers from a stale promotion).
+PROMOTED_SEPARATOR = "--"
+PARAM_PROMOTED_FROM = "promoted_from"  # on a promoted classifier: its bank
+PARAM_PROMOTED_ADAPTER = "promoted_adapter"  # ... the adapter id
+PARAM_PROMOTED_LORA_SHA256 = "promoted_lora_sha256"  # ... the adapter's content hash when promoted
+
+
+def promoted_model_name(bank: str, adapter: str) -> str:
+    """The merged classifier that serves adapter `adapter` of bank `bank` once promoted."""
+    return f"{bank}{PROMOTED_SEPARATOR}{adapter}"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What a promoted classifier's config says it serves."""
+
+    bank: str
+    adapter: str
+    lora_sha256: str
+
+
+def promotion(config: dict[str, Any]) -> Promotion | None:
+    """The promotion a classifier's config (JSON form) declares, or None for any other model."""
+    bank = parameter(config, PARAM_PROMOTED_FROM)
+    adapter = parameter(config, PARAM_PROMOTED_ADAPTER)
+    if not bank or not adapter:
+        return None
+    return Promotion(bank, adapter, parameter(config, PARAM_PROMOTED_LORA_SHA256) or "")
