@@ -7,9 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cliplora.core import contract
 from cliplora.core.errors import NotFound
 from cliplora.core.preprocess import preprocess_bytes
+from cliplora.serve.gateway.discovery import _with_promotions
 from cliplora.serve.gateway.errors import VersionNotReady
+from cliplora.serve.gateway.models import ModelEntry
 from cliplora.v1 import classifier_pb2 as pb
 from tests.fakes import (
     BANK,
@@ -147,3 +150,74 @@ async def test_list_models_shows_a_bank_and_its_adapters() -> None:
         ("base", 0, 0, [], 1), ("acme", 2, 2, ["q", "k", "v"], 1), ("zeta", 3, 2, ["q", "k", "v"], 2)]
     assert bank.adapters[1].lora_sha256 == f"{1:064x}" and bank.adapters[1].promoted_to == ""
     assert {m.name: m.kind for m in reply.models}["m"] == "classifier"
+
+
+# -- promotion: a bank adapter served by its merged classifier ------------------------------------
+
+def _promoted(adapter: str = "acme", sha: str | None = None, name: str = "bank--acme") -> ModelEntry:
+    row = BANK.bank.tables[2][adapter]
+    return ModelEntry(name, (1,), image_size=16, num_classes=3, max_batch_size=4,
+                      class_names=("merged a", "merged b", "merged c"),
+                      promotion=contract.Promotion("bank", adapter, row.lora_sha256 if sha is None else sha))
+
+
+class _Recording(FakeTriton):
+    def __init__(self, models: dict[str, ModelEntry]) -> None:
+        super().__init__()
+        self.models = _with_promotions({**self.models, **models})
+        self.ran: list[str] = []
+
+    async def infer_images(self, route, batch, timeout_s, output="logits"):
+        self.ran.append(route.entry.name)
+        return await super().infer_images(route, batch, timeout_s, output)
+
+
+async def test_a_promoted_adapter_is_answered_by_its_merged_classifier_in_the_banks_name() -> None:
+    triton = _Recording({"bank--acme": _promoted()})
+    reply = await service(triton).Classify(_classify("acme"), FakeContext())
+    assert triton.ran == ["bank--acme"]
+    assert (reply.model, reply.adapter, reply.version) == ("bank", "acme", 2)  # the bank's version, not the copy's
+    assert {p.label for p in reply.results[0].predictions} == {"merged a", "merged b", "merged c"}
+    other = await service(triton).Classify(_classify("zeta"), FakeContext())
+    assert triton.ran[-1] == "bank" and other.adapter == "zeta"
+    listing = await service(triton).ListModels(pb.ListModelsRequest(), FakeContext())
+    (bank,) = [m for m in listing.models if m.name == "bank"]
+    assert {a.id: a.promoted_to for a in bank.adapters} == {"base": "", "acme": "bank--acme", "zeta": ""}
+
+
+async def test_a_promotion_of_other_content_or_an_older_version_goes_to_the_bank() -> None:
+    stale = _Recording({"bank--acme": _promoted(sha="f" * 64)})
+    await service(stale).Classify(_classify("acme"), FakeContext())
+    assert stale.ran == ["bank"]  # the adapter was replaced since it was promoted
+    current = _Recording({"bank--acme": _promoted()})
+    await service(current).Classify(_classify("acme", version=1), FakeContext())
+    assert current.ran == ["bank"]  # version 1's table, not the promoted copy's
+
+
+async def test_image_embeddings_of_a_promoted_adapter_without_them_come_from_the_bank() -> None:
+    triton = _Recording({"bank--acme": _promoted()})
+    reply = await service(triton).Embed(pb.EmbedRequest(model="bank", adapter="acme",
+                                                        images=[pb.Image(encoded=image_bytes())]), FakeContext())
+    assert triton.ran == ["bank"] and len(reply.images) == 1
+
+
+class _Demoted(_Recording):
+    """The promoted classifier is removed under a request: Triton says it is gone, and a
+    refresh no longer shows it."""
+
+    async def infer_images(self, route, batch, timeout_s, output="logits"):
+        if route.entry.name == "bank--acme":
+            self.ran.append(route.entry.name)
+            raise NotFound("Triton: Request for unknown model: 'bank--acme' is not found")
+        return await super().infer_images(route, batch, timeout_s, output)
+
+    async def refresh(self):
+        self.models = _with_promotions({k: v for k, v in self.models.items() if k != "bank--acme"})
+        return dict(self.models)
+
+
+async def test_a_demoted_adapter_under_a_request_is_answered_by_the_bank() -> None:
+    triton = _Demoted({"bank--acme": _promoted()})
+    reply = await service(triton).Classify(_classify("acme"), FakeContext())
+    assert triton.ran == ["bank--acme", "bank"] and reply.adapter == "acme"
+    assert {p.label for p in reply.results[0].predictions} == set(adapter_classes(1)[:2])

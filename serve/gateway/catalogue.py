@@ -43,7 +43,9 @@ class Catalogue:
                             embedding_dim=vocabulary.embedding_dim if vocabulary else 0, kind=entry.kind)
         if entry.bank is not None:
             info.embedding_dim = entry.bank.embedding_dim
-            info.adapters.extend(_adapter_info(row) for row in entry.bank.latest_table().values())
+            promotions = entry.bank.promotions
+            info.adapters.extend(_adapter_info(row, promotions[row.adapter].name if row.adapter in promotions else "")
+                                 for row in entry.bank.latest_table().values())
             return info  # a bank's provenance is its adapter table
         manifest = self.manifest_of(entry)
         if manifest is not None:
@@ -83,6 +85,6 @@ class Catalogue:
                                                manifest.lora.format).set(1)
 
 
-def _adapter_info(row: contract.AdapterRow) -> pb.AdapterInfo:
+def _adapter_info(row: contract.AdapterRow, promoted_to: str) -> pb.AdapterInfo:
     return pb.AdapterInfo(id=row.adapter, num_classes=row.num_classes, rank=row.rank, lora_sha256=row.lora_sha256,
-                          matrices=list(row.matrices), version_added=row.version_added)
+                          matrices=list(row.matrices), version_added=row.version_added, promoted_to=promoted_to)

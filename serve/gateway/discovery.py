@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,7 @@ class Discovery:
                     found[name] = await self._classifier(name, sorted(ready[name]), config, texts)
             except (InferenceServerException, CliploraError, ValueError) as exc:
                 log.warning("skipping model %s: %s", name, exc)
-        return found
+        return _with_promotions(found)
 
     async def _classifier(self, name: str, versions: list[int], config: dict[str, Any],
                           texts: dict[str, TextEntry]) -> ModelEntry:
@@ -69,7 +70,8 @@ class Discovery:
         names = await self._class_names_of(name, versions[-1], shape.image_size, shape.num_classes)
         return ModelEntry(name, tuple(versions), shape.image_size, shape.num_classes, shape.max_batch_size, names,
                           describe_open_vocabulary(name, config, shape, texts),
-                          contract.parameter(config, contract.PARAM_TEXT_MODEL) or None)
+                          contract.parameter(config, contract.PARAM_TEXT_MODEL) or None,
+                          promotion=contract.promotion(config))
 
     async def _class_names_of(self, name: str, version: int, size: int, classes: int) -> tuple[str, ...]:
         """Class names via Triton's classification extension (``"value:index:label"`` strings
@@ -116,6 +118,29 @@ class Discovery:
             (raw,) = result.as_numpy(contract.ADAPTER_TABLE_NAME).reshape(-1)
             self._tables[key] = {row.adapter: row for row in contract.read_adapter_table(raw)}
         return self._tables[key]
+
+
+def _with_promotions(found: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+    """Each bank with the promoted classifiers that serve its adapters now: named by it, and
+    promoted from the content its newest table holds for the adapter (a promotion of an
+    adapter since replaced is left out, with a warning)."""
+    for name, entry in list(found.items()):
+        if entry.bank is None or not entry.bank.tables:
+            continue
+        table = entry.bank.latest_table()
+        promotions = {}
+        for promoted in found.values():
+            claim = promoted.promotion
+            if claim is None or claim.bank != name:
+                continue
+            row = table.get(claim.adapter)
+            if row is None or row.lora_sha256 != claim.lora_sha256:
+                log.warning("%s was promoted from adapter %s of bank %s, which the bank no longer holds as it was: "
+                            "requests for the adapter go to the bank", promoted.name, claim.adapter, name)
+                continue
+            promotions[claim.adapter] = promoted
+        found[name] = replace(entry, bank=replace(entry.bank, promotions=promotions))
+    return found
 
 
 def version_gone(key: tuple[str, int], ready: dict[str, list[int]]) -> bool:

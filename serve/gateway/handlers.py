@@ -62,13 +62,16 @@ class Handlers:
         deadline = self._deadline(context)
         query = ClassifyQuery.parse(request, self.settings)
         text = query.vocabulary is not None
-        route = await self.triton.lookup(query.model, query.version, text=text, embeds=text, adapter=query.adapter)
+
+        def resolve() -> Awaitable[Route]:
+            return self.triton.lookup(query.model, query.version, text=text, embeds=text, adapter=query.adapter)
+
+        route = await resolve()
         self._resolved(route, metric_labels)
-        logits, version, names = await self._again_if_unloaded(route, self._logits, query, deadline)
+        logits, version, names = await self._again_if_unloaded(route, resolve, self._logits, query, deadline)
         metric_labels["version"] = str(version)  # the version that answered
         return pb.ClassifyResponse(
-            model=route.entry.name, version=version,
-            adapter=route.adapter.adapter if route.adapter is not None else "",
+            model=route.model_name, version=route.answered(version), adapter=route.adapter_id,
             results=[pb.Classification(predictions=[
                 pb.Prediction(label=p.label, index=p.index, score=p.score, logit=p.logit)
                 for p in rank(row, names, query.top_k)
@@ -78,35 +81,37 @@ class Handlers:
                     metric_labels: MetricLabels) -> pb.EmbedResponse:
         deadline = self._deadline(context)
         query = EmbedQuery.parse(request, self.settings)
-        route = await self.triton.lookup(query.model, query.version, text=bool(query.texts),
-                                         embeds=bool(query.images), adapter=query.adapter)
+
+        def resolve() -> Awaitable[Route]:
+            return self.triton.lookup(query.model, query.version, text=bool(query.texts), embeds=bool(query.images),
+                                      adapter=query.adapter)
+
+        route = await resolve()
         self._resolved(route, metric_labels)
-        images, texts = await self._again_if_unloaded(route, self._embeddings, query, deadline)
-        return pb.EmbedResponse(model=route.entry.name, version=route.version,
+        images, texts = await self._again_if_unloaded(route, resolve, self._embeddings, query, deadline)
+        return pb.EmbedResponse(model=route.model_name, version=route.version,
                                 images=[pb.Embedding(values=row.tolist()) for row in images],
                                 texts=[pb.Embedding(values=row.tolist()) for row in texts])
 
     def _resolved(self, route: Route, metric_labels: MetricLabels) -> None:
         """What a resolved request counts in: its model and version, and a bank's adapter."""
         metric_labels.update(model=route.entry.name, version=str(route.version))
-        if route.adapter is not None:
-            self.traffic.count(route.entry.name, route.adapter.adapter)
+        if route.adapter_id:
+            self.traffic.count(route.model_name, route.adapter_id)
 
-    async def _again_if_unloaded(self, route: Route, answer: Callable[[Route, Q, float], Awaitable[T]], query: Q,
-                                 deadline: float) -> T:
+    async def _again_if_unloaded(self, route: Route, resolve: Callable[[], Awaitable[Route]],
+                                 answer: Callable[[Route, Q, float], Awaitable[T]], query: Q, deadline: float) -> T:
         """`answer(route, query, deadline)`; if Triton no longer has the pinned version (it
-        was replaced by a newer one since the lookup), once more on the route a new lookup
-        gives."""
+        was replaced by a newer one since the lookup) or the promoted classifier (demoted),
+        once more on the route `resolve` gives after a refresh."""
         try:
             return await answer(route, query, deadline)
         except (NotFound, VersionNotReady):
-            if not route.pinned:
+            if not route.pinned and route.promotion is None:
                 raise
             await self.triton.refresh()
-            again = await self.triton.lookup(route.entry.name, route.requested, text=route.vocabulary is not None,
-                                             embeds=route.vocabulary is not None,
-                                             adapter=route.adapter.adapter if route.adapter else "")
-            if again.version == route.version:
+            again = await resolve()
+            if (again.entry.name, again.version) == (route.entry.name, route.version):
                 raise
             return await answer(again, query, deadline)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,8 @@ class BankSide:
     logit_scale: float
     embedding_dim: int
     tables: dict[int, dict[str, contract.AdapterRow]]  # versions both the bank and its companion have ready
+    # adapter id -> its promoted classifier (`cliplora bank promote`), ready and matching the newest table
+    promotions: dict[str, ModelEntry] = field(default_factory=dict)
 
     def latest_table(self) -> dict[str, contract.AdapterRow]:
         return self.tables[max(self.tables)] if self.tables else {}
@@ -93,6 +95,7 @@ class ModelEntry:
     open_vocabulary: OpenVocabulary | None = None  # None: no (ready) text encoder
     text_model: str | None = None  # the text encoder the config names, ready or not
     bank: BankSide | None = None  # set for an adapter bank
+    promotion: contract.Promotion | None = None  # set for a bank adapter's promoted classifier (NAME--ID)
 
     @property
     def kind(self) -> str:
@@ -131,7 +134,7 @@ class ModelEntry:
         A bank's route is pinned to a version whose adapter table the gateway holds, with the
         `adapter`'s row (empty: the base); `adapter` on a classifier is INVALID_ARGUMENT."""
         if self.bank is not None:
-            return self._bank_route(version, text=text, adapter=adapter)
+            return self._bank_route(version, text=text, embeds=embeds, adapter=adapter)
         if adapter:
             raise InvalidArgument(f"model {self.name!r} is not an adapter bank: 'adapter' is for banks "
                                   f"(ListModels shows each model's kind)")
@@ -147,7 +150,11 @@ class ModelEntry:
                               f"{list(vocabulary.text.versions)})")
         return Route(self, requested=version, version=common[-1], vocabulary=vocabulary)
 
-    def _bank_route(self, version: int, *, text: bool, adapter: str) -> Route:
+    def _bank_route(self, version: int, *, text: bool, embeds: bool, adapter: str) -> Route:
+        """A bank adapter's route: to its promoted classifier when there is one for the
+        newest table (and the request asks for that version or the latest, and for image
+        embeddings only if the promoted classifier has them), else to the bank itself,
+        pinned to the version whose table gives the adapter's slot."""
         assert self.bank is not None
         if text:
             raise FailedPrecondition(f"bank {self.name!r} has no text encoder: request-time labels and text "
@@ -160,7 +167,12 @@ class ModelEntry:
         elif not tabled:
             raise Unavailable(f"no version of bank {self.name!r} has its adapter table ready yet")
         chosen = version or tabled[-1]
-        return Route(self, requested=version, version=chosen, adapter=self.bank.adapter(self.name, chosen, adapter))
+        row = self.bank.adapter(self.name, chosen, adapter)
+        promoted = self.bank.promotions.get(row.adapter)
+        if promoted is not None and promoted.promotion is not None and chosen == max(self.bank.tables) \
+                and (not embeds or promoted.open_vocabulary is not None):
+            return replace(promoted.route(0, embeds=embeds), version=chosen, promotion=promoted.promotion)
+        return Route(self, requested=version, version=chosen, adapter=row)
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,24 @@ class Route:
     version: int
     vocabulary: OpenVocabulary | None = None
     adapter: contract.AdapterRow | None = None  # a bank's adapter (its base when none was asked for)
+    promotion: contract.Promotion | None = None  # set when a promoted classifier answers for a bank's adapter
+
+    @property
+    def model_name(self) -> str:
+        """The model the caller named: the bank, when its adapter's promoted classifier answers."""
+        return self.promotion.bank if self.promotion is not None else self.entry.name
+
+    @property
+    def adapter_id(self) -> str:
+        """The bank adapter that answers ("" for a classifier)."""
+        if self.promotion is not None:
+            return self.promotion.adapter
+        return self.adapter.adapter if self.adapter is not None else ""
+
+    def answered(self, version: int) -> int:
+        """The version to tell the caller: the one that ran, or for a promoted adapter the
+        bank version whose table routed it there (the caller's versions are the bank's)."""
+        return self.version if self.promotion is not None else version
 
     @property
     def pinned(self) -> bool:
