@@ -23,6 +23,7 @@ from cliplora.core import flags
 from cliplora.core.accuracy import accuracy_report, top1_in_batches
 from cliplora.core.datasets import LabelledImages, align_classes
 from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.preprocess import Decoding
 
 if TYPE_CHECKING:
     from cliplora.core.progress import Progress
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_labels(parser, inline=False, purpose="to score against instead of the model's classes (needs "
                      "--open-vocabulary models)")
     flags.add_template(parser, flags.MODEL_TEMPLATES)
+    flags.add_decoding(parser)
     flags.add_quiet(parser)
 
 
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from cliplora.core.datasets import read_labelled_images
     from cliplora.core.progress import Progress
 
+    if args.target and flags.decoding_given(args):
+        raise InvalidArgument("--decode and --exif-orientation apply in process; through --target the gateway "
+                              "decodes with its own settings")
     data = read_labelled_images(args.data)
     access = flags.gateway_access(args) if args.target else {}
     progress = Progress(quiet=args.quiet)
@@ -55,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
     models = {
         name: evaluate_model(data, name, repository=Path(args.repository), target=args.target,
                              version=args.version, access=access, progress=progress, labels=labels,
-                             templates=args.template)
+                             templates=args.template, decoding=flags.decoding(args))
         for name in args.name
     }
     print(json.dumps({"data": data.source, "images": len(data), "models": models}, indent=2))
     return 0
 
 
-def _in_process(repository: Path, name: str, version: int | None,
-                vocabulary: Sequence[str] | None, templates: Sequence[str] | None) -> tuple[int, list[str], Callable]:
+def _in_process(repository: Path, name: str, version: int | None, vocabulary: Sequence[str] | None,
+                templates: Sequence[str] | None, decoding: Decoding) -> tuple[int, list[str], Callable]:
     from cliplora.core.preprocess import preprocess_file
     from cliplora.core.runtime import (
         open_published,
@@ -77,7 +82,7 @@ def _in_process(repository: Path, name: str, version: int | None,
     heads = text.label_heads(vocabulary, templates) if text is not None and vocabulary else None
 
     def top1(paths: Sequence[Path]) -> list[int]:
-        crops = np.stack([preprocess_file(p, model.image_size) for p in paths])
+        crops = np.stack([preprocess_file(p, model.image_size, decoding=decoding) for p in paths])
         if text is None or heads is None:
             logits = run_logits(model.session, crops)
         else:
@@ -118,13 +123,15 @@ def evaluate_model(
     progress: Progress | None = None,
     labels: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
+    decoding: Decoding = Decoding(),
 ) -> dict[str, Any]:
     """Accuracy of one published model on `data`, in process or through the gateway at `target`
     (`access`: token and TLS keyword arguments of `cliplora.core.client.classify_files`).
 
     With `labels` (a model exported with ``--open-vocabulary``), the images are scored
     against those labels at request time instead of the model's own classes: held-out
-    classes the model was never exported with."""
+    classes the model was never exported with. `decoding` applies in process (the gateway
+    decodes with its own settings)."""
     from cliplora.core.progress import Progress
 
     progress = progress or Progress(quiet=True)
@@ -137,7 +144,7 @@ def evaluate_model(
     else:
         if repository is None:
             raise InvalidArgument("a --repository (or a gateway --target) is needed")
-        answered_version, labels, top1 = _in_process(repository, name, version, labels, templates)
+        answered_version, labels, top1 = _in_process(repository, name, version, labels, templates, decoding)
         targets = align_classes(data, labels)  # unknown labels fail before any inference
         via = "onnxruntime"
     paths = [item.path for item in data.items]

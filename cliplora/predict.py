@@ -18,7 +18,7 @@ import numpy as np
 from cliplora.core import flags
 from cliplora.core.errors import FailedPrecondition, InvalidArgument
 from cliplora.core.predictions import DEFAULT_TOP_K, rank, result_json, validate_top_k
-from cliplora.core.preprocess import preprocess_file
+from cliplora.core.preprocess import Decoding, preprocess_file
 from cliplora.core.repository import validate_adapter_id
 
 BATCH = 16
@@ -32,12 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_adapter(parser)
     flags.add_labels(parser)
     flags.add_template(parser, flags.MODEL_TEMPLATES)
+    flags.add_decoding(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE")
 
 
 def run(args: argparse.Namespace) -> int:
     results = predict_files(args.repository, args.name, args.images, top_k=args.top_k, version=args.version,
-                            labels=flags.labels(args), templates=args.template, adapter=args.adapter or "")
+                            labels=flags.labels(args), templates=args.template, adapter=args.adapter or "",
+                            decoding=flags.decoding(args))
     print(json.dumps(results, indent=2))
     return 0
 
@@ -52,12 +54,14 @@ def predict_files(
     labels: Sequence[str] | None = None,
     templates: Sequence[str] | None = None,
     adapter: str = "",
+    decoding: Decoding = Decoding(),
 ) -> list[dict[str, Any]]:
     """Classify image files with the published model; one result dict per image.
 
     With `labels` (a model exported with ``--open-vocabulary``) they are ranked instead
     of the model's classes, with `templates` or the model's own, as the gateway does. An
     adapter bank answers with `adapter`'s classes (empty: its base's), as the gateway does.
+    `decoding`: ``--decode`` and ``--exif-orientation``.
     """
     from cliplora.core.bank_runtime import is_bank
 
@@ -65,7 +69,8 @@ def predict_files(
         if labels:
             raise FailedPrecondition(f"bank {name!r} has no text encoder: request-time labels need a bank created "
                                      "with --open-vocabulary")
-        return _predict_bank(repository, name, images, top_k=top_k, version=version, adapter=adapter)
+        return _predict_bank(repository, name, images, top_k=top_k, version=version, adapter=adapter,
+                             decoding=decoding)
     if adapter:
         raise InvalidArgument(f"model {name!r} is not an adapter bank: --adapter is for banks")
     from cliplora.core.runtime import (
@@ -84,7 +89,7 @@ def predict_files(
     text = open_text_encoder(model) if labels else None
     names = list(labels) if labels else model.labels()
     heads = text.label_heads(names, templates) if text is not None else None  # bad labels fail before any image
-    crops = [preprocess_file(path, model.image_size) for path in images]  # every image checked before any runs
+    crops = [preprocess_file(path, model.image_size, decoding=decoding) for path in images]  # all checked first
     batches = [np.stack(crops[i : i + BATCH]) for i in range(0, len(crops), BATCH)]
     if text is None or heads is None:
         logits = np.concatenate([run_logits(model.session, batch) for batch in batches])
@@ -94,7 +99,7 @@ def predict_files(
 
 
 def _predict_bank(repository: str | Path, name: str, images: Sequence[str | Path], *, top_k: int,
-                  version: int | None, adapter: str) -> list[dict[str, Any]]:
+                  version: int | None, adapter: str, decoding: Decoding) -> list[dict[str, Any]]:
     from cliplora.core.bank_runtime import open_bank
 
     validate_top_k(top_k)
@@ -106,7 +111,7 @@ def _predict_bank(repository: str | Path, name: str, images: Sequence[str | Path
         raise InvalidArgument(f"bank {name!r} has no classes of its own: name an adapter (--adapter; "
                               "`cliplora bank list` lists them)")
     class_embeddings, names = bank.classes(record)
-    crops = [preprocess_file(path, bank.image_size) for path in images]
+    crops = [preprocess_file(path, bank.image_size, decoding=decoding) for path in images]
     embeddings = np.concatenate([bank.image_embeddings(np.stack(crops[i : i + BATCH]), record)
                                  for i in range(0, len(crops), BATCH)])
     logits = bank.logits(embeddings, class_embeddings)

@@ -35,8 +35,8 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> t
     ])
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    return read_image_file(path).convert("RGB")
+def _read_rgb(path: Path, orientation: str) -> Image.Image:
+    return read_image_file(path, orientation=orientation).convert("RGB")
 
 
 class TrainingBatches:
@@ -46,7 +46,8 @@ class TrainingBatches:
     An epoch is a permutation of the images drawn from a generator seeded with `seed`.
     """
 
-    def __init__(self, data: LabelledImages, batch_size: int, seed: int, transform: transforms.Compose) -> None:
+    def __init__(self, data: LabelledImages, batch_size: int, seed: int, transform: transforms.Compose,
+                 orientation: str = "apply") -> None:
         self.paths = [item.path for item in data.items]
         self.targets = torch.tensor(data.indices(), dtype=torch.long)
         self.batch_size = min(batch_size, len(self.paths))
@@ -54,6 +55,7 @@ class TrainingBatches:
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
         self.cursor = 0
+        self.orientation = orientation  # EXIF orientation: apply (upright) or ignore (`cliplora.core.preprocess`)
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode")
 
     def _next_indices(self) -> list[int]:
@@ -67,12 +69,12 @@ class TrainingBatches:
     def check_images(self) -> None:
         """Decode every image once, before training: a bad file stops the run at once,
         named, instead of at some later step."""
-        list(self.pool.map(_read_rgb, self.paths))
+        list(self.pool.map(_read_rgb, self.paths, [self.orientation] * len(self.paths)))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images [B, 3, S, S] float, targets [B])."""
         indices = self._next_indices()
-        images = list(self.pool.map(_read_rgb, [self.paths[i] for i in indices]))
+        images = list(self.pool.map(_read_rgb, [self.paths[i] for i in indices], [self.orientation] * len(indices)))
         return torch.stack([self.transform(image) for image in images]), self.targets[indices]
 
     def state(self) -> dict[str, Any]:

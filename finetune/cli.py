@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_lora(parser)
     _add_training(parser)
     flags.add_template(parser, flags.EXPORT_TEMPLATE)
+    flags.add_decoding(parser, decode=False)
     parser.add_argument("--device", choices=DEVICES, default=FinetuneOptions.device)
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --output")
     parser.add_argument("--save-every", type=int, default=FinetuneOptions.save_every,
@@ -88,7 +89,7 @@ def options(args: argparse.Namespace) -> FinetuneOptions:
         seed=args.seed, lora=lora, lr=args.lr, weight_decay=args.weight_decay, min_lr=args.min_lr,
         iterations=args.iterations, batch_size=args.batch_size, templates=flags.templates(args),
         device=args.device, allow_random_weights=args.allow_random_weights, resume=args.resume,
-        save_every=args.save_every,
+        save_every=args.save_every, exif_orientation=args.exif_orientation or FinetuneOptions.exif_orientation,
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cliplora.core.errors import InvalidArgument
+from cliplora.core.preprocess import ORIENTATIONS
 from cliplora.model.lora_targets import ENCODERS, TARGETS, Target, Tower
 
 ITERATIONS_PER_SHOT = 500
@@ -79,6 +80,7 @@ class FinetuneOptions:
     allow_random_weights: bool = False
     resume: bool = False
     save_every: int = 100
+    exif_orientation: str = "apply"  # apply: photos upright as people see them; ignore: open_clip's pixel order
 
     def __post_init__(self) -> None:
         if self.iterations is not None and self.iterations < 1:
@@ -89,6 +91,8 @@ class FinetuneOptions:
             raise InvalidArgument("--lr must be positive; --min-lr and --weight-decay not negative")
         if self.device not in DEVICES:
             raise InvalidArgument(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.exif_orientation not in ORIENTATIONS:
+            raise InvalidArgument(f"--exif-orientation must be apply or ignore, got {self.exif_orientation!r}")
         if self.save_every < 1:
             raise InvalidArgument(f"--save-every must be at least 1, got {self.save_every}")
 

@@ -35,7 +35,7 @@ from cliplora.core.atomic import write_atomically, write_text_atomically
 from cliplora.core.datasets import LabelledImages, few_shot_split, read_labelled_images
 from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from cliplora.core.hashing import sha256_file
-from cliplora.core.preprocess import preprocess_file
+from cliplora.core.preprocess import Decoding, preprocess_file
 from cliplora.core.progress import Progress
 from cliplora.core.repository import render_labels
 from cliplora.core.run_record import DataRecord, RunRecord
@@ -87,7 +87,8 @@ def _save_torch(path: Path, obj: Any) -> None:
 
 @torch.no_grad()
 def torch_accuracy(
-    model: nn.Module, base: BaseModel, tokens: torch.Tensor, data: LabelledImages, device: torch.device
+    model: nn.Module, base: BaseModel, tokens: torch.Tensor, data: LabelledImages, device: torch.device,
+    decoding: Decoding = Decoding(),
 ) -> dict[str, Any]:
     """Top-1 of the (adapted) PyTorch model, with exactly the exported graph's computation.
 
@@ -100,7 +101,7 @@ def torch_accuracy(
     graph = ClassifierGraph(model.visual, text, base.logit_scale, base.mean, base.std).to(device)
 
     def top1(paths: Sequence[Path]) -> list[int]:
-        crops = np.stack([preprocess_file(p, base.image_size) for p in paths])
+        crops = np.stack([preprocess_file(p, base.image_size, decoding=decoding) for p in paths])
         return [int(i) for i in graph(torch.from_numpy(crops).to(device)).argmax(dim=1).cpu()]
 
     predicted = top1_in_batches([item.path for item in data.items], top1, EVAL_BATCH)
@@ -228,7 +229,8 @@ def _start(options: FinetuneOptions, progress: Progress) -> _Run:
         options, data, train, heldout, templates, base, adapted, device, optimizer,
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.total_iterations, eta_min=options.min_lr),
         torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
-        TrainingBatches(train, options.batch_size, options.seed, train_transform(base.image_size, base.mean, base.std)),
+        TrainingBatches(train, options.batch_size, options.seed, train_transform(base.image_size, base.mean, base.std),
+                        options.exif_orientation),
         prompt_tokens(base.tokenizer, data.classes, templates).to(device),
     )
     with progress.step(f"checking {len(train)} training images"):
@@ -245,7 +247,8 @@ def _start(options: FinetuneOptions, progress: Progress) -> _Run:
         progress.warn(f"no held-out images for {missing[:5]}: the accuracy leaves them out")
     if len(heldout):
         with progress.step(f"zero-shot accuracy on {len(heldout)} held-out images"):
-            run.zero_shot = torch_accuracy(run.model, base, run.tokens, heldout, device)
+            run.zero_shot = torch_accuracy(run.model, base, run.tokens, heldout, device,
+                                           Decoding(orientation=options.exif_orientation))
         progress.info(f"zero-shot top-1 {run.zero_shot['top1']:.4f}")
     run.save()  # from here on, --resume works whatever happens
     return run
@@ -343,7 +346,8 @@ def _finish(run: _Run, record: RunRecord, progress: Progress, started: float) ->
     accuracy = None
     if len(run.heldout):
         with progress.step(f"accuracy on {len(run.heldout)} held-out images"):
-            accuracy = torch_accuracy(run.model, run.base, run.tokens, run.heldout, run.device)
+            accuracy = torch_accuracy(run.model, run.base, run.tokens, run.heldout, run.device,
+                                      Decoding(orientation=run.options.exif_orientation))
         zero_shot = f" (zero-shot {run.zero_shot['top1']:.4f})" if run.zero_shot else ""
         progress.info(f"top-1 {accuracy['top1']:.4f}{zero_shot}")
     else:

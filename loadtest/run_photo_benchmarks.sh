@@ -80,9 +80,11 @@ $CL loadtest --target 127.0.0.1:50053 --models tiny224 --images photos --concurr
   --warmup 10 --report "$OUT/rate-fast" --quiet > /dev/null &
 LOAD_FAST=$!
 sleep 30
+echo "rate start: $(uptime)" >> "$OUT/machine-load.txt"  # the machine may be shared: its load, said beside the figures
 $PY -m cliplora.loadtest.decode_rate --gateway exact=http://127.0.0.1:9402/metrics \
   --gateway fast=http://127.0.0.1:9403/metrics --seconds 60 > "$OUT/decode-rate.json"
 wait "$LOAD_EXACT" "$LOAD_FAST"
+echo "rate end: $(uptime)" >> "$OUT/machine-load.txt"
 
 # 4. Load tests with phone photos: fp32 and cpu-int8 interleaved, through the fast (default)
 #    gateway, then through the exact one.
@@ -90,4 +92,5 @@ $CL loadtest --target 127.0.0.1:50051 --models pets-base,pets-base-int8 --images
   --duration "$DURATION" --warmup 10 --report "$OUT/photos-fast" --quiet
 $CL loadtest --target 127.0.0.1:50054 --models pets-base,pets-base-int8 --images photos --concurrency 2 \
   --duration "$DURATION" --warmup 10 --report "$OUT/photos-exact" --quiet
+echo "photos end: $(uptime)" >> "$OUT/machine-load.txt"
 echo "done: $OUT"

@@ -15,6 +15,13 @@ from pathlib import Path
 from cliplora.core.errors import NotFound, PermissionDenied
 from cliplora.core.open_vocab import DEFAULT_TEMPLATE, labels_argument
 from cliplora.core.predictions import DEFAULT_TOP_K
+from cliplora.core.preprocess import (
+    DECODE_MODES,
+    DEFAULT_DECODE,
+    ORIENTATIONS,
+    REDUCING_GAP,
+    Decoding,
+)
 from cliplora.core.repository import DEFAULT_REPOSITORY
 
 EXPORT_TEMPLATE = repr(DEFAULT_TEMPLATE)  # --template's default where a head is folded (export, finetune)
@@ -86,3 +93,27 @@ def add_adapter(parser: argparse.ArgumentParser) -> None:
     """``--adapter ID``: one adapter of a bank (classify, embed, predict)."""
     parser.add_argument("--adapter", metavar="ID",
                         help="the adapter of a bank to use (`cliplora bank list`); default: the bank's base")
+
+
+def add_decoding(parser: argparse.ArgumentParser, *, decode: bool = True) -> None:
+    """``--decode exact|fast`` (unless not `decode`) and ``--exif-orientation apply|ignore``: how
+    image files become pixels (DESIGN.md §9, `cliplora.core.preprocess`); predict, evaluate,
+    finetune (the orientation only). Unset, `decoding` gives the defaults."""
+    if decode:
+        parser.add_argument("--decode", choices=DECODE_MODES,
+                            help=f"exact: every pixel decoded (open_clip's preprocessing bit for bit); fast: a JPEG "
+                                 f"is scaled in the decoder to at least {REDUCING_GAP:g}x the resize target first, "
+                                 f"images too small for that decode as exact (default {DEFAULT_DECODE})")
+    parser.add_argument("--exif-orientation", choices=ORIENTATIONS,
+                        help="apply: turn photos upright by their EXIF orientation tag, as people see them; "
+                             "ignore: the stored pixels, as open_clip reads them (default apply)")
+
+
+def decoding(args: argparse.Namespace) -> Decoding:
+    """The `add_decoding` flags' choice, defaults where unset."""
+    return Decoding(getattr(args, "decode", None) or DEFAULT_DECODE, args.exif_orientation or "apply")
+
+
+def decoding_given(args: argparse.Namespace) -> bool:
+    """Whether `add_decoding` flags were given (a command that does not decode refuses them)."""
+    return getattr(args, "decode", None) is not None or args.exif_orientation is not None

@@ -44,6 +44,7 @@ class FinetuneOptionsRecord(Record):
     allow_random_weights: bool
     output: str
     device: str
+    exif_orientation: Literal["apply", "ignore"] = "apply"  # absent in records written before it existed
 
 
 class DataRecord(Record):
