@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Phone photos (DESIGN.md §9; docs/benchmarks.md "Phone photos"): the decode gate, the
+# Phone photos (README and docs/benchmarks.md, "Phone photos"): the decode gate, the
 # gateway's preprocessing throughput with --decode exact and fast side by side, and load
 # tests with phone photos on the fp32 and cpu-int8 demo models, each through an exact and
 # a fast gateway. Starts and stops what it needs (the local stack on its default ports

@@ -1,4 +1,4 @@
-"""``--decode fast`` and the EXIF orientation rule (cliplora.core.preprocess; DESIGN.md §9).
+"""``--decode fast`` and the EXIF orientation rule (cliplora.core.preprocess; README "Phone photos").
 
 fast = exact, bit for bit, for every image too small for the decoder to scale; close to
 exact (and not equal) for one that is scaled; the orientation tag turns a photo upright
@@ -48,7 +48,7 @@ def tagged(image: Image.Image, orientation: int | None, fmt: str = "PNG") -> byt
 
 
 # At SIZE 32 and gap 3, a 4:3 image resizes to 42 x 32, so the decoder may scale it once it
-# is at least 2 x (126 x 96) = 252 x 192 (hand-computed from the rule in DESIGN.md §9).
+# is at least 2 x (126 x 96) = 252 x 192 (hand-computed from the rule: README "Phone photos").
 @pytest.mark.parametrize("width,height,fmt", [(17, 13, "JPEG"), (64, 48, "JPEG"), (251, 191, "JPEG"), (255, 191, "JPEG"),
                                               (191, 255, "JPEG"), (1000, 750, "PNG"), (1000, 750, "GIF")])
 def test_fast_equals_exact_for_images_too_small_to_scale(width: int, height: int, fmt: str) -> None:

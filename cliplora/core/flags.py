@@ -97,7 +97,7 @@ def add_adapter(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding(parser: argparse.ArgumentParser, *, decode: bool = True) -> None:
     """``--decode exact|fast`` (unless not `decode`) and ``--exif-orientation apply|ignore``: how
-    image files become pixels (DESIGN.md §9, `cliplora.core.preprocess`); predict, evaluate,
+    image files become pixels (`cliplora.core.preprocess`, README "Phone photos"); predict, evaluate,
     finetune (the orientation only). Unset, `decoding` gives the defaults."""
     if decode:
         parser.add_argument("--decode", choices=DECODE_MODES,

@@ -34,7 +34,7 @@ class GatewaySettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_concurrent: int = 64
     preprocess_workers: int = 0  # decoding threads; 0: one per core the gateway may use (affinity, CPU quota)
-    decode: str = DEFAULT_DECODE  # exact | fast: JPEGs scaled in the decoder (DESIGN.md §9)
+    decode: str = DEFAULT_DECODE  # exact | fast: JPEGs scaled in the decoder (README "Phone photos")
     exif_orientation: str = "apply"  # apply | ignore (open_clip's way: stored pixel order)
     default_timeout_s: float = 30.0  # when the caller sets no deadline
     refresh_interval_s: float = 5.0  # model discovery
