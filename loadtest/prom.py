@@ -9,29 +9,18 @@ All as increases over the run's window, evaluated at its end.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
-from cliplora.core.errors import Unavailable
+from cliplora.core import prometheus
 
 GATEWAY = "cliplora_gateway_request_duration_seconds"
 
 
 def query(url: str, promql: str, at: float) -> list[dict[str, Any]]:
-    params = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/query?{params}", timeout=10) as response:
-            body = json.loads(response.read())
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
-        raise Unavailable(f"Prometheus at {url} did not answer: {exc}") from None
-    if body.get("status") != "success":
-        raise Unavailable(f"Prometheus query failed: {body.get('error')}")
-    return body["data"]["result"]
+    """An instant query at `at` (`cliplora.core.prometheus.query`)."""
+    return prometheus.query(url, promql, at)
 
 
 def _by_model(rows: list[dict[str, Any]], scale: float = 1.0) -> dict[str, float]:
