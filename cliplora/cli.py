@@ -52,7 +52,8 @@ COMMANDS = (
             client_commands.add_embed_arguments, client_commands.run_embed),
     Command("loadtest", "interleaved load test with a report (and Prometheus figures)",
             loadtest_cli.add_arguments, loadtest_cli.run),
-    Command("bank", "adapter banks: many adapters on one base, one Triton model (create, add, remove, list)",
+    Command("bank", "adapter banks: many adapters on one base, one Triton model (create, add, remove, list; "
+                    "promote, demote, top)",
             bank_cli.add_arguments, bank_cli.run),
 )
 

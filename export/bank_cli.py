@@ -1,9 +1,12 @@
-"""`cliplora bank create | add | remove | list`: adapter banks (DESIGN.md §8.1).
+"""`cliplora bank create | add | remove | list | promote | demote | top`: adapter banks
+(DESIGN.md §8.1, §8.3).
 
 The flags' defaults are `BankOptions`' own (`cliplora.export.bank_options`). `create`,
 `add` and `remove` print a JSON summary (name, version, path, the change, the adapters
-added with their verification); `list` prints the JSON list DESIGN.md §8.1 fixes. The
-work itself is imported when a subcommand runs (torch, ONNX).
+added with their verification); `list` prints the JSON list DESIGN.md §8.1 fixes, with
+each adapter's `promoted_to`; `promote` and `demote` print what they published or took
+out; `top` prints the bank's adapters by request rate, from Prometheus. The work itself
+is imported when a subcommand runs (torch, ONNX).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cliplora.core import contract, flags
+from cliplora.core import contract, flags, prometheus
 from cliplora.core.errors import InvalidArgument
 from cliplora.export.bank_options import (
     DEFAULT_PROBES,
@@ -22,6 +25,7 @@ from cliplora.export.bank_options import (
     read_adapters_file,
 )
 from cliplora.export.model_config import TARGETS
+from cliplora.export.options import ExportOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="the adapters of the bank's latest version, as JSON")
     listing.add_argument("name", metavar="NAME", help="the bank")
     flags.add_repository(listing)
+    _add_promote(sub.add_parser("promote", help=f"serve an adapter merged: export it as the classifier "
+                                                f"NAME{contract.PROMOTED_SEPARATOR}ID, where the gateway routes "
+                                                "model=NAME, adapter=ID while it is ready"))
+    demote = sub.add_parser("demote", help=f"undo promote: remove NAME{contract.PROMOTED_SEPARATOR}ID (the gateway "
+                                           "routes the adapter to the bank again)")
+    demote.add_argument("name", metavar="NAME", help="the bank")
+    demote.add_argument("--adapter", required=True, metavar="ID", help="the promoted adapter")
+    flags.add_repository(demote)
+    _add_top(sub.add_parser("top", help="the bank's adapters with the most requests per second, from Prometheus "
+                                        "(the ones to promote)"))
 
 
 def _add_create(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +97,29 @@ def _add_add(parser: argparse.ArgumentParser) -> None:
     flags.add_quiet(parser)
 
 
+def _add_promote(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="the bank")
+    parser.add_argument("--adapter", required=True, metavar="ID",
+                        help=f"the adapter (NAME{contract.PROMOTED_SEPARATOR}ID must fit 64 characters)")
+    parser.add_argument("--calibration", type=Path, metavar="DIR",
+                        help="cpu-int8 banks: real images for the INT8 accuracy gate (default: the generated probe "
+                             "images alone, as `bank add` gates the bank's INT8 answers)")
+    parser.add_argument("--probes", type=int, default=ExportOptions.probes,
+                        help=f"probe images for the export's verification (default {ExportOptions.probes})")
+    flags.add_repository(parser)
+    flags.add_quiet(parser)
+
+
+def _add_top(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="the bank")
+    parser.add_argument("--prometheus", required=True, metavar="URL",
+                        help="Prometheus scraping the gateways (http://host:9090)")
+    parser.add_argument("--window", default=prometheus.DEFAULT_WINDOW,
+                        help=f"the rate's window, a Prometheus duration (default {prometheus.DEFAULT_WINDOW})")
+    parser.add_argument("--limit", type=int, default=prometheus.DEFAULT_LIMIT,
+                        help=f"how many adapters, 1..{prometheus.MAX_LIMIT} (default {prometheus.DEFAULT_LIMIT})")
+
+
 def specs(args: argparse.Namespace) -> list[AdapterSpec]:
     """The adapters `bank add` was given: one by flags, or an --adapters-file."""
     one = [args.adapter, args.lora, args.classes]
@@ -98,12 +135,9 @@ def specs(args: argparse.Namespace) -> list[AdapterSpec]:
 def run(args: argparse.Namespace) -> int:
     from cliplora.core.progress import Progress
 
+    if args.bank_command in _OTHERS:
+        return _OTHERS[args.bank_command](args)
     root = Path(args.repository)
-    if args.bank_command == "list":
-        from cliplora.export.bank_update import list_adapters
-
-        print(json.dumps(list_adapters(root, args.name), indent=2))
-        return 0
     progress = Progress(quiet=args.quiet)
     if args.bank_command == "create":
         from cliplora.export.bank_create import create_bank
@@ -131,3 +165,45 @@ def run(args: argparse.Namespace) -> int:
         "seconds": result.manifest.seconds,
     }, indent=2))
     return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from cliplora.export.bank_update import list_adapters
+
+    print(json.dumps(list_adapters(Path(args.repository), args.name), indent=2))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from cliplora.core.progress import Progress
+    from cliplora.export.bank_promote import promote_adapter
+
+    result = promote_adapter(Path(args.repository), args.name, args.adapter, Progress(quiet=args.quiet),
+                             probes=args.probes, calibration=args.calibration)
+    summary: dict[str, object] = {"name": args.name, "adapter": args.adapter, "promoted_to": result.model,
+                                  "lora_sha256": result.promotion.lora_sha256,
+                                  "change": "promoted" if result.export else "already promoted"}
+    if result.export is not None:
+        summary.update(version=result.export.version, path=str(result.export.path),
+                       verification=result.export.manifest.verification.model_dump(mode="json"),
+                       export_seconds=result.export.manifest.export_seconds)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _demote(args: argparse.Namespace) -> int:
+    from cliplora.export.bank_promotions import demote_adapter
+
+    result = demote_adapter(Path(args.repository), args.name, args.adapter)
+    print(json.dumps({"name": result.bank, "adapter": result.adapter, "demoted": result.model,
+                      "removed_versions": list(result.versions), "text_model": result.text_model}, indent=2))
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    rates = prometheus.top_adapters(args.prometheus, args.name, args.window, args.limit)
+    print(json.dumps([r.to_json() for r in rates], indent=2))
+    return 0
+
+
+_OTHERS = {"list": _list, "promote": _promote, "demote": _demote, "top": _top}  # the rest: one new bank version

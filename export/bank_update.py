@@ -11,7 +11,9 @@ reads), refused with the reason when the bank cannot hold it exactly
 (`cliplora.model.bank_adapters.check_fits`), given the next unused slot (an existing ID is
 replaced: its old slot is zeroed and retired, never reused, so a slot means one content for
 good), its class embeddings computed with its own adapted text tower, and verified inside
-the staged version (`cliplora.export.bank_verify`) before anything is published.
+the staged version (`cliplora.export.bank_verify`) before anything is published. An
+adapter with a promotion (`cliplora bank promote`) is neither replaced nor removed until
+it is demoted (`cliplora.export.bank_promotions` says why).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from cliplora.core.progress import Progress
 from cliplora.export import (
     bank_companion,
+    bank_promotions,
     bank_source,
     bank_store,
     bank_verify,
@@ -74,6 +77,7 @@ def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: 
     texts = {s.adapter: (head.read_classes(s.classes), head.validate_templates(s.templates)) for s in specs}
     with publish.model_lock(root, name, bank_version.LOCK_PURPOSE):
         folder, previous = bank_version.latest(root, name)
+        bank_promotions.check_not_promoted(root, name, [i for i in ids if previous.adapter(i)], "replace")
         with progress.step(f"loading the bank's base model {previous.source.model}"):
             base = bank_source.reload_source(previous.source, name)
         prepared = [_prepare(spec, *texts[spec.adapter], base, previous, progress) for spec in specs]
@@ -105,6 +109,7 @@ def remove_adapter(root: Path, name: str, adapter_id: str, progress: Progress | 
         if previous.adapter(adapter_id) is None:
             known = ", ".join(a.adapter for a in previous.adapters[1:]) or "none"
             raise NotFound(f"bank {name!r} has no adapter {adapter_id!r} (adapters: {known})")
+        bank_promotions.check_not_promoted(root, name, [adapter_id], "remove")
         slots = bank_version.load_slots(root, name, folder, previous)
         version = (previous.version or 0) + 1
         adapters, retired = _retire(previous, slots, [adapter_id], version)
@@ -117,8 +122,11 @@ def remove_adapter(root: Path, name: str, adapter_id: str, progress: Progress | 
 
 
 def list_adapters(root: Path, name: str) -> list[dict[str, object]]:
-    """`cliplora bank list`: one object per adapter of the latest version, the base first."""
-    return [a.listing() for a in bank_version.latest(root, name)[1].adapters]
+    """`cliplora bank list`: one object per adapter of the latest version, the base first, with
+    the classifier it is promoted to ("" when it is not: `cliplora.export.bank_promotions`)."""
+    manifest = bank_version.latest(root, name)[1]
+    promoted = bank_promotions.promoted_to(root, manifest)
+    return [{**a.listing(), "promoted_to": promoted.get(a.adapter, "")} for a in manifest.adapters]
 
 
 def _prepare(spec: AdapterSpec, classes: list[str], templates: list[str], base: BaseModel, bank: BankManifest,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -87,9 +87,11 @@ def model_config(
     target: str = "portable",
     open_vocabulary: OpenVocabularyParameters | None = None,
     runtime: RuntimeParameters = RuntimeParameters(),
+    promotion: contract.Promotion | None = None,
 ) -> mc.ModelConfig:
     """The classifier's configuration, as the message Triton reads. With `open_vocabulary`
-    (and `spec.embedding_dim`), it also declares the ``image_embeds`` output."""
+    (and `spec.embedding_dim`), it also declares the ``image_embeds`` output; with
+    `promotion` (`cliplora bank promote`), it names the bank adapter it serves."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}")
     if (open_vocabulary is None) != (spec.embedding_dim is None):
@@ -111,6 +113,10 @@ def model_config(
         config.parameters[contract.PARAM_LOGIT_SCALE].string_value = repr(float(open_vocabulary.logit_scale))
         config.parameters[contract.PARAM_TEMPLATES].string_value = json.dumps(list(open_vocabulary.templates))
         config.parameters[contract.PARAM_VOCAB_SHA256].string_value = open_vocabulary.vocab_sha256
+    if promotion is not None:
+        config.parameters[contract.PARAM_PROMOTED_FROM].string_value = promotion.bank
+        config.parameters[contract.PARAM_PROMOTED_ADAPTER].string_value = promotion.adapter
+        config.parameters[contract.PARAM_PROMOTED_LORA_SHA256].string_value = promotion.lora_sha256
     if target == "gpu":
         _gpu_blocks(config, name, [(contract.INPUT_NAME, spec.input_shape, contract.INPUT_TRITON_DTYPE)],
                     max_batch_size)
@@ -174,6 +180,11 @@ def to_text(config: Message) -> str:
 def parse_config(text: str) -> mc.ModelConfig:
     """A ``config.pbtxt`` as a message; `text_format.ParseError` when it is not one."""
     return text_format.Parse(text, mc.ModelConfig())
+
+
+def promotion_of(config: mc.ModelConfig) -> contract.Promotion | None:
+    """The bank adapter a classifier's config says it serves (`contract.promotion`), or None."""
+    return contract.promotion(json_format.MessageToDict(config, preserving_proto_field_name=True))
 
 
 def same_config(text: str, config: mc.ModelConfig) -> bool:

@@ -42,9 +42,11 @@ class ExportOptions:
     intra_op_threads: int | None = None  # ONNX Runtime model parameters (export/model_config.py)
     inter_op_threads: int | None = None
     spinning: str | None = None  # auto | on | off
+    promotion: contract.Promotion | None = None  # `cliplora bank promote`: the bank adapter this export serves
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)
+        self._check_promotion()
         if self.precision not in contract.PRECISIONS:
             raise InvalidArgument(f"--precision must be one of {', '.join(contract.PRECISIONS)}, "
                                   f"got {self.precision!r}")
@@ -65,6 +67,17 @@ class ExportOptions:
         except ValueError as exc:
             raise InvalidArgument(str(exc).replace("_", "-").replace("intra-op-threads", "--intra-op-threads")
                                   .replace("inter-op-threads", "--inter-op-threads")) from None
+
+    def _check_promotion(self) -> None:
+        """A promoted adapter is published under its bank's name for it, and names its content."""
+        if self.promotion is None:
+            return
+        expected = contract.promoted_model_name(self.promotion.bank, self.promotion.adapter)
+        if self.name != expected:
+            raise InvalidArgument(f"adapter {self.promotion.adapter!r} of bank {self.promotion.bank!r} is promoted "
+                                  f"as {expected!r}, not {self.name!r}")
+        if not self.promotion.lora_sha256:
+            raise InvalidArgument(f"promoting {expected!r} needs the adapter's content hash")
 
     def _check_calibration(self) -> None:
         """cpu-int8 asks for real images to gate on, or for ``--uncalibrated`` (export/quantize.py)."""

@@ -5,7 +5,8 @@
 1. plan: classes and templates read and checked, the repository checked writable and
    compatible, the configs built, the ``--open-vocabulary`` plan made (`plan_export`);
 2. load the base model (`cliplora.model.base_model`);
-3. read the adapter, merge it, build the unmerged reference (`cliplora.export.adapted`);
+3. read the adapter, merge it, build the unmerged reference (`cliplora.export.adapted`); for
+   `cliplora bank promote`, check it is the content its bank holds (`check_promoted_adapter`);
 4. fold the class heads (`cliplora.export.adapted.fold_heads`);
 5. export the classifier graph, verify it, quantize it for cpu-int8 (`cliplora.export.classifier`);
 6. the open-vocabulary companion `<name>_text` (`cliplora.export.text_encoder`);
@@ -25,11 +26,12 @@ from pathlib import Path
 import torch
 
 from cliplora.core import contract
+from cliplora.core.errors import FailedPrecondition
 from cliplora.core.manifest import Manifest
 from cliplora.core.progress import Progress
 from cliplora.core.repository import render_labels
 from cliplora.export import publish
-from cliplora.export.adapted import adapt, fold_heads
+from cliplora.export.adapted import AdaptedModels, adapt, fold_heads
 from cliplora.export.classifier import (
     StagedClassifier,
     quantize_classifier,
@@ -76,14 +78,19 @@ class ExportPlan:
 
 
 @torch.no_grad()  # a scope, not the process-wide switch: callers (finetune, tests) train afterwards
-def run_export(options: ExportOptions, progress: Progress | None = None) -> ExportResult:
-    """Merge, fold, export, verify and publish; raises a `CliploraError` on any fault."""
+def run_export(options: ExportOptions, progress: Progress | None = None,
+               base: BaseModel | None = None) -> ExportResult:
+    """Merge, fold, export, verify and publish; raises a `CliploraError` on any fault.
+
+    `base`: the base model `options.model`/`options.pretrained` name, already loaded and
+    checked by the caller (`cliplora bank promote` loads its bank's, checked against the bank's record)."""
     progress = progress or Progress(quiet=True)
     started = time.perf_counter()
     names = read_names(options)
-    base = load_base(options, progress)
+    base = load_base(options, progress, base)
     plan = plan_export(options, names, base)
     models = adapt(options.lora, base, progress)
+    check_promoted_adapter(options, models)
     heads = fold_heads(models, names.classes, names.templates, progress)
     with publish.staging_area() as staging:
         classifier = write_classifier(options, models, heads, staging, progress)
@@ -107,18 +114,34 @@ def read_names(options: ExportOptions) -> ClassNames:
     templates = head.validate_templates(options.templates)
     labels = render_labels(classes)
     publish.preflight(options.repository, options.name, labels)
-    publish.check_names(options.repository, options.name, options.open_vocabulary)
+    publish.check_names(options.repository, options.name, options.open_vocabulary, promotion=options.promotion)
     return ClassNames(classes, templates, labels)
 
 
-def load_base(options: ExportOptions, progress: Progress) -> BaseModel:
-    with progress.step(f"loading base model {options.model}"):
-        base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)
+def load_base(options: ExportOptions, progress: Progress, loaded: BaseModel | None = None) -> BaseModel:
+    if loaded is not None:
+        base = loaded
+    else:
+        with progress.step(f"loading base model {options.model}"):
+            base = load_base_model(options.model, options.pretrained, allow_random_weights=options.allow_random_weights)
     if base.weights.kind == "random":
         progress.warn("exporting RANDOM weights (--allow-random-weights): this model is for tests and demos only")
     progress.info(f"activation {'QuickGELU' if base.quick_gelu else 'GELU'}, image size {base.image_size}, "
                   f"logit scale {base.logit_scale:.4g}")
     return base
+
+
+def check_promoted_adapter(options: ExportOptions, models: AdaptedModels) -> None:
+    """`cliplora bank promote`: the adapter read is the content its bank holds (the published
+    config names that content; the gateway routes to it only while the bank holds the same)."""
+    promotion = options.promotion
+    if promotion is None:
+        return
+    found = models.adapter.sha256 if models.adapter is not None else ""
+    if found != promotion.lora_sha256:
+        raise FailedPrecondition(f"the adapter {options.lora} read for {options.name!r} (sha256 {found[:12]}) is not "
+                                 f"the content adapter {promotion.adapter!r} of bank {promotion.bank!r} holds "
+                                 f"(sha256 {promotion.lora_sha256[:12]}); nothing published")
 
 
 def plan_export(options: ExportOptions, names: ClassNames, base: BaseModel) -> ExportPlan:
@@ -128,7 +151,7 @@ def plan_export(options: ExportOptions, names: ClassNames, base: BaseModel) -> E
     spec = contract.TensorSpec(image_size=base.image_size, num_classes=len(names.classes),
                                embedding_dim=base.embedding_dim if vocabulary else None)
     config = model_config(options.name, spec, options.graph_precision, options.max_batch_size, options.target,
-                          vocabulary.parameters if vocabulary else None, options.runtime)
+                          vocabulary.parameters if vocabulary else None, options.runtime, options.promotion)
     publish.check_compatible(options.repository, options.name, config, names.labels)
     if vocabulary:
         publish.check_compatible(options.repository, vocabulary.text_model, vocabulary.config, "")

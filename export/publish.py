@@ -44,7 +44,7 @@ from cliplora.core.errors import (
 from cliplora.core.manifest import Manifest, TextEncoderManifest
 from cliplora.core.records import VersionedRecord
 from cliplora.core.repository import MODEL_NAME_PATTERN, ModelRepository, validate_model_name
-from cliplora.export.model_config import ModelConfig, parse_config, to_text
+from cliplora.export.model_config import ModelConfig, parse_config, promotion_of, to_text
 
 
 def _writable_root(root: Path) -> Path:
@@ -91,11 +91,13 @@ def check_compatible(root: Path, name: str, config: ModelConfig | None, labels: 
         )
 
 
-def check_names(root: Path, name: str, open_vocabulary: bool, bank: bool = False) -> None:
+def check_names(root: Path, name: str, open_vocabulary: bool, bank: bool = False,
+                promotion: contract.Promotion | None = None) -> None:
     """Refuse a name that shadows, or is shadowed by, an open-vocabulary text encoder: `x` with
-    ``--open-vocabulary`` reserves ``x_text``; or a bank's companion (`check_bank_names`).
-    Checked before the export starts, and again by `publish_version` under the models'
-    locks (an export of the other name may have landed since)."""
+    ``--open-vocabulary`` reserves ``x_text``; or a bank's companion (`check_bank_names`); or
+    a bank's promoted adapter (`check_promoted_names`). Checked before the export starts, and
+    again by `publish_version` under the models' locks (an export of the other name may have
+    landed since)."""
     repository = ModelRepository(root)
     if open_vocabulary:
         text = contract.text_model_name(name)
@@ -111,6 +113,7 @@ def check_names(root: Path, name: str, open_vocabulary: bool, bank: bool = False
             raise FailedPrecondition(f"{name!r} is the text encoder of the open-vocabulary model {owner!r}; "
                                      "export under another --name")
     check_bank_names(root, name, bank)
+    check_promoted_names(root, name, promotion)
 
 
 def bank_of(root: Path, name: str) -> str | None:
@@ -149,6 +152,38 @@ def check_bank_names(root: Path, name: str, bank: bool) -> None:
         if owner and (bank_of(root, name) is not None or (owner in models and is_bank(root, owner))):
             raise FailedPrecondition(f"{name!r} is the adapter table of the bank {owner!r}; "
                                      "export under another --name")
+
+
+def check_promoted_names(root: Path, name: str, promotion: contract.Promotion | None) -> None:
+    """A bank `x` reserves every name ``x--*`` for its promoted adapters (`cliplora bank
+    promote`): such a name is published only as the promotion it spells, from a bank that is
+    there, and never over a model that is another promotion or none."""
+    models = ModelRepository(root).model_names()
+    if promotion is not None:
+        expected = contract.promoted_model_name(promotion.bank, promotion.adapter)
+        if name != expected or not is_bank(root, promotion.bank):
+            raise FailedPrecondition(f"{name!r} cannot be published as adapter {promotion.adapter!r} of bank "
+                                     f"{promotion.bank!r} (its promoted name is {expected!r}, from a bank in {root})")
+        existing = promotion_in(root, name) if name in models else promotion
+        if existing is None or (existing.bank, existing.adapter) != (promotion.bank, promotion.adapter):
+            raise FailedPrecondition(f"{root} already has a model called {name!r} that is not adapter "
+                                     f"{promotion.adapter!r} of bank {promotion.bank!r} promoted; nothing published")
+        return
+    parts = name.split(contract.PROMOTED_SEPARATOR)
+    for i in range(1, len(parts)):
+        owner = contract.PROMOTED_SEPARATOR.join(parts[:i])
+        if owner in models and is_bank(root, owner):
+            raise FailedPrecondition(f"{name!r} is reserved by the adapter bank {owner!r} for its promoted adapters "
+                                     f"(`cliplora bank promote {owner} --adapter ID` publishes {owner}"
+                                     f"{contract.PROMOTED_SEPARATOR}ID); use another name")
+
+
+def promotion_in(root: Path, name: str) -> contract.Promotion | None:
+    """The promotion the config of the model `name` records (None: none, or no readable config)."""
+    try:
+        return promotion_of(parse_config((root / name / contract.CONFIG_FILENAME).read_text(encoding="utf-8")))
+    except (OSError, text_format.ParseError, ValueError):
+        return None
 
 
 def preflight(root: Path, name: str, labels: str) -> None:
@@ -222,7 +257,8 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
         for model in sorted(models, key=lambda m: m.name != name):
             locks.enter_context(model_lock(root, model.name))
         repository = ModelRepository(root)
-        check_names(root, name, any(c.text_encoder for c in companions), bank=record is BankManifest)
+        check_names(root, name, any(c.text_encoder for c in companions), bank=record is BankManifest,
+                    promotion=promotion_of(config))
         for model in models:
             check_compatible(root, model.name, model.config, model.labels or "")
         expected, version = version, (repository.versions(name) or [0])[-1] + 1

@@ -46,6 +46,7 @@ class BankSettingsRecord(Record):
     embedding_dim: int
     logit_scale: float
     vision_blocks: int
+    open_vocabulary: bool = False  # each adapter's text tower served as NAME_text (`bank create` refuses it for now)
 
 
 class BankFilesRecord(Record):
