@@ -53,9 +53,15 @@ class TritonHealth:
             await asyncio.sleep(self.interval_s)
 
     async def probe(self) -> bool:
-        """One readiness probe; False when Triton does not answer within `timeout_s`."""
+        """One readiness probe; False when Triton does not answer within `timeout_s`.
+
+        `asyncio.timeout`, not `wait_for`: Python 3.11's `wait_for` swallows a cancellation that
+        arrives just as the probe finishes, and a cancelled health task then probes on and
+        `GatewayServer.stop` waits for it forever.
+        """
         try:
-            return await asyncio.wait_for(self.triton.ready(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await self.triton.ready()
         except TimeoutError:
             return False
 
