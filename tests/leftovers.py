@@ -3,16 +3,19 @@
 Every process a test starts inherits the environment, so a variable set in this pytest
 process marks all of them, their children and grandchildren (tritonserver, its Python-backend
 stubs, prometheus, the guards): the live processes that carry the variable with this run's
-value are the ones the run left behind. tests/conftest.py checks the whole session at its
-end; a test can mark its own children with a value of its own and check them the same way.
+value are the ones the run left behind. `SessionCheck` (registered by tests/conftest.py)
+checks the whole session at its end; a test can mark its own children with a value of its
+own and check them the same way.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import psutil
+import pytest
 
 SESSION_VARIABLE = "CLIPLORA_TEST_SESSION"
 CASE_VARIABLE = "CLIPLORA_TEST_CASE"
@@ -58,3 +61,32 @@ def kill(processes: list[psutil.Process]) -> None:
             process.kill()
         except psutil.Error:
             pass
+
+
+class SessionCheck:
+    """A pytest plugin: marks every process the session starts (a fresh value of
+    `SESSION_VARIABLE`, set when the plugin is made, before any test runs), and at the
+    session's end fails the run, naming each one, if any is still running `wait_s` later
+    (processes stopped in the last teardown may still be exiting); then kills them."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
+        # Fresh, never inherited: a session run inside a test must not take its parent's processes for its own.
+        self.value = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        os.environ[SESSION_VARIABLE] = self.value
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        left = still_running(SESSION_VARIABLE, self.value, self.wait_s)
+        if not left:
+            return
+        report = (f"{len(left)} process(es) started by this test session still running "
+                  f"{self.wait_s:g} s after its end (killed now):\n{describe(left)}")
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.section("leftover processes", sep="=", red=True, bold=True)
+            reporter.line(report, red=True)
+        else:
+            print(report)
+        kill(left)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

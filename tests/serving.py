@@ -7,7 +7,6 @@ import asyncio
 import io
 import ipaddress
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -34,14 +33,9 @@ from cliplora.serve.stack.triton_launcher import TritonPorts
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import factories, leftovers
+from tests.ports import free_port
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def publish_tiny_models(root: Path, config: Path) -> Path:
@@ -195,6 +189,35 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> N
     while not condition():
         assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
         await asyncio.sleep(0.05)
+
+
+async def probed(gateway: GatewayServer, times: int = 2, timeout_s: float = 10.0) -> None:
+    """Until the gateway's health loop has finished `times` more readiness probes of Triton.
+
+    Each probe's verdict is set before the next probe starts, so after two the health status
+    is the one a probe gave (not only the NOT_SERVING the gateway starts with). An event,
+    not a sleep: the wait is as long as the probes take, on any machine.
+    """
+    health = gateway.health
+    assert health is not None, "start() the gateway first"
+    finished = 0
+    enough = asyncio.Event()
+    probe = health.probe
+
+    async def counted() -> bool:
+        nonlocal finished
+        try:
+            return await probe()
+        finally:
+            finished += 1
+            if finished >= times:
+                enough.set()
+
+    health.probe = counted  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(enough.wait(), timeout_s)
+    finally:
+        del health.probe  # the class's own again
 
 
 def classifier_stub(port: int) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierStub]:

@@ -89,6 +89,7 @@ def test_the_int8_graph_keeps_the_contract_and_records_its_gate(int8) -> None:
     assert not config.HasField("optimization")  # no TensorRT for a CPU target
 
 
+@pytest.mark.slow
 def test_the_gate_refuses_a_broken_quantization_and_publishes_nothing(inputs, tiny_config, tmp_path, monkeypatch) -> None:
     """A quantizer that also ruins the head (its weights rounded to a sign): the gate stops
     the export and the repository is byte for byte what it was."""
@@ -130,6 +131,7 @@ def test_the_gate_rules(images, agreement, error, passes) -> None:
     assert gate.record().passed is passes and (gate.record().min_top1_agreement is not None) == (images >= 100)
 
 
+@pytest.mark.subprocess
 def test_options_that_do_not_go_together(inputs, tiny_config, tmp_path) -> None:
     with pytest.raises(InvalidArgument, match="--target cpu-int8 quantizes the fp32 graph.*--precision fp16"):
         _options(inputs, tiny_config, tmp_path, precision="fp16")
@@ -149,6 +151,7 @@ def test_options_that_do_not_go_together(inputs, tiny_config, tmp_path) -> None:
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr and "--precision fp16" in done.stderr
 
 
+@pytest.mark.triton
 async def test_an_int8_model_serves_through_triton_as_predict_computes_it(int8, tmp_path) -> None:
     images = []
     for i, size in enumerate([(64, 48), (40, 90), (33, 33)]):
@@ -172,6 +175,7 @@ async def test_an_int8_model_serves_through_triton_as_predict_computes_it(int8, 
     assert "int8/1/model.onnx on ['CPUExecutionProvider']" in log
 
 
+@pytest.mark.triton
 def test_runtime_parameters_reach_the_local_backend(inputs, tiny_config, tmp_path) -> None:
     """--intra-op-threads / --spinning are config parameters the backend reads; unset, no
     model spins; `auto` spins for a model alone in its repository, not for one among several."""
@@ -245,6 +249,7 @@ def test_one_onnx_runtime_wheel_at_a_time(int8) -> None:
     assert runtime.installed_runtimes(only_gpu) == ["onnxruntime-gpu"]
 
 
+@pytest.mark.slow
 def test_int8_with_open_vocabulary_verifies_the_published_image_embeds(inputs, tiny_config, tmp_path) -> None:
     """cpu-int8 + --open-vocabulary: image_embeds is checked on the INT8 file that is published
     (INT8 noise shows: far above fp32's ~1e-5), against INT8's bound; the text encoder stays fp32."""

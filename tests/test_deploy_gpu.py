@@ -36,7 +36,7 @@ from tests.deploy_checks import (
     recording_rules,
     scraped_names,
 )
-from tests.serving import CLASSES, free_port, in_process_gateway, triton_ports
+from tests.serving import CLASSES, free_port, in_process_gateway, probed, triton_ports
 
 # ---------------------------------------------------------------- `--target gpu`
 
@@ -117,6 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Iterat
         triton.cleanup()
 
 
+@pytest.mark.triton
 def test_gpu_export_is_keyed_and_verified(stack: dict) -> None:
     import onnx
 
@@ -146,6 +147,7 @@ def test_gpu_export_is_keyed_and_verified(stack: dict) -> None:
                                                 contract.DEFAULT_MAX_BATCH_SIZE, target="gpu")
 
 
+@pytest.mark.triton
 async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> None:
     """Triton parses the GPU blocks (they come back in its view of the config), runs the
     warm-up, and the model answers through the gateway exactly as `predict` does."""
@@ -191,6 +193,7 @@ async def test_gpu_config_loads_and_serves_in_the_local_triton(stack: dict) -> N
                                        [p["logit"] for p in local["predictions"]], atol=1e-5, rtol=0)
 
 
+@pytest.mark.triton
 async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> None:
     """Live scrapes of the gateway and the local Triton after real traffic; every metric a
     dashboard or HPA query reads is there, or is a recording rule, or is a GPU metric."""
@@ -272,6 +275,7 @@ def _query(base: str, expr: str) -> dict:
         return json.loads(exc.read())
 
 
+@pytest.mark.triton
 async def test_container_health_check_script(stack: dict) -> None:
     from cliplora.serve.gateway.server import GatewayServer
 
@@ -292,7 +296,7 @@ async def test_container_health_check_script(stack: dict) -> None:
                                            health_interval_s=0.2))
     await lonely.start()
     try:
-        await asyncio.sleep(0.5)
+        await probed(lonely)
         process = await asyncio.create_subprocess_exec(sys.executable, str(script), f"127.0.0.1:{lonely.port}",
                                                        stdout=asyncio.subprocess.DEVNULL,
                                                        stderr=asyncio.subprocess.PIPE)

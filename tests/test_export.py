@@ -316,6 +316,7 @@ def test_template_average_is_renormalised_mean(tiny_base) -> None:
     assert not torch.allclose(matrix[:, 0], each[0], atol=1e-3)
 
 
+@pytest.mark.subprocess
 def test_concurrent_exports_take_successive_versions(tmp_path, tiny_config, classes_file) -> None:
     """Three `cliplora export` processes racing for one name: versions 1, 2, 3, all complete."""
     command = [sys.executable, "-m", "cliplora.cli", "export", "--model", str(tiny_config), "--lora", "none",

@@ -116,6 +116,7 @@ async def _stream(stub: pb_grpc.ClassifierStub, request: pb.ClassifyRequest, sto
         await asyncio.sleep(STREAM_PAUSE_S)
 
 
+@pytest.mark.triton
 async def test_triton_killed_under_load_unavailable_then_recovers(repository, tmp_path) -> None:
     """SIGKILL Triton under a steady stream of calls: health NOT_SERVING within 2 s (default
     0.5 s probes), every failed call UNAVAILABLE, its Python-backend stubs gone with it (one

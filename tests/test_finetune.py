@@ -52,6 +52,7 @@ def trained(tmp_path_factory, shapes, tiny_config):
     return run_finetune(_options(shapes, tmp_path_factory.mktemp("run") / "out", tiny_config))
 
 
+@pytest.mark.slow
 def test_finetuned_beats_zero_shot_clearly(trained) -> None:
     run = json.loads((trained.output / "run.json").read_text())
     assert run["status"] == "done" and run["steps_done"] == 40
@@ -61,6 +62,7 @@ def test_finetuned_beats_zero_shot_clearly(trained) -> None:
     assert len(run["losses"]) == 40 and sum(run["losses"][-5:]) < sum(run["losses"][:5])
 
 
+@pytest.mark.slow
 def test_checkpoint_is_the_papers_format(trained) -> None:
     raw = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)
     assert set(raw) == {"weights", "metadata"}
@@ -80,6 +82,7 @@ def test_checkpoint_is_the_papers_format(trained) -> None:
     assert adapter.updates[0].scale == pytest.approx(1 / math.sqrt(2))
 
 
+@pytest.mark.slow
 def test_published_model_scores_what_training_measured(trained, tmp_path, tiny_config) -> None:
     """finetune → export → evaluate: the same top-1 and per-class figures, and the
     base published with --lora none scores the zero-shot figure."""
@@ -98,6 +101,7 @@ def test_published_model_scores_what_training_measured(trained, tmp_path, tiny_c
     assert tuned["top1"] > base["top1"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_adapter_and_resume_continues_exactly(shapes, tmp_path, tiny_config) -> None:
     short = dict(iterations=6, save_every=2)
     first = run_finetune(_options(shapes, tmp_path / "a", tiny_config, **short))
@@ -119,6 +123,7 @@ def test_same_seed_same_adapter_and_resume_continues_exactly(shapes, tmp_path, t
     assert not all(torch.equal(x, y) for x, y in zip(reference, tensors(other_seed), strict=True))
 
 
+@pytest.mark.slow
 def test_existing_output_and_changed_resume_are_refused(shapes, tmp_path, tiny_config) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -133,6 +138,7 @@ def test_existing_output_and_changed_resume_are_refused(shapes, tmp_path, tiny_c
         run_finetune(_options(shapes, tmp_path / "run", tiny_config, iterations=2, resume=True, lr=1e-3))
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_early_can_be_resumed_and_bad_images_stop_it_first(shapes, tmp_path, tiny_config) -> None:
     from cliplora.finetune.train import _load_state
 
@@ -214,6 +220,7 @@ def test_accuracy_report() -> None:
                                    "c": {"images": 1, "correct": 0, "top1": 0.0}}
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_labels_the_model_lacks(trained, tmp_path, tiny_config) -> None:
     classes = factories.write_classes(tmp_path / "classes.txt", ["red", "green", "blue"])  # no yellow
     run_export(ExportOptions(model=str(tiny_config), pretrained=None, lora=str(trained.checkpoint), classes=classes,
@@ -223,6 +230,7 @@ def test_evaluate_refuses_labels_the_model_lacks(trained, tmp_path, tiny_config)
         evaluate_model(read_labelled_images(trained.output / "heldout.csv"), "three", repository=tmp_path / "repo")
 
 
+@pytest.mark.subprocess
 def test_cli_finetune_then_evaluate(shapes, tmp_path, tiny_config) -> None:
     cli = [sys.executable, "-m", "cliplora.cli"]
     out = tmp_path / "out"
@@ -270,6 +278,7 @@ def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
             for name, t in entry.items()}
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_saves_and_resume_finishes_bit_exact(tmp_path, tiny_config) -> None:
     """SIGINT to a real `cliplora finetune` ends it after the current step with exit 130 and the
     --resume command; --resume then ends on the very lora.pt of an uninterrupted run of that seed
@@ -336,6 +345,7 @@ def test_ctrl_c_saves_and_resume_finishes_bit_exact(tmp_path, tiny_config) -> No
     assert not all(torch.equal(other_seed[k], reference[k]) for k in reference)
 
 
+@pytest.mark.triton
 async def test_evaluate_through_the_gateway_equals_in_process(trained, tmp_path, tiny_config) -> None:
     from cliplora.serve.stack.triton_launcher import LocalTriton
     from tests.serving import in_process_gateway, triton_ports

@@ -65,6 +65,7 @@ def test_direct_triton(triton: LocalTriton, tmp_path: Path) -> None:
     _checked_report(tmp_path / "report", "Triton")
 
 
+@pytest.mark.subprocess
 def test_in_process(tiny_repository: Path, tmp_path: Path) -> None:
     """`--in-process REPOSITORY`: ONNX Runtime in the load tester itself, stopped by `--requests`."""
     _run(_command(tmp_path / "report", "--in-process", str(tiny_repository), "--requests", "40",

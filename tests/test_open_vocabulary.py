@@ -84,6 +84,7 @@ def _request(model: str, images: list[Path], **fields) -> pb.ClassifyRequest:
 
 # -- export ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_publishes_the_text_encoder_beside_the_classifier(exported) -> None:
     repository = exported["repository"]
     result = exported["results"]["ovlora"]
@@ -115,6 +116,7 @@ def test_export_publishes_the_text_encoder_beside_the_classifier(exported) -> No
     assert [o.name for o in plain.output] == ["logits"] and "text_model" not in plain.parameters
 
 
+@pytest.mark.slow
 def test_a_second_version_keeps_both_models_in_step(exported, tmp_path) -> None:
     options = ExportOptions(lora="none", name="ovbase", open_vocabulary=True, **exported["common"])
     again = run_export(options)
@@ -128,6 +130,7 @@ def test_a_second_version_keeps_both_models_in_step(exported, tmp_path) -> None:
         shutil.rmtree(again.text_path)
 
 
+@pytest.mark.slow
 def test_names_are_reserved_both_ways(exported) -> None:
     common = exported["common"]
     with pytest.raises(FailedPrecondition, match="'ovlora_text' is the text encoder of the open-vocabulary model"):
@@ -146,6 +149,7 @@ def test_names_are_reserved_both_ways(exported) -> None:
         run_export(ExportOptions(lora="none", name="x" * 60, open_vocabulary=True, **common))
 
 
+@pytest.mark.slow
 def test_names_are_checked_again_under_the_publishing_locks(exported, monkeypatch) -> None:
     """An export of `ovlora_text` whose early checks ran before `ovlora --open-vocabulary`
     had landed (here: the export's early checks skipped) is refused when it publishes,

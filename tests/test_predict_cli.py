@@ -57,6 +57,7 @@ def _pytorch_logits(tiny_base, lora: Path | None, images: list[Path]) -> np.ndar
     return (tiny_base.logit_scale * features @ text.t()).numpy()
 
 
+@pytest.mark.slow
 def test_predict_equals_pytorch_on_image_files(published, tiny_base) -> None:
     root, lora, images = published
     results = predict_files(root / "repo", "adapted", images, top_k=0)
@@ -83,6 +84,7 @@ def test_predictions_are_sorted_with_softmax_scores() -> None:
     assert [p.label for p in rank(logits, ["a", "b", "c", "d"], 2)] == ["b", "d"]
 
 
+@pytest.mark.slow
 def test_cli_predict_json_and_errors(published, capsys) -> None:
     root, _, images = published
     assert main(["predict", "--repository", str(root / "repo"), "--name", "adapted", "--top-k", "2", *map(str, images[:2])]) == 0
@@ -106,6 +108,7 @@ def test_cli_predict_json_and_errors(published, capsys) -> None:
         assert re.search(message, captured.err), captured.err
 
 
+@pytest.mark.subprocess
 def test_console_script_export_contract_flags(tmp_path, tiny_config) -> None:
     """The installed `cliplora` script with the contract's flags, in a fresh process."""
     classes = factories.write_classes(tmp_path / "classes.txt")

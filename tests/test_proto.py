@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ["classifier_pb2.py", "classifier_pb2.pyi", "classifier_pb2_grpc.py"]
 
 
+@pytest.mark.subprocess
 def test_stubs_are_up_to_date(tmp_path) -> None:
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "proto"), f"--python_out={tmp_path}",

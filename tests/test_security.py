@@ -120,6 +120,7 @@ def test_tls_settings_are_validated(pki: Path) -> None:
         GatewaySettings(tls_client_ca=pki / "ca.pem")
 
 
+@pytest.mark.subprocess
 async def test_classify_cli_with_token_and_tls(pki: Path, tmp_path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN + "\n")

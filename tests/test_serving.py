@@ -29,6 +29,7 @@ from tests.serving import (
     listening,
     metrics_text,
     png_header,
+    probed,
     smooth_png,
     triton_ports,
 )
@@ -159,6 +160,7 @@ async def test_oversized_requests_per_image_and_per_message(triton, repository) 
         assert len(reply.results) == 2  # and the gateway carries on
 
 
+@pytest.mark.triton
 async def test_new_exports_appear_without_restart(tmp_path, tiny_config, images) -> None:
     """Export while serving: Triton polls the repository, the gateway rediscovers it."""
     from cliplora.export.pipeline import ExportOptions, run_export
@@ -225,7 +227,7 @@ async def test_health_without_triton_is_not_serving() -> None:
     """No Triton at all: NOT_SERVING, and a call is UNAVAILABLE (the README's "Triton down"),
     not NOT_FOUND: without Triton nobody can tell whether the model exists."""
     async with in_process_gateway(f"127.0.0.1:{free_port()}", wait_serving=False) as (gateway, stub):
-        await asyncio.sleep(0.5)
+        await probed(gateway)
         assert await health(gateway.port) == "NOT_SERVING"
         for request in (pb.ClassifyRequest(model="base", images=[pb.Image(encoded=b"x")]),
                         pb.ClassifyRequest(model="base", version=3, images=[pb.Image(encoded=b"x")])):
@@ -267,6 +269,7 @@ def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> N
         client.close()
 
 
+@pytest.mark.triton
 def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -> None:
     """`cliplora serve` as a user runs it (own ports, the gateway on every interface with
     --host 0.0.0.0), `cliplora classify`, then Ctrl-C. Triton's three ports and Prometheus

@@ -132,6 +132,7 @@ class _ExitingChild:
         pass
 
 
+@pytest.mark.subprocess
 async def test_supervisor_restarts_counts_and_gives_up_naming_the_log(tmp_path: Path, caplog) -> None:
     registry = CollectorRegistry()
     restarts = PromCounter("restarts", "", ["component"], registry=registry)
@@ -160,11 +161,13 @@ def _guarded(command: list[str], marker: str, grace_s: float = 2.0) -> subproces
     (["sh", "-c", "kill -9 $$"], -9),
     (["/nonexistent/binary"], 127),
 ])
+@pytest.mark.subprocess
 def test_guard_exits_as_its_child_did(command: list[str], returncode: int) -> None:
     guard = _guarded(command, os.urandom(8).hex())
     assert guard.wait(10) == returncode
 
 
+@pytest.mark.subprocess
 def test_guard_ends_the_childs_group_and_orphans_when_the_child_exits() -> None:
     """What tritonserver does to its stubs when it dies: children left behind, one of them in
     a session of its own. The guard ends them all before it exits."""
@@ -175,6 +178,7 @@ def test_guard_ends_the_childs_group_and_orphans_when_the_child_exits() -> None:
     assert not left, leftovers.describe(left)
 
 
+@pytest.mark.subprocess
 def test_guard_ends_everything_when_its_parent_is_sigkilled() -> None:
     marker = os.urandom(8).hex()
     parent = subprocess.Popen(
@@ -199,6 +203,7 @@ def test_guard_ends_everything_when_its_parent_is_sigkilled() -> None:
         leftovers.kill(leftovers.marked(leftovers.CASE_VARIABLE, marker))
 
 
+@pytest.mark.subprocess
 def test_a_stuck_guard_is_killed_and_its_childs_group_with_it(monkeypatch) -> None:
     """A guard that cannot answer SIGHUP (here SIGSTOPped): kill_guarded SIGKILLs it, its
     child dies by PDEATHSIG, and what the child started (re-parented to init, as a stub
@@ -225,6 +230,7 @@ def test_a_stuck_guard_is_killed_and_its_childs_group_with_it(monkeypatch) -> No
 # -- settings refused before anything starts --------------------------------------------------
 
 
+@pytest.mark.triton
 def test_a_short_token_is_refused_before_any_child_starts(tiny_repository: Path, tmp_path: Path) -> None:
     """The bug: Triton and Prometheus started, "cliplora is serving" printed, and only then
     INVALID_ARGUMENT. Now nothing starts: no child log is even created."""
@@ -257,8 +263,8 @@ def test_a_short_token_is_refused_before_any_child_starts(tiny_repository: Path,
     (["--repository", "/nonexistent/repository"], "NOT_FOUND", "does not exist"),
     (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "NOT_FOUND", "TLS file"),
 ])
-def test_bad_settings_are_refused_before_anything_starts(flags: list[str], code: str, says: str, tiny_repository: Path,
-                                                         tmp_path: Path, monkeypatch, capsys) -> None:
+def test_bad_settings_are_refused_before_anything_starts(flags: list[str], code: str, says: str, tmp_path: Path,
+                                                         monkeypatch, capsys) -> None:
     import cliplora.serve.gateway.server as gateway_server
     import cliplora.serve.stack.run as stack
 
@@ -267,7 +273,8 @@ def test_bad_settings_are_refused_before_anything_starts(flags: list[str], code:
 
     monkeypatch.setattr(stack, "_serve_stack", started)
     monkeypatch.setattr(gateway_server, "serve_until_signalled", started)
-    repository = [] if "--repository" in flags else ["--repository", str(tiny_repository)]
+    (tmp_path / "repository").mkdir()  # empty: nothing may be loaded from it anyway
+    repository = [] if "--repository" in flags else ["--repository", str(tmp_path / "repository")]
     assert main(["serve", *repository, "--log-dir", str(tmp_path / "logs"), *flags]) == 1
     err = capsys.readouterr().err
     assert code in err and says in err, err
@@ -303,6 +310,7 @@ def _only(stack: StackProcess, name: str) -> psutil.Process:
     return found[0]
 
 
+@pytest.mark.triton
 async def test_triton_sigkilled_under_load_is_restarted_then_the_stack_sigkilled_leaves_nothing(
         tiny_repository: Path, tmp_path: Path) -> None:
     """kill -9 of tritonserver under load: NOT_SERVING within 2 s, only UNAVAILABLE meanwhile,
@@ -359,6 +367,7 @@ PROBE = ReadinessProbe()  # the stack's defaults: 0.5 s between probes, each cut
 SHORT_DEADLINE_S, LONG_DEADLINE_S, SLACK_S = 2.0, 30.0, 0.5
 
 
+@pytest.mark.triton
 async def test_triton_sigstopped_under_load_is_found_hung_and_restarted(tiny_repository: Path, tmp_path: Path) -> None:
     """kill -STOP of tritonserver under load (calls with 2 s and 30 s deadlines): no call
     outlives its deadline, those in flight end UNAVAILABLE or DEADLINE_EXCEEDED, health goes
@@ -408,6 +417,7 @@ async def test_triton_sigstopped_under_load_is_found_hung_and_restarted(tiny_rep
     assert status == 0, stack.log_tail()
 
 
+@pytest.mark.triton
 async def test_a_triton_that_cannot_start_hits_the_restart_limit(tiny_repository: Path, tmp_path: Path) -> None:
     """Triton's gRPC port taken by another process: every start fails, the back-off is
     waited, and past --max-restarts `cliplora serve` exits non-zero naming the log."""
@@ -437,6 +447,7 @@ def _scraped_since(prometheus_port: int, since: float) -> set[str]:
     return {r["metric"]["job"] for r in result if float(r["value"][1]) > since}
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not LocalPrometheus.available(), reason="prometheus is not installed")
 async def test_prometheus_killed_is_restarted_and_scrapes_again(tiny_repository: Path, tmp_path: Path) -> None:
     async with stack_process(tiny_repository, tmp_path) as stack:

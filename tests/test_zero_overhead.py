@@ -19,6 +19,8 @@ from cliplora.core import contract
 from cliplora.export.pipeline import ExportOptions, run_export
 from tests import factories
 
+pytestmark = pytest.mark.slow  # every test exports the tiny model, some twice
+
 Exporter = Callable[..., onnx.ModelProto]
 
 # Distinct vision-tower matrices each adapter changes. The exporter keeps q, k and v in one
