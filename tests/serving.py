@@ -156,6 +156,23 @@ async def wait_for_health(port: int, status: str, timeout_s: float, poll_s: floa
         await asyncio.sleep(poll_s)
 
 
+# What a bound on a loaded 2-core machine allows for getting the CPU in time (Triton, its
+# stubs, the gateway, Prometheus, a test's client streams and other test sessions share the
+# cores). A process that wakes waits for a core a few scheduler periods (milliseconds) and for
+# its interpreter's lock (5 ms switches): tens of milliseconds, hundreds when swamped; 1 s
+# leaves room for that several times over, and stays below every figure it is added to.
+LOADED_MARGIN_S = 1.0
+
+
+def not_serving_within_s(settings: GatewaySettings | None = None) -> float:
+    """The bound on health turning NOT_SERVING after Triton dies or hangs, from the gateway's
+    own settings (the defaults unless given): its health loop sleeps `health_interval_s`
+    between probes and cuts each at `health_timeout_s`, so the first probe that misses
+    Triton starts within one interval and ends within one timeout; plus `LOADED_MARGIN_S`."""
+    settings = settings or GatewaySettings()
+    return settings.health_interval_s + settings.health_timeout_s + LOADED_MARGIN_S
+
+
 def small_request(model: str = "base") -> pb.ClassifyRequest:
     return pb.ClassifyRequest(model=model, images=[pb.Image(encoded=encoded(factories.make_image(64, 48), "JPEG"))])
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from cliplora.export import model_config
+from tests import tools
 from tests.deploy_checks import (
     BIN,
     DEPLOY,
@@ -107,12 +108,12 @@ def by_tag_of_docs() -> str:
 
 
 @pytest.mark.subprocess
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make test installs it)")
 def test_prometheus_config_and_rules_pass_promtool() -> None:
     """Compose mounts deploy/prometheus/ as it is; Kubernetes gets the same groups (above)."""
+    promtool = tools.require("promtool")
     folder = DEPLOY / "prometheus"
-    for command in (["promtool", "check", "config", "prometheus.yml"], ["promtool", "check", "rules", "rules.yml"],
-                    ["promtool", "test", "rules", "rules_test.yml"]):
+    for command in ([promtool, "check", "config", "prometheus.yml"], [promtool, "check", "rules", "rules.yml"],
+                    [promtool, "test", "rules", "rules_test.yml"]):
         done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
 

@@ -24,6 +24,7 @@ import pytest
 from cliplora.core import contract
 from cliplora.export import model_config
 from cliplora.serve.gateway.settings import GatewaySettings
+from tests import tools
 from tests.deploy_checks import (
     DEPLOY,
     GPU_METRICS,
@@ -230,8 +231,7 @@ async def test_dashboard_and_adapter_use_only_exported_metrics(stack: dict) -> N
             # Every query also parses and evaluates in a real Prometheus that loads our rules.
             from cliplora.serve.stack.prometheus import LocalPrometheus
 
-            if not LocalPrometheus.available():
-                pytest.skip("prometheus not installed (make test installs it): queries checked by name only")
+            tools.require("prometheus")  # where it skips, the queries were checked by name only
             config = textwrap.dedent(f"""\
                 global:
                   scrape_interval: 1s

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from cliplora.loadtest.report import build_report, render_markdown, write_report
 from cliplora.loadtest.runner import Record, RunResult, run_load
 from cliplora.loadtest.stats import ratios, summary_ms
 from cliplora.loadtest.targets import RequestFailed
+from tests import tools
 
 
 class FakeTarget:
@@ -216,9 +216,9 @@ def test_generated_images_are_jpegs() -> None:
     assert len(images) == 4 and all(i[:2] == b"\xff\xd8" for i in images)
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make test installs it)")
 async def test_verdict_from_scraped_data(tmp_path, tiny_repository, tiny_triton) -> None:
     """Triton + gateway + a real Prometheus: the report's server side comes from scrapes."""
+    tools.require("prometheus")
     from cliplora.serve.gateway.server import GatewayServer
     from cliplora.serve.gateway.settings import GatewaySettings
     from cliplora.serve.stack.prometheus import LocalPrometheus, render_config

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from cliplora.serve.stack.triton_launcher import LocalTriton
+from tests import tools
 from tests.serving import free_port, in_process_gateway
 
 MODELS = ("base", "lora")
@@ -101,10 +101,10 @@ def _wait_scraping(url: str, job: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make test installs it)")
 def test_direct_triton_verdict_needs_only_triton_figures(triton: LocalTriton, tmp_path: Path) -> None:
     """With `--direct-triton` no gateway saw the load, so its figures cannot exist: the verdict
     requires Triton's compute figure alone, and is computed from it."""
+    tools.require("prometheus")
     from cliplora.serve.stack.prometheus import LocalPrometheus, render_config
 
     bound = 10.0
