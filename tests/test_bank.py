@@ -253,6 +253,8 @@ def test_add_replace_remove_make_versions_that_share_the_base_weights(tmp_path, 
     assert [a["adapter"] for a in list_adapters(repo, "life")] == ["base"]
     v4 = banks.session(removed.path)
     assert np.abs(banks.bank_embeds(v4, crops, [new] * 2) - base).max() < TOLERANCE
+    with pytest.raises(Exception, match="out of data bounds"):  # not Gather's wrap-around to the last slot
+        banks.bank_embeds(v4, crops[:1], [-1])
 
 
 def test_slots_out_of_range_are_refused_not_wrapped(every_bank) -> None:
