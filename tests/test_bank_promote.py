@@ -7,6 +7,7 @@ demote takes the classifier out. `bank top`: tests/test_bank_top.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -298,26 +299,37 @@ def test_demote_takes_the_promotion_out(promoted: Promoted, capsys: pytest.Captu
 
 
 def test_remove_model_takes_every_version_and_the_config_last(tmp_path: Path) -> None:
-    """Several versions: all go; with the versions gone first, the config is the last file."""
+    """Versions first, oldest first, each renamed away in one step (Triton never sees half a
+    version, nor an older version left to load instead); then the files, config.pbtxt last."""
     folder = tmp_path / "m"
-    for version in (1, 2, 3):
+    for version in (1, 2, 10):
         (folder / str(version)).mkdir(parents=True)
         (folder / str(version) / contract.MODEL_FILENAME).write_bytes(b"x")
     (folder / contract.LABELS_FILENAME).write_text("a\n")
     (folder / contract.CONFIG_FILENAME).write_text('name: "m"\n')
-    removed: list[str] = []
-    unlink = Path.unlink
+    events: list[str] = []
+    rename, rmtree, unlink = os.rename, shutil.rmtree, Path.unlink
 
-    def recording(path: Path, missing_ok: bool = False) -> None:
-        removed.append(path.name)
-        if path.name == contract.CONFIG_FILENAME:  # no version is left by then
-            assert not [p.name for p in folder.iterdir() if p.name.isdigit() or p.name.startswith(".removing")]
+    def renamed(source: Path, target: Path) -> None:
+        events.append(f"rename {Path(source).name}")
+        rename(source, target)
+
+    def removed_tree(path: Path) -> None:
+        events.append(f"rmtree {Path(path).name.split('-')[0]}")
+        rmtree(path)
+
+    def removed(path: Path, missing_ok: bool = False) -> None:
+        events.append(f"unlink {path.name}")
         unlink(path, missing_ok=missing_ok)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Path, "unlink", recording)
-        assert bank_promotions.remove_model(tmp_path, "m") == [1, 2, 3]
-    assert not folder.exists() and removed[-1] == contract.CONFIG_FILENAME
+        patch.setattr(bank_promotions.os, "rename", renamed)
+        patch.setattr(bank_promotions.shutil, "rmtree", removed_tree)
+        patch.setattr(Path, "unlink", removed)
+        assert bank_promotions.remove_model(tmp_path, "m") == [1, 2, 10]
+    assert not folder.exists()
+    assert events == ["rename 1", "rename 2", "rename 10", "rmtree .removing", "rmtree .removing", "rmtree .removing",
+                      "unlink labels.txt", "unlink config.pbtxt"]
 
 
 @pytest.fixture(scope="module")
