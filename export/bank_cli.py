@@ -1,12 +1,13 @@
 """`cliplora bank create | add | remove | list | promote | demote | top`: adapter banks
-(DESIGN.md §8.1, §8.3).
+(README.md "Banks", docs/architecture.md "Adapter banks").
 
 The flags' defaults are `BankOptions`' own (`cliplora.export.bank_options`). `create`,
 `add` and `remove` print a JSON summary (name, version, path, the change, the adapters
-added with their verification); `list` prints the JSON list DESIGN.md §8.1 fixes, with
-each adapter's `promoted_to`; `promote` and `demote` print what they published or took
-out; `top` prints the bank's adapters by request rate, from Prometheus. The work itself
-is imported when a subcommand runs (torch, ONNX).
+added with their verification); `list` prints one JSON object per adapter (adapter,
+num_classes, rank, matrices, lora_sha256, version_added, promoted_to); `promote` and
+`demote` print what they published or took out; `top` prints the bank's adapters by
+request rate, from Prometheus. The work itself is imported when a subcommand runs (torch,
+ONNX).
 """
 
 from __future__ import annotations
