@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from cliplora.cli import main
 from cliplora.core import prometheus
 from cliplora.core.errors import InvalidArgument, Unavailable
 from cliplora.loadtest import prom
+from tests import tools
+from tests.ports import free_port
 
 
 @dataclass
@@ -132,3 +135,61 @@ def test_the_load_test_queries_at_a_time_through_the_same_helper(stand_in: Stand
     stand_in.body = {"status": "success", "data": {"result": [{"metric": {"model": "m"}, "value": [5, "2"]}]}}
     assert prom.query(stand_in.url, "up", 1700000000.5) == [{"metric": {"model": "m"}, "value": [5, "2"]}]
     assert stand_in.asked == [{"query": ["up"], "time": ["1700000000.500"]}]
+
+
+@pytest.fixture()
+def growing_counters() -> Iterator[str]:
+    """A /metrics page as a gateway's: adapter counters growing at 10/s (hot), 1/s (cold) and
+    50/s (the base) in bank `pets`, 100/s in another bank; yields its host:port."""
+    started = time.monotonic()
+    rates = {("pets", "hot"): 10.0, ("pets", "cold"): 1.0, ("pets", "base"): 50.0, ("other", "x"): 100.0}
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            elapsed = time.monotonic() - started
+            lines = [f"# TYPE {prometheus.ADAPTER_REQUESTS} counter"] + [
+                f'{prometheus.ADAPTER_REQUESTS}{{model="{m}",adapter="{a}"}} {rate * elapsed:.3f}'
+                for (m, a), rate in rates.items()]
+            payload = ("\n".join(lines) + "\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.subprocess
+def test_top_against_the_real_prometheus(growing_counters: str) -> None:
+    """The real Prometheus scraping counters that grow at known rates: the PromQL is one it
+    accepts, and the answer ranks the bank's adapters by their rates, the base and other banks
+    left out."""
+    tools.require("prometheus")
+    from cliplora.serve.stack.prometheus import LocalPrometheus, render_config
+
+    server = LocalPrometheus(render_config(growing_counters, None, interval="1s"), port=free_port())
+    try:
+        server.start()
+        deadline = time.monotonic() + 60
+        while len(rates := prometheus.top_adapters(server.url, "pets", "4s")) < 2:
+            assert time.monotonic() < deadline, f"no two rates from Prometheus within 60 s: {rates}"
+            time.sleep(0.5)
+        time.sleep(5)  # the 4 s window full of scrapes: rate() no longer extrapolates from a short series
+        rates = prometheus.top_adapters(server.url, "pets", "4s")
+    finally:
+        server.cleanup()
+    assert [r.adapter for r in rates] == ["hot", "cold"]
+    assert rates[0].requests_per_second == pytest.approx(10.0, rel=0.2)
+    assert rates[1].requests_per_second == pytest.approx(1.0, rel=0.2)
