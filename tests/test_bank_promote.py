@@ -6,13 +6,15 @@ demote takes the classifier out. `bank top`: tests/test_bank_top.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,6 +50,7 @@ class Promoted:
     weights: Path
     classes: Path
     loras: dict[str, Path]
+    summary: dict[str, Any]  # what `cliplora bank promote` printed
 
     def snapshot(self) -> dict[str, bytes | None]:
         return banks.published_snapshot(self.repo)
@@ -73,8 +76,10 @@ def promoted(tmp_path_factory: pytest.TempPathFactory, tiny_base) -> Promoted:
              LONG_ID: factories.write_paper_checkpoint(root / "long.pt", encoder="vision", position="top", seed=5)}
     add_adapters(root / "repo", BANK, [AdapterSpec(a, str(p), classes, ("a photo of a {}.", "a {} in the wild."))
                                        for a, p in loras.items()])
-    promote_adapter(root / "repo", BANK, "a1")
-    return Promoted(root, root / "repo", config, weights, classes, loras)
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["bank", "promote", BANK, "--adapter", "a1", "--repository", str(root / "repo"), "--quiet"]) == 0
+    return Promoted(root, root / "repo", config, weights, classes, loras, json.loads(printed.getvalue()))
 
 
 def test_the_promoted_adapter_answers_as_the_bank_within_the_export_tolerance(promoted: Promoted) -> None:
@@ -90,6 +95,16 @@ def test_the_promoted_adapter_answers_as_the_bank_within_the_export_tolerance(pr
     base = bank.adapter(contract.BASE_ADAPTER)  # same class names: the base's answer is what a1 changes
     base_logits = bank.logits(bank.image_embeddings(crops, base), bank.classes(base)[0])
     assert np.abs(got - base_logits).max() > 20 * FP32_TOLERANCE  # not trivially equal
+
+
+def test_promote_prints_what_it_published(promoted: Promoted) -> None:
+    record = bank_version.latest(promoted.repo, BANK)[1].adapter("a1")
+    assert record is not None
+    summary = promoted.summary
+    assert {k: summary[k] for k in ("name", "adapter", "promoted_to", "lora_sha256", "change", "version", "path")} \
+        == {"name": BANK, "adapter": "a1", "promoted_to": "pb--a1", "lora_sha256": record.lora_sha256,
+            "change": "promoted", "version": 1, "path": str(promoted.repo / "pb--a1" / "1")}
+    assert summary["verification"]["passed"] is True
 
 
 def test_the_promoted_config_names_the_bank_adapter_and_its_content(promoted: Promoted) -> None:
