@@ -134,8 +134,8 @@ def _prepare(spec: AdapterSpec, classes: list[str], templates: list[str], base: 
     what = f"adapter {spec.adapter!r} ({spec.lora})"
     if spec.lora == NO_ADAPTER:
         raise InvalidArgument(f"{what}: --lora none adds nothing; the base model is the bank's slot 0 ('base')")
-    with progress.step(f"reading {what}"):
-        adapter = load_adapter(spec.lora, len(base.text_blocks), len(base.vision_blocks))
+    with progress.step(f"reading {what}"):  # recorded as an absolute path: `bank promote` reads it from anywhere
+        adapter = load_adapter(str(Path(spec.lora).absolute()), len(base.text_blocks), len(base.vision_blocks))
     assert adapter is not None
     settings = bank.settings
     check_fits(adapter, base.model, settings.matrices, settings.max_rank, what)

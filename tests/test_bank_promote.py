@@ -74,8 +74,13 @@ def promoted(tmp_path_factory: pytest.TempPathFactory, tiny_base) -> Promoted:
                                                     params=("q", "v")),
              "a2": factories.write_paper_checkpoint(root / "a2.pt", encoder="vision", position="half-up", seed=4),
              LONG_ID: factories.write_paper_checkpoint(root / "long.pt", encoder="vision", position="top", seed=5)}
-    add_adapters(root / "repo", BANK, [AdapterSpec(a, str(p), classes, ("a photo of a {}.", "a {} in the wild."))
-                                       for a, p in loras.items()])
+    here = Path.cwd()
+    os.chdir(root)  # `bank add` given relative paths records them absolute: promote runs from anywhere
+    try:
+        add_adapters(root / "repo", BANK, [AdapterSpec(a, p.name, classes, ("a photo of a {}.", "a {} in the wild."))
+                                           for a, p in loras.items()])
+    finally:
+        os.chdir(here)
     printed = io.StringIO()
     with redirect_stdout(printed):
         assert main(["bank", "promote", BANK, "--adapter", "a1", "--repository", str(root / "repo"), "--quiet"]) == 0
@@ -122,6 +127,12 @@ def test_the_promoted_config_names_the_bank_adapter_and_its_content(promoted: Pr
     assert manifest.base == bank_manifest.source.base  # the bank's weights, not another base
     assert manifest.templates == record.templates == ["a photo of a {}.", "a {} in the wild."]
     assert manifest.classes == record.classes
+
+
+def test_the_bank_records_the_lora_files_it_was_given_relative_as_absolute(promoted: Promoted) -> None:
+    manifest = bank_version.latest(promoted.repo, BANK)[1]
+    assert {a: manifest.adapter(a).lora.source for a in promoted.loras} == {  # type: ignore[union-attr]
+        a: str(p) for a, p in promoted.loras.items()}
 
 
 def test_bank_list_shows_promoted_to(promoted: Promoted, capsys: pytest.CaptureFixture[str]) -> None:
