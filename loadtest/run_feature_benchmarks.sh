@@ -44,6 +44,10 @@ animals = ["aardvark", "albatross", "alpaca", "anteater", "antelope", "armadillo
 (out / "labels1000.txt").write_text("\n".join(f"{a} of kind {i}" for i in range(100) for a in animals) + "\n")
 EOF
 
+# 0b. INT8 vs fp32 in this process (no server): batch 1 and 8, interleaved, and the logits' distance.
+$PY -m cliplora.loadtest.int8_speed --repository "$REPO" --fp32 pets-base --int8 pets-base-int8 --batches 1,8 \
+  --runs 12 --threads 2 > "$OUT/int8-in-process.json"
+
 start_stack "$REPO" "$OUT/logs-stack"
 # 1. Open vocabulary, warm cache: the fixed head vs request-time labels, 10 and 1000 labels.
 $CL loadtest --target 127.0.0.1:50051 --models pets-lora,pets-lora:labels --labels-file "$OUT/labels10.txt" \
