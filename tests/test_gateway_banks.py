@@ -194,6 +194,12 @@ async def test_a_promotion_of_other_content_or_an_older_version_goes_to_the_bank
     assert current.ran == ["bank"]  # version 1's table, not the promoted copy's
 
 
+async def test_a_promotion_under_another_name_is_not_routed_to() -> None:
+    triton = _Recording({"impostor": _promoted(name="impostor")})
+    await service(triton).Classify(_classify("acme"), FakeContext())
+    assert triton.ran == ["bank"]
+
+
 async def test_image_embeddings_of_a_promoted_adapter_without_them_come_from_the_bank() -> None:
     triton = _Recording({"bank--acme": _promoted()})
     reply = await service(triton).Embed(pb.EmbedRequest(model="bank", adapter="acme",

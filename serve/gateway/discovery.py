@@ -133,6 +133,10 @@ def _with_promotions(found: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
             claim = promoted.promotion
             if claim is None or claim.bank != name:
                 continue
+            if promoted.name != contract.promoted_model_name(name, claim.adapter):
+                log.warning("%s claims to serve adapter %s of bank %s under another name than %s: not routed to",
+                            promoted.name, claim.adapter, name, contract.promoted_model_name(name, claim.adapter))
+                continue
             row = table.get(claim.adapter)
             if row is None or row.lora_sha256 != claim.lora_sha256:
                 log.warning("%s was promoted from adapter %s of bank %s, which the bank no longer holds as it was: "

@@ -12,6 +12,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cliplora.core.prometheus import ADAPTER_REQUESTS
+
 # 1 ms .. 30 s: a CPU ViT-L under load to a GPU ViT-B/32 at batch 1.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                    0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
@@ -75,7 +77,7 @@ class GatewayMetrics:
     def _models(self, r: CollectorRegistry) -> None:
         # Per bank adapter: one counter, its series bounded (serve/gateway/adapter_traffic.py).
         self.adapter_requests = Counter(
-            "cliplora_gateway_adapter_requests_total",
+            ADAPTER_REQUESTS,  # what `cliplora bank top` asks Prometheus for
             "Requests per bank adapter, for the adapters the gateway tracks (at most --adapter-series per bank).",
             ["model", "adapter"], registry=r)
         self.adapter_evictions = Counter(
