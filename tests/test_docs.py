@@ -116,7 +116,7 @@ def unbacked_figures(text: str, docs: Path) -> list[str]:
         if not figures:
             continue
         body = "\n".join(lines)
-        records = [r.rstrip(".") for r in RECORD.findall(body)]
+        records = list(dict.fromkeys(r.rstrip(".") for r in RECORD.findall(body)))
         missing = [what for what, found in (("command", COMMAND.search(body)), ("record", records)) if not found]
         missing += [f"record {r} (no such path)" for r in records
                     if not any((base / r.removeprefix("docs/")).exists() for base in (docs, docs.parent))]
