@@ -43,13 +43,21 @@ def adapter_row(adapter: str, slot: int, num_classes: int, version_added: int = 
                                templates=("a photo of a {}.",))
 
 
-def bank_entry(tables: dict[int, list[contract.AdapterRow]], name: str = "bank") -> ModelEntry:
-    """A bank whose versions are the keys of `tables`, each with its adapter rows."""
+def bank_entry(tables: dict[int, list[contract.AdapterRow]], name: str = "bank", *,
+               text_versions: tuple[int, ...] | None = None, text_model: str | None = None) -> ModelEntry:
+    """A bank whose versions are the keys of `tables`, each with its adapter rows; with
+    `text_versions`, a ready text encoder (`--open-vocabulary`); with `text_model` alone,
+    one that is not ready."""
+    text = None
+    if text_versions is not None:
+        text_model = f"{name}_text"
+        text = TextEntry(text_model, text_versions, EMBEDDING_DIM, max_batch_size=4, classifier=name, per_adapter=True)
     return ModelEntry(name, tuple(sorted(tables)), image_size=16, num_classes=tables[max(tables)][0].num_classes,
                       max_batch_size=4, class_names=(),
                       bank=BankSide(f"{name}{contract.ADAPTERS_MODEL_SUFFIX}", logit_scale=10.0,
                                     embedding_dim=EMBEDDING_DIM,
-                                    tables={v: {row.adapter: row for row in rows} for v, rows in tables.items()}))
+                                    tables={v: {row.adapter: row for row in rows} for v, rows in tables.items()},
+                                    text=text, text_model=text_model, vocab_sha256=get_tokenizer().vocab_sha256))
 
 
 BANK = bank_entry({1: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2)],
@@ -127,6 +135,8 @@ class FakeTriton:
         if self.fail:
             raise self.fail
         self.texts_done += 1
+        if route.adapter is not None:  # a bank's text encoder: the adapter's own tower
+            return fake_embeddings(np.concatenate([tokens, np.full((len(tokens), 1), route.adapter.slot)], axis=1))
         return fake_embeddings(tokens)
 
     async def adapter_head(self, route: Route, timeout_s: float) -> AdapterHead:

@@ -10,6 +10,7 @@ import pytest
 from cliplora.core import contract
 from cliplora.core.errors import NotFound
 from cliplora.core.preprocess import preprocess_bytes
+from cliplora.core.tokenizer import get_tokenizer
 from cliplora.serve.gateway.discovery import _with_promotions
 from cliplora.serve.gateway.errors import VersionNotReady
 from cliplora.serve.gateway.models import ModelEntry
@@ -227,3 +228,70 @@ async def test_a_demoted_adapter_under_a_request_is_answered_by_the_bank() -> No
     reply = await service(triton).Classify(_classify("acme"), FakeContext())
     assert triton.ran == ["bank--acme", "bank"] and reply.adapter == "acme"
     assert {p.label for p in reply.results[0].predictions} == set(adapter_classes(1)[:2])
+
+
+# -- request-time labels on a bank adapter (--open-vocabulary) ---------------------------------------
+
+ROWS = {1: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2)],
+        2: [adapter_row("base", 0, 0), adapter_row("acme", 1, 2), adapter_row("zeta", 2, 3, 2)]}
+
+
+def _open_bank(text_versions: tuple[int, ...] = (1, 2), rows: dict | None = None) -> FakeTriton:
+    triton = FakeTriton()
+    triton.models["bank"] = bank_entry(rows or ROWS, text_versions=text_versions)
+    return triton
+
+
+async def test_labels_on_a_bank_adapter_go_through_its_own_text_tower() -> None:
+    """Image and text sides at one version, each through the adapter's slot; logits as the
+    export builds its head, from the adapter's own templates."""
+    triton = _open_bank()
+    svc = service(triton)
+    reply = await svc.Classify(_classify("acme", labels=["wolf", "red_fox"]), FakeContext())
+    assert (reply.version, reply.adapter) == (2, "acme")
+    tokens = get_tokenizer()(["a photo of a wolf.", "a photo of a red fox."])
+    np.testing.assert_array_equal(triton.token_batches[0], tokens)
+    text = fake_embeddings(np.concatenate([tokens, [[1], [1]]], axis=1))
+    crop = preprocess_bytes(image_bytes(5), 16).reshape(1, -1)
+    image = fake_embeddings(np.concatenate([crop, [[1]]], axis=1).astype(np.uint8))
+    got = {p.label: p.logit for p in reply.results[0].predictions}
+    np.testing.assert_allclose([got["wolf"], got["red_fox"]], (10.0 * image @ text.T)[0], atol=1e-5)
+    zeta = await svc.Classify(_classify("zeta", labels=["wolf", "red_fox"]), FakeContext())
+    assert [p.logit for p in zeta.results[0].predictions] != [p.logit for p in reply.results[0].predictions]
+
+
+async def test_the_text_cache_is_the_adapters_not_the_banks_version() -> None:
+    """The same adapter's prompts are reused across bank versions; another adapter, or the
+    same id with other content (replaced), never answers from that cache."""
+    triton = _open_bank()
+    svc = service(triton)
+    labels = ["wolf", "fox"]
+    await svc.Classify(_classify("acme", labels=labels), FakeContext())
+    await svc.Classify(_classify("acme", labels=labels, version=1), FakeContext())  # another bank version
+    assert len(triton.token_batches) == 1
+    await svc.Classify(_classify("zeta", labels=labels), FakeContext())
+    assert len(triton.token_batches) == 2
+    replaced = {**ROWS, 3: [adapter_row("base", 0, 0), adapter_row("acme", 5, 2, 3), ROWS[2][2]]}
+    triton.models["bank"] = bank_entry(replaced, text_versions=(1, 2, 3))
+    reply = await svc.Classify(_classify("acme", labels=labels), FakeContext())
+    assert reply.version == 3 and len(triton.token_batches) == 3  # the new content's own prompts
+
+
+async def test_bank_text_encoders_not_ready_or_not_there() -> None:
+    loading = FakeTriton()
+    loading.models["bank"] = bank_entry(ROWS, text_model="bank_text")
+    refused = await _refused(_classify("acme", labels=["wolf", "fox"]), loading)
+    assert refused.code.name == "UNAVAILABLE" and "'bank_text' of bank 'bank' is not ready" in refused.details
+    behind = _open_bank(text_versions=(1,))  # version 2 of the text encoder not loaded yet
+    reply = await service(behind).Classify(_classify("acme", labels=["wolf", "fox"]), FakeContext())
+    assert reply.version == 1
+    refused = await _refused(_classify("zeta", labels=["wolf", "fox"]), behind)
+    assert refused.code.name == "NOT_FOUND" and "adapter 'zeta' not found in bank 'bank' version 1" in refused.details
+
+
+async def test_embed_texts_with_a_bank_adapter() -> None:
+    triton = _open_bank()
+    svc = service(triton)
+    acme = await svc.Embed(pb.EmbedRequest(model="bank", adapter="acme", texts=["a cat"]), FakeContext())
+    zeta = await svc.Embed(pb.EmbedRequest(model="bank", adapter="zeta", texts=["a cat"]), FakeContext())
+    assert acme.version == 2 and not np.allclose(acme.texts[0].values, zeta.texts[0].values)

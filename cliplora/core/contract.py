@@ -307,3 +307,16 @@ def promotion(config: dict[str, Any]) -> Promotion | None:
     if not bank or not adapter:
         return None
     return Promotion(bank, adapter, parameter(config, PARAM_PROMOTED_LORA_SHA256) or "")
+
+
+# A bank with open vocabulary (`cliplora bank create --open-vocabulary`, DESIGN.md §8.3 in
+# docs/architecture.md "Adapter banks"): the bank's config names its text encoder
+# (PARAM_TEXT_MODEL, `<name>_text`) and the BPE vocabulary's sha256 (PARAM_VOCAB_SHA256);
+# the text encoder takes ``tokens`` INT32 [77] and ``adapter`` INT32 [1] per sample (each
+# adapter's adapted text tower) -> ``text_embeds`` FP32 [D], and names its bank with
+# PARAM_CLASSIFIER. An adapter's templates are its row's in the adapter table.
+
+
+def is_bank_text_model(config: dict[str, Any]) -> bool:
+    """True for a bank's text encoder: a text encoder with the per-sample ``adapter`` input."""
+    return is_text_model(config) and BANK_ADAPTER_NAME in _tensors(config, "input")

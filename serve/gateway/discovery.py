@@ -57,7 +57,7 @@ class Discovery:
                 continue
             try:
                 if contract.is_bank(config):
-                    found[name] = await self._bank(name, ready, configs, config)
+                    found[name] = await self._bank(name, ready, configs, config, texts)
                 else:
                     found[name] = await self._classifier(name, sorted(ready[name]), config, texts)
             except (InferenceServerException, CliploraError, ValueError) as exc:
@@ -92,9 +92,10 @@ class Discovery:
         return self._class_names[key]
 
     async def _bank(self, name: str, ready: dict[str, list[int]], configs: dict[str, dict[str, Any]],
-                    config: dict[str, Any]) -> ModelEntry:
+                    config: dict[str, Any], texts: dict[str, TextEntry]) -> ModelEntry:
         """A bank and the tables of the versions its companion has ready too (the two load
-        one after the other: a version without its table is not routed to yet)."""
+        one after the other: a version without its table is not routed to yet), and its
+        text encoder when it has one and it is ready (`_bank_text`)."""
         shape = contract.bank_shape(name, config)
         companion = configs.get(shape.adapters_model)
         if companion is None:
@@ -105,8 +106,12 @@ class Discovery:
         tables = {version: await self._table(shape.adapters_model, version)
                   for version in versions if version in ready[shape.adapters_model]}
         base = tables[max(tables)][contract.BASE_ADAPTER].num_classes if tables else 0
+        text_model = contract.parameter(config, contract.PARAM_TEXT_MODEL) or None
         return ModelEntry(name, tuple(versions), shape.image_size, base, shape.max_batch_size, (),
-                          bank=BankSide(shape.adapters_model, shape.logit_scale, shape.embedding_dim, tables))
+                          bank=BankSide(shape.adapters_model, shape.logit_scale, shape.embedding_dim, tables,
+                                        text=_bank_text(name, text_model, shape.embedding_dim, texts),
+                                        text_model=text_model,
+                                        vocab_sha256=contract.parameter(config, contract.PARAM_VOCAB_SHA256) or ""))
 
     async def _table(self, companion: str, version: int) -> dict[str, contract.AdapterRow]:
         key = (companion, version)
@@ -152,6 +157,23 @@ def version_gone(key: tuple[str, int], ready: dict[str, list[int]]) -> bool:
     return version not in ready.get(name, ())
 
 
+def _bank_text(bank: str, text_model: str | None, embedding_dim: int, texts: dict[str, TextEntry]) -> TextEntry | None:
+    """The bank's text encoder, when the bank's config names one that is ready, takes the
+    adapter per sample and names the bank back; None (with the reason logged) otherwise."""
+    if not text_model:
+        return None
+    text = texts.get(text_model)
+    if text is None or text.classifier != bank or not text.per_adapter:
+        log.warning("bank %s names the text encoder %s, which Triton does not serve for it: no open vocabulary",
+                    bank, text_model)
+        return None
+    if text.embedding_dim != embedding_dim:
+        log.warning("bank %s: image embeddings of size %d, text embeddings of size %d: no open vocabulary",
+                    bank, embedding_dim, text.embedding_dim)
+        return None
+    return text
+
+
 def _text_entries(ready: dict[str, list[int]], configs: dict[str, dict[str, Any]]) -> dict[str, TextEntry]:
     texts: dict[str, TextEntry] = {}
     for name, config in configs.items():
@@ -163,5 +185,6 @@ def _text_entries(ready: dict[str, list[int]], configs: dict[str, dict[str, Any]
             log.warning("skipping text encoder %s: %s", name, exc)
             continue
         texts[name] = TextEntry(name, tuple(sorted(ready[name])), shape.embedding_dim, shape.max_batch_size,
-                                contract.parameter(config, contract.PARAM_CLASSIFIER) or "")
+                                contract.parameter(config, contract.PARAM_CLASSIFIER) or "",
+                                per_adapter=contract.is_bank_text_model(config))
     return texts

@@ -117,11 +117,11 @@ class Handlers:
 
     async def _logits(self, route: Route, query: ClassifyQuery,
                       deadline: float) -> tuple[np.ndarray, int, Sequence[str]]:
+        if query.vocabulary is not None:  # a classifier's or a bank adapter's text side
+            return await self._label_logits(route, query, deadline)
         if route.adapter is not None:
             return await self._adapter_logits(route, query, deadline)
-        if query.vocabulary is None:
-            return await self._class_logits(route, query, deadline)
-        return await self._label_logits(route, query, deadline)
+        return await self._class_logits(route, query, deadline)
 
     async def _embeddings(self, route: Route, query: EmbedQuery, deadline: float) -> tuple[np.ndarray, np.ndarray]:
         """(image embeddings, text embeddings), each [0, 0] when none were asked for."""

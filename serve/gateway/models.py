@@ -33,6 +33,7 @@ class TextEntry:
     embedding_dim: int
     max_batch_size: int
     classifier: str  # the model it belongs to, from its config
+    per_adapter: bool = False  # a bank's: each sample names its adapter (``adapter`` input)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class BankSide:
     tables: dict[int, dict[str, contract.AdapterRow]]  # versions both the bank and its companion have ready
     # adapter id -> its promoted classifier (`cliplora bank promote`), ready and matching the newest table
     promotions: dict[str, ModelEntry] = field(default_factory=dict)
+    text: TextEntry | None = None  # `--open-vocabulary`: each adapter's text encoder, when ready
+    text_model: str | None = None  # the text encoder the config names, ready or not
+    vocab_sha256: str = ""  # the BPE vocabulary its token ids come from
+
+    def text_side(self, bank: str, row: contract.AdapterRow) -> OpenVocabulary:
+        """The open-vocabulary side of one adapter: the bank's text encoder, the adapter's
+        templates; FAILED_PRECONDITION for a bank without, UNAVAILABLE while not ready."""
+        if self.text is not None:
+            return OpenVocabulary(self.text, self.logit_scale, row.templates, self.vocab_sha256)
+        if self.text_model:
+            raise Unavailable(f"the text encoder {self.text_model!r} of bank {bank!r} is not ready in Triton")
+        raise FailedPrecondition(f"bank {bank!r} has no text encoder: request-time labels and text "
+                                 "embeddings need a bank created with --open-vocabulary")
 
     def latest_table(self) -> dict[str, contract.AdapterRow]:
         return self.tables[max(self.tables)] if self.tables else {}
@@ -120,6 +134,9 @@ class ModelEntry:
 
     def text_missing(self, version: int) -> bool:
         """True when the text encoder, or its `version` (0: any), was not ready at the last look."""
+        if self.bank is not None:
+            text = self.bank.text
+            return self.bank.text_model is not None and (text is None or bool(version) and version not in text.versions)
         if self.open_vocabulary is None:
             return self.text_model is not None
         return bool(version) and version not in self.open_vocabulary.text.versions
@@ -155,24 +172,26 @@ class ModelEntry:
         newest table (and the request asks for that version or the latest, and for image
         embeddings only if the promoted classifier has them), else to the bank itself,
         pinned to the version whose table gives the adapter's slot."""
-        assert self.bank is not None
-        if text:
-            raise FailedPrecondition(f"bank {self.name!r} has no text encoder: request-time labels and text "
-                                     "embeddings need a bank created with --open-vocabulary")
-        tabled = sorted(set(self.versions) & set(self.bank.tables))
+        bank = self.bank
+        assert bank is not None
+        tabled = sorted(set(self.versions) & set(bank.tables))
+        if text and bank.text is not None:  # the text side too: a version all three have ready
+            tabled = sorted(set(tabled) & set(bank.text.versions))
         if version:
             self.resolve(version)
             if version not in self.bank.tables:
                 raise Unavailable(f"the adapter table of bank {self.name!r} version {version} is not ready yet")
         elif not tabled:
-            raise Unavailable(f"no version of bank {self.name!r} has its adapter table ready yet")
+            also = " and text encoder" if text else ""
+            raise Unavailable(f"no version of bank {self.name!r} has its adapter table{also} ready yet")
         chosen = version or tabled[-1]
-        row = self.bank.adapter(self.name, chosen, adapter)
-        promoted = self.bank.promotions.get(row.adapter)
-        if promoted is not None and promoted.promotion is not None and chosen == max(self.bank.tables) \
-                and (not embeds or promoted.open_vocabulary is not None):
-            return replace(promoted.route(0, embeds=embeds), version=chosen, promotion=promoted.promotion)
-        return Route(self, requested=version, version=chosen, adapter=row)
+        row = bank.adapter(self.name, chosen, adapter)
+        vocabulary = bank.text_side(self.name, row) if text else None
+        promoted = bank.promotions.get(row.adapter)
+        if promoted is not None and promoted.promotion is not None and chosen == max(bank.tables) \
+                and ((not embeds and not text) or promoted.open_vocabulary is not None):
+            return replace(promoted.route(0, text=text, embeds=embeds), version=chosen, promotion=promoted.promotion)
+        return Route(self, requested=version, version=chosen, adapter=row, vocabulary=vocabulary)
 
 
 @dataclass(frozen=True)
@@ -219,6 +238,16 @@ class Route:
     def triton_version(self) -> int:
         """The version to ask Triton for (0: its latest)."""
         return self.version if self.pinned else self.requested
+
+    @property
+    def text_scope(self) -> int | str:
+        """What the text cache keys this route's prompt embeddings by, beside the text
+        encoder: the version (a classifier's text encoder changes with it), or a bank
+        adapter's content hash (the same adapter answers alike in every bank version; a
+        replaced one has another hash, so it never answers from the old one's cache)."""
+        if self.adapter is not None:
+            return f"adapter:{self.adapter.lora_sha256 or contract.BASE_ADAPTER}"
+        return self.version
 
     def check_version(self, version: int) -> None:
         """NotFound when a text encoder is asked for a version it does not have ready."""

@@ -82,7 +82,7 @@ class TextEncoder:
             finally:
                 self.metrics.triton.labels(text.name).observe(time.perf_counter() - started)
 
-        return await self.cache.embed(text.name, route.version, prompts, compute, metric_model=route.entry.name)
+        return await self.cache.embed(text.name, route.text_scope, prompts, compute, metric_model=route.entry.name)
 
 
 def _text_side(route: Route) -> OpenVocabulary:

@@ -200,10 +200,12 @@ class Triton:
             raise ValueError(f"texts of {route.entry.name} asked for without its text side")
         text = route.vocabulary.text
         route.check_version(route.version)
-        embeddings, _ = await self._chunked(text.name, route.version,
-                                            [(contract.TEXT_INPUT_NAME, tokens, contract.TEXT_INPUT_WIRE_DTYPE)],
-                                            text.max_batch_size, timeout_s, contract.TEXT_OUTPUT_NAME,
-                                            text.embedding_dim, route.version)
+        inputs: list[Tensor] = [(contract.TEXT_INPUT_NAME, tokens, contract.TEXT_INPUT_WIRE_DTYPE)]
+        if text.per_adapter and route.adapter is not None:  # a bank's: each prompt through the adapter's tower
+            slots = np.full((len(tokens), 1), route.adapter.slot, dtype=contract.BANK_ADAPTER_NUMPY_DTYPE)
+            inputs.append((contract.BANK_ADAPTER_NAME, slots, contract.BANK_ADAPTER_WIRE_DTYPE))
+        embeddings, _ = await self._chunked(text.name, route.version, inputs, text.max_batch_size, timeout_s,
+                                            contract.TEXT_OUTPUT_NAME, text.embedding_dim, route.version)
         return embeddings
 
     async def adapter_head(self, route: Route, timeout_s: float) -> AdapterHead:
