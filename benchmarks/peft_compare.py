@@ -1,8 +1,10 @@
 """Adapter banks vs PEFT mixed batches: the same base, adapters and traffic, side by side.
 
     .venv/bin/pip install -e '.[bench]'   # peft and transformers, for this benchmark only
-    .venv/bin/python benchmarks/peft_compare.py --work /tmp/peft-compare \\
-        --output docs/benchmark-runs/banks-peft/DATE
+    .venv/bin/python benchmarks/peft_compare.py --work /tmp/peft-compare --output OUT
+    .venv/bin/python benchmarks/peft_compare.py --work /tmp/peft-compare-t1 --output OUT --threads 1
+
+(the records quoted in docs/benchmarks.md are under docs/benchmark-runs/banks-peft/).
 
 What a user would write instead of a bank: a Hugging Face `CLIPModel` holding every adapter
 through PEFT, each batch naming one adapter per sample (PEFT's mixed-batch inference, eager
@@ -17,12 +19,16 @@ PyTorch). Steps (docs/benchmarks.md, "Adapter banks vs PEFT mixed batches"):
    `cliplora bank add --adapters-file` put the same folders in a bank.
 3. Fidelity: for every adapter, PEFT's image embedding and the bank's (ONNX Runtime in
    this process, `PublishedBank.image_embeddings`) agree within 1e-4, and differ from the
-   base's; a mixed batch agrees too, row for row with each adapter alone.
-4. Timing, interleaved (bank, PEFT, PEFT, bank, ...: each pair in alternating order, so
-   drift and the machine's other load fall on both): batches of 1, 8 and 32 images naming
-   the adapters in turn (batch 8: all 8 distinct). The bank gets uint8 images (its
-   preprocessing is in the graph); PEFT gets the pixel values already normalised, which
-   favours PEFT. torch and ONNX Runtime both use every core.
+   base's; a mixed batch (one image per adapter) agrees too, row for row with each
+   adapter alone.
+4. Timing, interleaved in rounds (bank, PEFT, eager; then PEFT, eager, bank; ...: the
+   order rotates, so drift and the machine's other load fall on all three): batches of 8,
+   1 and 32 images naming the adapters in turn (batch 8: all 8 distinct). The bank gets
+   uint8 images (its preprocessing is in the graph); PEFT gets the pixel values already
+   normalised, which favours PEFT. "eager" is the same Hugging Face CLIP without PEFT or
+   adapters: what eager PyTorch costs alone, so the bank's lead splits into ONNX Runtime
+   vs eager and PEFT's own cost. torch and ONNX Runtime use --threads threads each (default:
+   every core; 1 each takes the synchronisation of thread teams out of the comparison).
 
 PEFT's mixed batches: `get_image_features(pixel_values, adapter_names=...)` on the
 `PeftModel` silently ignores `adapter_names` (the call goes past PEFT to `CLIPModel`,
@@ -45,6 +51,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -130,13 +137,19 @@ def build_bank(args: argparse.Namespace, folders: dict[str, Path]) -> list[dict]
             run([CLI, "bank", "add", BANK, "--adapters-file", str(args.work / "adapters.json"), *common])]
 
 
+def hf_embeddings(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Unit image embeddings of a plain Hugging Face `CLIPModel` (no adapters)."""
+    with torch.inference_mode():
+        out = model.get_image_features(pixel_values=pixels)
+    return F.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
 def check_towers(base: BaseModel, hf: torch.nn.Module, images: np.ndarray) -> dict:
     """open_clip's and Hugging Face's image towers give the same unit embeddings."""
     pixels = normalised_pixels(base, images)
     with torch.inference_mode():
         ours = F.normalize(base.model.encode_image(pixels), dim=-1)
-        out = hf.get_image_features(pixel_values=pixels)
-    theirs = F.normalize(getattr(out, "pooler_output", out), dim=-1)
+    theirs = hf_embeddings(hf, pixels)
     check = {"max_abs_diff": float((ours - theirs).abs().max()),
              "between_images": float((ours[0] - ours[1]).abs().max())}
     if not check["max_abs_diff"] <= TOLERANCE < check["between_images"]:
@@ -145,21 +158,21 @@ def check_towers(base: BaseModel, hf: torch.nn.Module, images: np.ndarray) -> di
 
 
 def check_fidelity(base: BaseModel, model: PeftModel, bank: PublishedBank, images: np.ndarray) -> dict:
-    """Every adapter: PEFT = bank (ONNX Runtime) and != base; a mixed batch = each adapter alone."""
+    """Adapter k on images k and k+1: PEFT = bank (ONNX Runtime) and != base; then a mixed
+    batch, image k through adapter k, = each adapter alone. `images`: one per adapter."""
     ids = list(model.peft_config)
-    pixels = normalised_pixels(base, images)
-    base_slot = np.zeros((len(images), 1), dtype=np.int32)
-    base_out = bank_embeddings(bank, images, base_slot)
+    base_out = bank_embeddings(bank, images, np.zeros((len(images), 1), dtype=np.int32))
     with torch.inference_mode():
-        reference = F.normalize(base.model.encode_image(pixels), dim=-1).numpy()
+        reference = F.normalize(base.model.encode_image(normalised_pixels(base, images)), dim=-1).numpy()
     rows, alone = {}, []
-    for adapter_id in ids:
-        ours = peft_embeddings(model, pixels, [adapter_id] * len(images)).numpy()
-        theirs = bank.image_embeddings(images, bank.adapter(adapter_id))
-        alone.append(ours)
+    for k, adapter_id in enumerate(ids):
+        probe = [k, (k + 1) % len(ids)]
+        ours = peft_embeddings(model, normalised_pixels(base, images[probe]), [adapter_id] * 2).numpy()
+        theirs = bank.image_embeddings(images[probe], bank.adapter(adapter_id))
+        alone.append(ours[0])
         rows[adapter_id] = {"peft_vs_bank": float(np.abs(ours - theirs).max()),
-                            "adapter_vs_base": float(np.abs(ours - base_out).max())}
-    mixed = _mixed_check(model, bank, images, pixels, ids, alone)
+                            "adapter_vs_base": float(np.abs(ours - base_out[probe]).max())}
+    mixed = _mixed_check(model, bank, images, normalised_pixels(base, images), ids, np.stack(alone))
     result = {"tolerance": TOLERANCE, "bank_base_vs_open_clip": float(np.abs(base_out - reference).max()),
               "adapters": rows, "mixed_batch": mixed}
     worst = max(r["peft_vs_bank"] for r in rows.values())
@@ -171,14 +184,12 @@ def check_fidelity(base: BaseModel, model: PeftModel, bank: PublishedBank, image
 
 
 def _mixed_check(model: PeftModel, bank: PublishedBank, images: np.ndarray, pixels: torch.Tensor,
-                 ids: list[str], alone: list[np.ndarray]) -> dict:
-    """Row n through adapter n % K: PEFT vs the bank, and PEFT vs that adapter's batch alone."""
-    names = [ids[n % len(ids)] for n in range(len(images))]
-    slots = np.array([[bank.adapter(i).slot] for i in names], dtype=np.int32)
-    ours = peft_embeddings(model, pixels, names).numpy()
-    expected = np.stack([alone[n % len(ids)][n] for n in range(len(images))])
-    return {"adapters": names, "peft_vs_bank": float(np.abs(ours - bank_embeddings(bank, images, slots)).max()),
-            "peft_vs_alone": float(np.abs(ours - expected).max())}
+                 ids: list[str], alone: np.ndarray) -> dict:
+    """Row k through adapter k: PEFT vs the bank, and PEFT vs adapter k's batch alone."""
+    slots = np.array([[bank.adapter(i).slot] for i in ids], dtype=np.int32)
+    ours = peft_embeddings(model, pixels, ids).numpy()
+    return {"adapters": ids, "peft_vs_bank": float(np.abs(ours - bank_embeddings(bank, images, slots)).max()),
+            "peft_vs_alone": float(np.abs(ours - alone).max())}
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -187,36 +198,40 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def one_pair(bank: PublishedBank, model: PeftModel, bank_inputs: tuple[np.ndarray, np.ndarray],
-             peft_inputs: tuple[torch.Tensor, list[str]], bank_first: bool) -> dict[str, float]:
-    """Seconds of one bank call and one PEFT call on the same batch, in the order given."""
-    calls = [("bank", lambda: bank_embeddings(bank, *bank_inputs)), ("peft", lambda: peft_embeddings(model, *peft_inputs))]
-    return {name: timed(call) for name, call in (calls if bank_first else calls[::-1])}
+def one_round(calls: dict[str, Callable[[], object]], first: int) -> dict[str, float]:
+    """Seconds of each call on the same batch, starting from the `first`-th (the order rotates)."""
+    names = list(calls)
+    order = names[first % len(names):] + names[:first % len(names)]
+    return {name: timed(calls[name]) for name in order}
 
 
-def time_batch(base: BaseModel, model: PeftModel, bank: PublishedBank, batch: int, budget: float,
-               args: argparse.Namespace) -> dict:
-    """Interleaved pairs (order alternating) of one bank and one PEFT call on the same traffic."""
+def time_batch(base: BaseModel, models: tuple[PeftModel, torch.nn.Module], bank: PublishedBank, batch: int,
+               budget: float, args: argparse.Namespace) -> dict:
+    """Rounds of one bank, one PEFT and one plain Hugging Face call on the same traffic, in
+    rotating order, until `budget` seconds and --min-rounds rounds are done."""
+    model, plain = models
     ids = list(model.peft_config)
-    rng = np.random.default_rng(batch)
-    images = rng.integers(0, 256, (batch, bank.image_size, bank.image_size, 3), dtype=np.uint8)
+    images = np.random.default_rng(batch).integers(0, 256, (batch, bank.image_size, bank.image_size, 3), np.uint8)
     pixels = normalised_pixels(base, images)
-    bank_s, peft_s, started, pair = [], [], time.perf_counter(), -1
+    seconds: dict[str, list[float]] = {"bank": [], "peft": [], "eager": []}
+    started, round_ = time.perf_counter(), -1
     while True:
-        pair += 1
-        names = [ids[(pair + n) % len(ids)] for n in range(batch)]
+        round_ += 1
+        names = [ids[(round_ + n) % len(ids)] for n in range(batch)]
         slots = np.array([[bank.adapter(i).slot] for i in names], dtype=np.int32)
-        times = one_pair(bank, model, (images, slots), (pixels, names), bank_first=pair % 2 == 0)
-        if pair >= args.warmup:  # the first pairs warm both up (allocations, kernels, caches)
-            bank_s.append(times["bank"])
-            peft_s.append(times["peft"])
-        elapsed = time.perf_counter() - started
-        if len(bank_s) >= args.max_pairs or (len(bank_s) >= args.min_pairs and elapsed > budget):
+        times = one_round({"bank": partial(bank_embeddings, bank, images, slots),
+                           "peft": partial(peft_embeddings, model, pixels, names),
+                           "eager": partial(hf_embeddings, plain, pixels)}, round_)
+        if round_ >= args.warmup:  # the first rounds warm everything up (allocations, kernels, caches)
+            for name, value in times.items():
+                seconds[name].append(value)
+        done = len(seconds["bank"])
+        if done >= args.max_rounds or (done >= args.min_rounds and time.perf_counter() - started > budget):
             break
-    print(f"batch {batch}: {len(bank_s)} pairs, bank p50 {np.median(bank_s):.3f} s, PEFT p50 "
-          f"{np.median(peft_s):.3f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
-    return {"batch": batch, "distinct_adapters": min(batch, len(ids)), "bank_seconds": bank_s,
-            "peft_seconds": peft_s, "load_average_after": os.getloadavg()[0]}
+    print(f"batch {batch}: {done} rounds, p50 " + ", ".join(f"{k} {np.median(v):.3f} s" for k, v in seconds.items())
+          + f", load average {os.getloadavg()[0]:.1f}", flush=True)
+    return {"batch": batch, "distinct_adapters": min(batch, len(ids)), "seconds": seconds,
+            "load_average_after": os.getloadavg()[0]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -226,13 +241,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="where peft_compare.json and .md go")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters (default 8)")
     parser.add_argument("--rank", type=int, default=2, help="LoRA rank of every adapter (default 2)")
-    parser.add_argument("--budget", default="8:240,1:45,32:150",
-                        help="BATCH:SECONDS of timed pairs per batch size, in order (default 8:240,1:45,32:150)")
-    parser.add_argument("--min-pairs", type=int, default=3, help="timed pairs at least, whatever the budget")
-    parser.add_argument("--max-pairs", type=int, default=200, help="timed pairs at most")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed pairs first (default 1)")
+    parser.add_argument("--budget", default="8:240,1:45,32:60",
+                        help="BATCH:SECONDS of timed rounds per batch size, in order (default 8:240,1:45,32:60)")
+    parser.add_argument("--min-rounds", type=int, default=3, help="timed rounds at least, whatever the budget")
+    parser.add_argument("--max-rounds", type=int, default=200, help="timed rounds at most")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ONNX Runtime threads")
     args = parser.parse_args()
+    if args.adapters < 2:
+        parser.error("--adapters: at least 2, for a mixed batch")
     args.budget = [(int(b), float(s)) for b, s in (item.split(":") for item in args.budget.split(","))]
     return args
 
@@ -248,13 +265,14 @@ def main() -> int:
                for i in range(args.adapters)}
     commands = build_bank(args, folders)
     bank = open_bank(args.work / "repo", BANK, threads=args.threads)
-    probes = np.random.default_rng(0).integers(0, 256, (8, bank.image_size, bank.image_size, 3), dtype=np.uint8)
-    hf = to_hf_clip(base.model)
-    towers = check_towers(base, hf, probes[:2])  # before PEFT puts its layers in
-    model = peft_model(hf, folders)
+    probes = np.random.default_rng(0).integers(0, 256, (args.adapters, bank.image_size, bank.image_size, 3),
+                                               dtype=np.uint8)
+    plain = to_hf_clip(base.model)  # stays without adapters: eager PyTorch alone, for scale
+    towers = check_towers(base, plain, probes[:2])
+    model = peft_model(to_hf_clip(base.model), folders)
     fidelity = check_fidelity(base, model, bank, probes)
     print(json.dumps({"towers": towers, "fidelity": fidelity}, indent=1), flush=True)
-    runs = [time_batch(base, model, bank, batch, budget, args) for batch, budget in args.budget]
+    runs = [time_batch(base, (model, plain), bank, batch, budget, args) for batch, budget in args.budget]
     record = summarize(args, commands, environment(args.threads, load_before), towers, fidelity, runs)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "peft_compare.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -34,26 +34,32 @@ def environment(threads: int, load_before: tuple[float, float, float]) -> dict:
     }
 
 
-def ratio_interval(bank: np.ndarray, peft: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of sum(peft)/sum(bank) over resampled pairs."""
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of sum(numerator)/sum(denominator) over resampled rounds."""
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(bank), (BOOTSTRAP, len(bank)))
-    ratios = peft[picks].sum(axis=1) / bank[picks].sum(axis=1)
+    picks = rng.integers(0, len(numerator), (BOOTSTRAP, len(numerator)))
+    ratios = numerator[picks].sum(axis=1) / denominator[picks].sum(axis=1)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
 
 
+def ratio(seconds: dict[str, np.ndarray], slower: str, faster: str) -> dict:
+    """How many times `faster`'s throughput is `slower`'s, with its interval and the median round's."""
+    low, high = ratio_interval(seconds[slower], seconds[faster])
+    return {"ratio": round(float(seconds[slower].sum() / seconds[faster].sum()), 3),
+            "interval_95": [round(low, 3), round(high, 3)],
+            "round_median": round(float(np.median(seconds[slower] / seconds[faster])), 3)}
+
+
 def batch_figures(run: dict) -> dict:
-    """Throughput, latency percentiles and the bank's speed-up over PEFT for one batch size."""
-    bank, peft, batch = np.array(run["bank_seconds"]), np.array(run["peft_seconds"]), run["batch"]
-    low, high = ratio_interval(bank, peft)
-    side = {name: {"images_per_second": round(batch * len(t) / t.sum(), 2),
-                   "p50_batch_seconds": round(float(np.median(t)), 4),
-                   "p90_batch_seconds": round(float(np.percentile(t, 90)), 4)}
-            for name, t in (("bank", bank), ("peft", peft))}
-    return {**run, **side, "pairs": len(bank), "speedup": round(float(peft.sum() / bank.sum()), 3),
-            "speedup_95": [round(low, 3), round(high, 3)],
-            "pair_ratio_median": round(float(np.median(peft / bank)), 3)}
+    """Throughput and latency percentiles of each side; bank vs PEFT, bank vs eager, eager vs PEFT."""
+    seconds, batch = {k: np.array(v) for k, v in run["seconds"].items()}, run["batch"]
+    sides = {name: {"images_per_second": round(batch * len(t) / t.sum(), 2),
+                    "p50_batch_seconds": round(float(np.median(t)), 4),
+                    "p90_batch_seconds": round(float(np.percentile(t, 90)), 4)} for name, t in seconds.items()}
+    return {**run, **sides, "rounds": len(seconds["bank"]),
+            "bank_over_peft": ratio(seconds, "peft", "bank"), "bank_over_eager": ratio(seconds, "eager", "bank"),
+            "eager_over_peft": ratio(seconds, "peft", "eager")}
 
 
 def summarize(args: argparse.Namespace, commands: list[dict], env: dict, towers: dict, fidelity: dict,
@@ -68,7 +74,9 @@ def summarize(args: argparse.Namespace, commands: list[dict], env: dict, towers:
                   "PEFT path: CLIPModel.get_image_features inside PeftModel._enable_peft_forward_hooks("
                   "adapter_names=...), as PeftModel.forward routes mixed batches (get_image_features(..., "
                   "adapter_names=...) on the PeftModel ignores the names); eager, torch.inference_mode.",
-                  "Bank path: the published bank's ONNX Runtime session in this process (no Triton, no gateway)."],
+                  "Bank path: the published bank's ONNX Runtime session in this process (no Triton, no gateway).",
+                  "eager: the same Hugging Face CLIPModel without PEFT or adapters (get_image_features, "
+                  "torch.inference_mode): eager PyTorch's own cost, for scale; not something that serves adapters."],
         "tower_check": towers, "fidelity": fidelity, "batches": [batch_figures(r) for r in runs],
     }
 
@@ -87,12 +95,15 @@ def markdown(record: dict) -> str:
              f"{max(r['peft_vs_bank'] for r in record['fidelity']['adapters'].values()):.1e}, mixed batch "
              f"{record['fidelity']['mixed_batch']['peft_vs_bank']:.1e}; smallest adapter effect vs the base "
              f"{min(r['adapter_vs_base'] for r in record['fidelity']['adapters'].values()):.1e}.", "",
-             "| batch | distinct adapters | pairs | bank images/s | PEFT images/s | bank speed-up (95% bootstrap) "
-             "| bank p50 s/batch | PEFT p50 s/batch | load average after |", "|---|---|---|---|---|---|---|---|---|"]
+             "| batch | distinct adapters | rounds | bank images/s | PEFT images/s | eager (no adapters) images/s "
+             "| bank / PEFT throughput (95% bootstrap) | bank / eager | eager / PEFT | p50 s/batch bank, PEFT, eager "
+             "| load average after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in record["batches"]:
-        lines.append(f"| {b['batch']} | {b['distinct_adapters']} | {b['pairs']} | {b['bank']['images_per_second']} "
-                     f"| {b['peft']['images_per_second']} | {b['speedup']}× ({b['speedup_95'][0]}–{b['speedup_95'][1]}) "
-                     f"| {b['bank']['p50_batch_seconds']} | {b['peft']['p50_batch_seconds']} "
+        lines.append(f"| {b['batch']} | {b['distinct_adapters']} | {b['rounds']} | {b['bank']['images_per_second']} "
+                     f"| {b['peft']['images_per_second']} | {b['eager']['images_per_second']} "
+                     f"| {_ratio(b['bank_over_peft'])} | {_ratio(b['bank_over_eager'])} "
+                     f"| {_ratio(b['eager_over_peft'])} | {b['bank']['p50_batch_seconds']}, "
+                     f"{b['peft']['p50_batch_seconds']}, {b['eager']['p50_batch_seconds']} "
                      f"| {b['load_average_after']:.1f} |")
     lines += ["", *(f"- {note}" for note in record["notes"][2:]), ""]
     return "\n".join(lines)
@@ -100,3 +111,7 @@ def markdown(record: dict) -> str:
 
 def _load(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
+
+
+def _ratio(figure: dict) -> str:
+    return f"{figure['ratio']}× ({figure['interval_95'][0]}–{figure['interval_95'][1]})"
