@@ -71,6 +71,7 @@ def _independent_logits(tiny_base, adapter, classes, templates, crops: np.ndarra
         return (tiny_base.logit_scale * image @ text.t()).numpy()
 
 
+@pytest.mark.slow
 def test_export_publishes_a_verified_adapted_classifier(tmp_path, tiny_config, classes_file, tiny_base, paper_lora) -> None:
     templates = ("a photo of a {}.", "a blurry photo of the {}.")
     result = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, templates=templates))
@@ -134,6 +135,7 @@ def test_peft_adapter_exports(tmp_path, tiny_config, classes_file) -> None:
     assert manifest["verification"]["passed"]
 
 
+@pytest.mark.slow
 def test_base_export_and_versions(tmp_path, tiny_config, classes_file) -> None:
     first = run_export(_options(tmp_path, tiny_config, classes_file, "none", name="base"))
     second = run_export(_options(tmp_path, tiny_config, classes_file, "none", name="base"))
@@ -157,6 +159,7 @@ def test_failure_while_publishing_a_new_model_leaves_nothing(tmp_path, tiny_conf
     assert [p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()] == []
 
 
+@pytest.mark.slow
 def test_unmerged_export_keeps_branches_and_agrees(tmp_path, tiny_config, classes_file, paper_lora) -> None:
     merged = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, name="merged"))
     unmerged = run_export(_options(tmp_path, tiny_config, classes_file, paper_lora, name="unmerged", unmerged=True))
@@ -219,6 +222,7 @@ def test_top1_flip_on_a_clear_margin_fails_verification() -> None:
     assert not any(top1_message in f for f in failures(_flipped(expected, 1)))
 
 
+@pytest.mark.slow
 def test_config_pbtxt(tmp_path, tiny_config, classes_file) -> None:
     run_export(_options(tmp_path, tiny_config, classes_file, "none"))
     config = model_config.parse_config((tmp_path / "repo" / "tiny" / "config.pbtxt").read_text())
@@ -246,6 +250,7 @@ def _assert_fails_cleanly(tmp_path, options, error, message) -> None:
     }
 
 
+@pytest.mark.slow
 def test_noop_adapter_is_refused(tmp_path, tiny_config, classes_file) -> None:
     raw = factories.paper_checkpoint(encoder="vision", position="all")
     for layer in raw["weights"].values():
@@ -257,6 +262,7 @@ def test_noop_adapter_is_refused(tmp_path, tiny_config, classes_file) -> None:
     _assert_fails_cleanly(tmp_path, _options(tmp_path, tiny_config, classes_file, str(path)), FailedPrecondition, "no-op adapter")
 
 
+@pytest.mark.slow
 def test_failed_verification_publishes_nothing(tmp_path, tiny_config, classes_file, paper_lora, monkeypatch) -> None:
     run_export(_options(tmp_path, tiny_config, classes_file, "none"))
     monkeypatch.setattr(verify, "FP32_TOLERANCE", 1e-12)
@@ -284,6 +290,7 @@ def test_missing_weights_without_flag(tmp_path, tiny_config, classes_file) -> No
                           InvalidArgument, "--allow-random-weights")
 
 
+@pytest.mark.slow
 def test_other_classes_under_an_existing_name(tmp_path, tiny_config, classes_file) -> None:
     run_export(_options(tmp_path, tiny_config, classes_file, "none"))
     other = factories.write_classes(tmp_path / "other.txt", ["ant", "bee"])

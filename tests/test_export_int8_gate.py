@@ -42,6 +42,7 @@ def test_cpu_int8_without_real_images_is_refused_unless_asked(tmp_path, tiny_con
     assert not (tmp_path / "repo").exists()  # refused before anything was made
 
 
+@pytest.mark.slow
 def test_uncalibrated_publishes_on_the_bound_and_says_so(tmp_path, tiny_config) -> None:
     gate = run_export(_options(tmp_path, tiny_config, uncalibrated=True)).manifest.quantization.gate
     assert gate.passed and gate.images == 2 and gate.calibration_images == 0
@@ -49,6 +50,7 @@ def test_uncalibrated_publishes_on_the_bound_and_says_so(tmp_path, tiny_config) 
     assert 0 < gate.max_abs_logit <= gate.tolerance_abs_logit  # INT8 against fp32: measured
 
 
+@pytest.mark.slow
 def test_a_quarter_of_flipped_answers_is_refused_with_real_images(tmp_path, tiny_config, monkeypatch) -> None:
     """100 calibration images and an INT8 graph within the logit bound whose top-1 answer
     differs on a quarter of them: refused, nothing published."""

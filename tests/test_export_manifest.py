@@ -46,6 +46,7 @@ def exported(tmp_path_factory, tiny_config) -> dict[str, dict]:
     return {name: json.loads((run_export(o).path / "manifest.json").read_text()) for name, o in options.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["base", "clip-lora-gpu", "peft-fp16"])
 def test_the_manifest_is_written_as_before(exported, name: str) -> None:
     golden = json.loads((GOLDEN / f"{name}.json").read_text())
@@ -57,6 +58,7 @@ def test_the_manifest_is_written_as_before(exported, name: str) -> None:
     assert now["merge"]["mode"] == golden["merge"]["mode"] and now["verification"]["passed"]
 
 
+@pytest.mark.slow
 def test_the_comparison_tells_the_manifests_apart(exported) -> None:
     """Each golden differs from the others in shape, so an equality above is not vacuous."""
     shapes = {name: _shape(json.loads((GOLDEN / f"{name}.json").read_text())) for name in exported}

@@ -78,6 +78,7 @@ def _without_image_embeds(model: onnx.ModelProto, features: str) -> onnx.ModelPr
     return stripped
 
 
+@pytest.mark.slow
 def test_open_vocabulary_keeps_the_fixed_label_graph(exported) -> None:
     """The classifier of an --open-vocabulary export is the plain export's graph with the
     features the head multiplies kept as a second output: same nodes, wiring, attributes and
@@ -116,6 +117,7 @@ def _fails_cleanly(options: ExportOptions, message: str) -> None:
         k: v for k, v in before.items() if not k.endswith(".lock")}
 
 
+@pytest.mark.slow
 def test_a_tokenizer_that_disagrees_stops_the_export_first(inputs, tmp_path, monkeypatch) -> None:
     """Refused before the adapter is even read (its path does not exist: reading it would be
     NOT_FOUND), naming the string, with the repository untouched."""
@@ -127,6 +129,7 @@ def test_a_tokenizer_that_disagrees_stops_the_export_first(inputs, tmp_path, mon
                    "nothing published")
 
 
+@pytest.mark.slow
 def test_the_text_verification_measures_the_tokenizer(inputs, tmp_path, monkeypatch) -> None:
     """With the early check out of the way, the verification itself compares the ids the ONNX
     text encoder got (ours) with open_clip's, and refuses: the manifest's tokenizer_matches is
@@ -140,6 +143,7 @@ def test_the_text_verification_measures_the_tokenizer(inputs, tmp_path, monkeypa
                    "token ids than open_clip's")
 
 
+@pytest.mark.slow
 def test_a_wrong_text_graph_is_refused(inputs, tmp_path, monkeypatch) -> None:
     """Plant: the exported text encoder is the merged one with one attention weight nudged;
     the ONNX text embeddings then miss the unmerged reference's, and nothing is published."""
