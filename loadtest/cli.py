@@ -157,14 +157,27 @@ async def _run(args: argparse.Namespace) -> dict:
     report = build_report(result, target=target.description, seed=args.seed)
     if args.prometheus:
         print(f"waiting {args.scrape_wait:.0f} s for Prometheus' last scrape ...", file=sys.stderr)
-        server = prom.server_side(args.prometheus, models, result.started_unix, result.ended_unix,
-                                  scrape_wait_s=args.scrape_wait)
+        served = sorted({entry.model for entry in entries.values()})
+        server = per_entry(prom.server_side(args.prometheus, served, result.started_unix, result.ended_unix,
+                                            scrape_wait_s=args.scrape_wait), entries)
         report["prometheus"] = server
-        # Straight to Triton, no gateway saw the load: its figures do not exist, only Triton's are required.
-        required = prom.DIRECT_TRITON if args.direct_triton else prom.THROUGH_GATEWAY
-        report["verdict"] = prom.verdict(server, models[0], models[1:], args.overhead_bound, required)
+        if len(models) > 1:  # a verdict compares entries with the first; one entry has nothing to compare
+            # Straight to Triton, no gateway saw the load: its figures do not exist, only Triton's are required.
+            required = prom.DIRECT_TRITON if args.direct_triton else prom.THROUGH_GATEWAY
+            report["verdict"] = prom.verdict(server, models[0], models[1:], args.overhead_bound, required)
     write_report(report, result, Path(args.report))
     return report
+
+
+def per_entry(server: dict, entries: dict[str, Entry]) -> dict:
+    """Prometheus' figures (labelled by model) under each --models entry's name: ``bank@*``
+    gets bank's. Entries of one model share its figures: the server side does not tell a
+    bank's adapters apart (nor a model's labels requests from its others)."""
+    keyed = {k: v for k, v in server.items() if k not in ("gateway", "triton")}
+    for section in ("gateway", "triton"):
+        figures = server.get(section, {})
+        keyed[section] = {name: figures[entry.model] for name, entry in entries.items() if entry.model in figures}
+    return keyed
 
 
 def run(args: argparse.Namespace) -> int:

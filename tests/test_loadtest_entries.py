@@ -55,3 +55,15 @@ def test_bad_skews_are_refused(text: str) -> None:
 def test_a_bank_without_adapters_has_nothing_to_spread_over() -> None:
     with pytest.raises(InvalidArgument, match="at least one adapter besides its base"):
         AdapterChooser([])
+
+
+def test_server_side_figures_go_under_each_entry_of_their_model() -> None:
+    from cliplora.loadtest.cli import per_entry
+
+    entries = {text: parse_entry(text) for text in ("base", "shop@*", "shop@acme", "gone")}
+    server = {"window_seconds": 60, "gateway": {"base": {"p50_ms": 10.0}, "shop": {"p50_ms": 12.0}},
+              "triton": {"shop": {"inferences": 5.0}}}
+    keyed = per_entry(server, entries)
+    assert keyed["gateway"] == {"base": {"p50_ms": 10.0}, "shop@*": {"p50_ms": 12.0}, "shop@acme": {"p50_ms": 12.0}}
+    assert keyed["triton"] == {"shop@*": {"inferences": 5.0}, "shop@acme": {"inferences": 5.0}}
+    assert keyed["window_seconds"] == 60
