@@ -1,6 +1,6 @@
 """Adapter banks under load through the full stack, interleaved against the plain base model.
 
-    .venv/bin/python benchmarks/bank_load.py --work /tmp/bank-load --output docs/benchmark-runs/banks/DATE/load
+    .venv/bin/python benchmarks/bank_load.py --work /tmp/bank-load --output OUTPUT_FOLDER
 
 What it does, on one machine (docs/benchmarks.md, "Adapter banks under load"):
 

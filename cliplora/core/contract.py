@@ -275,8 +275,7 @@ def read_adapter_table(raw: bytes | str) -> list[AdapterRow]:
     return table
 
 
-# Promotion (`cliplora bank promote NAME --adapter ID`, DESIGN.md §8.3 in docs/architecture.md
-# "Adapter banks"): the adapter exported as a merged classifier `NAME--ID`, whose config
+# Promotion (`cliplora bank promote NAME --adapter ID`, docs/architecture.md "Adapter banks"): the adapter exported as a merged classifier `NAME--ID`, whose config
 # names the bank, the adapter and the adapter's content hash. The gateway answers
 # model=NAME, adapter=ID with it while it is ready and those three match the bank's current
 # adapter table (a replaced adapter never answers from a stale promotion).
@@ -309,8 +308,8 @@ def promotion(config: dict[str, Any]) -> Promotion | None:
     return Promotion(bank, adapter, parameter(config, PARAM_PROMOTED_LORA_SHA256) or "")
 
 
-# A bank with open vocabulary (`cliplora bank create --open-vocabulary`, DESIGN.md §8.3 in
-# docs/architecture.md "Adapter banks"): the bank's config names its text encoder
+# A bank with open vocabulary (`cliplora bank create --open-vocabulary`, docs/architecture.md
+# "Adapter banks"): the bank's config names its text encoder
 # (PARAM_TEXT_MODEL, `<name>_text`) and the BPE vocabulary's sha256 (PARAM_VOCAB_SHA256);
 # the text encoder takes ``tokens`` INT32 [77] and ``adapter`` INT32 [1] per sample (each
 # adapter's adapted text tower) -> ``text_embeds`` FP32 [D], and names its bank with
