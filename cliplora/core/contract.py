@@ -275,8 +275,9 @@ def read_adapter_table(raw: bytes | str) -> list[AdapterRow]:
     return table
 
 
-# Promotion (`cliplora bank promote NAME --adapter ID`, docs/architecture.md "Adapter banks"): the adapter exported as a merged classifier `NAME--ID`, whose config
-# names the bank, the adapter and the adapter's content hash. The gateway answers
+# Promotion (`cliplora bank promote NAME --adapter ID`, docs/architecture.md "Adapter
+# banks"): the adapter exported as a merged classifier `NAME--ID`, whose config names the
+# bank, the adapter and the adapter's content hash. The gateway answers
 # model=NAME, adapter=ID with it while it is ready and those three match the bank's current
 # adapter table (a replaced adapter never answers from a stale promotion).
 PROMOTED_SEPARATOR = "--"
