@@ -137,7 +137,7 @@ def _write_first_version(base: BaseModel, settings: BankSettingsRecord, staging:
 def _verify_base(base: BaseModel, folder: Path, count: int, class_embeds: np.ndarray,
                  int8: bool) -> BaseVerificationRecord:
     sample = bank_verify.probes(base.image_size, count)
-    fp32, int8_session = bank_version.sessions(folder, int8)
+    fp32, int8_session = bank_version.sessions(folder, folder, int8)
     slots = [contract.BASE_SLOT] * len(sample.crops)
     embeds = bank_verify.embed(fp32, sample.crops, slots)
     int8_embeds = bank_verify.embed(int8_session, sample.crops, slots) if int8_session else None

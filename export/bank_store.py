@@ -15,7 +15,12 @@ A bank version folder holds::
 A new version is made from the previous one without torch: its ``model.onnx`` is the
 previous proto with each stack initializer's first dimension and external-data offsets
 changed (no node changes), its factors file is written anew, and its base weights file is
-a hard link made after the file's sha256 matched the one the bank recorded at creation.
+a hard link to the previous one's, whose sha256 must match the one the bank recorded.
+The link is made last, right before the version is published: Triton's polling notices a
+file's inode change, and a new link changes the inode the *serving* version reads, which
+makes Triton reload that version (a whole base-model load; measured with the local
+Triton). Until then the staged graph is checked with its base weights supplied from the
+previous version's file in memory (`base_initializers`).
 Offsets in both files are aligned to 4 KiB, so ONNX Runtime may map them instead of
 copying them. Everything here works on protos and numpy arrays.
 """
@@ -23,7 +28,7 @@ copying them. Everything here works on protos and numpy arrays.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,17 +160,12 @@ def read_stacks(folder: Path) -> dict[str, np.ndarray]:
 
 
 def write_version(previous: Path, staged: Path, stacks: Mapping[str, np.ndarray],
-                  base_sha256: Mapping[str, str]) -> tuple[StoredFile, StoredFile]:
-    """A new version in `staged` (same filesystem as `previous`) from the previous version:
-    for each graph (`base_sha256` maps its base weights file to the content recorded), the
-    base weights hard-linked once their hash is checked and the graph with each stack
-    initializer's shape and offsets changed; the factors file written once for all (an
-    engine-cache key the previous graph carried stays until `stamp_graph` replaces it).
-    Returns the bank graph's base weights file and the factors file."""
-    graphs = [files for files in (BANK_FILES, FP32_FILES) if files.base_weights in base_sha256]
+                  graphs: Sequence[GraphFiles] = (BANK_FILES,)) -> StoredFile:
+    """A new version in `staged` from the previous version, without its base weights (see
+    `link_base_files`): each of `graphs` with each stack initializer's shape and offsets
+    changed, the factors file written once for all (an engine-cache key the previous graph
+    carried stays until `stamp_graph` replaces it). Returns the factors file."""
     models = {files: load_graph(previous, files) for files in graphs}
-    bases = {files: link_file(previous, staged, files.base_weights, base_sha256[files.base_weights])
-             for files in graphs}
     first = stack_initializers(models[BANK_FILES])
     _check_stacks(first, stacks, previous)
     for name, tensor in first.items():
@@ -179,7 +179,7 @@ def write_version(previous: Path, staged: Path, stacks: Mapping[str, np.ndarray]
             for name, tensor in tensors.items():
                 tensor.CopyFrom(first[name])
         onnx.save(model, str(staged / files.graph))
-    return bases[BANK_FILES], factors
+    return factors
 
 
 def _check_stacks(initializers: Mapping[str, TensorProto], stacks: Mapping[str, np.ndarray], previous: Path) -> None:
@@ -201,22 +201,47 @@ def _stamp_key(model: onnx.ModelProto, tensor: TensorProto, key: str) -> None:
         node.input[:] = [new if name == old else name for name in node.input]
 
 
-def link_file(previous: Path, staged: Path, filename: str, sha256: str) -> StoredFile:
-    """Hard-link a base weights file of the previous version into `staged` once its content
-    is the one recorded (a damaged file is not passed on to every later version)."""
-    source = previous / filename
-    if not source.is_file():
-        raise FailedPrecondition(f"{source} is missing: the bank's latest version is damaged; nothing published")
-    found = sha256_file(source)
-    if found != sha256:
-        raise FailedPrecondition(f"{source} changed since the bank was created (sha256 {found[:12]}..., recorded "
-                                 f"{sha256[:12]}...); nothing published: re-create the bank")
-    target = staged / filename
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        raise FailedPrecondition(f"cannot hard-link {source} into {staged}: {exc}; nothing published") from None
-    return StoredFile(sha256, target.stat().st_size)
+def check_base_files(previous: Path, base_sha256: Mapping[str, str]) -> dict[str, StoredFile]:
+    """The previous version's base weights files (`base_sha256`: file name -> the content the
+    bank recorded), checked: a damaged file is not passed on to every later version."""
+    checked = {}
+    for filename, sha256 in base_sha256.items():
+        source = previous / filename
+        if not source.is_file():
+            raise FailedPrecondition(f"{source} is missing: the bank's latest version is damaged; nothing published")
+        found = sha256_file(source)
+        if found != sha256:
+            raise FailedPrecondition(f"{source} changed since the bank was created (sha256 {found[:12]}..., recorded "
+                                     f"{sha256[:12]}...); nothing published: re-create the bank")
+        checked[filename] = StoredFile(sha256, source.stat().st_size)
+    return checked
+
+
+def link_base_files(previous: Path, staged: Path, checked: Mapping[str, StoredFile]) -> None:
+    """Hard-link the checked base weights files into `staged` (same filesystem), the last step
+    before publishing (the module's docstring says why)."""
+    for filename, stored in checked.items():
+        source = previous / filename
+        if source.stat().st_size != stored.bytes:
+            raise FailedPrecondition(f"{source} changed while the version was made; nothing published")
+        try:
+            os.link(source, staged / filename)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot hard-link {source} into {staged}: {exc}; nothing published") from None
+
+
+def base_initializers(folder: Path, files: GraphFiles, base_folder: Path) -> dict[str, np.ndarray]:
+    """The base weights a version's graph reads from its base weights file, taken from the
+    file in `base_folder` (mapped, not read): what a session needs to check a staged graph
+    before its base weights are linked in."""
+    path = base_folder / files.base_weights
+    found = {}
+    for tensor in load_graph(folder, files).graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL and _location(tensor) == files.base_weights:
+            offset = external_data_helper.ExternalDataInfo(tensor).offset
+            found[tensor.name] = np.memmap(path, dtype=tensor_dtype(tensor).newbyteorder("<"), mode="r",
+                                           offset=offset, shape=tuple(tensor.dims))
+    return found
 
 
 def stamp_graph(folder: Path, key: str, files: GraphFiles = BANK_FILES) -> None:

@@ -89,12 +89,14 @@ def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: 
             slot = slots.append(item.factors, bank_companion.SlotClasses(item.classes, item.class_embeds))
             added.append((item, slot))
         with bank_version.staging(root, name) as staged:
-            files = _write(folder, staged / "version", previous, slots)
+            files, bases = _write(folder, staged / "version", previous, slots)
             with progress.step(f"verifying {len(added)} adapter(s) inside the bank ({probes} probe images)"):
-                records = _verify(base, staged / "version", added, probes, previous.settings.target == "cpu-int8")
+                records = _verify(base, staged / "version", folder, added, probes,
+                                  previous.settings.target == "cpu-int8")
             adapters += [_record(item, slot, version, check) for (item, slot), check in zip(added, records, strict=True)]
             manifest = _manifest(previous, version, f"add {', '.join(ids)}", adapters, retired, files, started)
             with progress.step(f"publishing version {version} of bank {name}"):
+                bank_store.link_base_files(folder, staged / "version", bases)
                 published = bank_version.publish_bank(root, manifest, slots, staged)
     return BankResult(name, published, root / name / str(published), manifest)
 
@@ -114,9 +116,10 @@ def remove_adapter(root: Path, name: str, adapter_id: str, progress: Progress | 
         version = (previous.version or 0) + 1
         adapters, retired = _retire(previous, slots, [adapter_id], version)
         with bank_version.staging(root, name) as staged:
-            files = _write(folder, staged / "version", previous, slots)
+            files, bases = _write(folder, staged / "version", previous, slots)
             manifest = _manifest(previous, version, f"remove {adapter_id}", adapters, retired, files, started)
             with progress.step(f"publishing version {version} of bank {name}"):
+                bank_store.link_base_files(folder, staged / "version", bases)
                 published = bank_version.publish_bank(root, manifest, slots, staged)
     return BankResult(name, published, root / name / str(published), manifest)
 
@@ -159,28 +162,35 @@ def _retire(previous: BankManifest, slots: bank_version.Slots, ids: Sequence[str
     return kept, retired
 
 
-def _write(previous: Path, folder: Path, bank: BankManifest, slots: bank_version.Slots) -> BankFilesRecord:
-    """The new version's files in `folder`, and their record."""
+def _write(previous: Path, folder: Path, bank: BankManifest, slots: bank_version.Slots) \
+        -> tuple[BankFilesRecord, dict[str, bank_store.StoredFile]]:
+    """The new version's files in `folder`, but its base weights (linked when it is published),
+    their record, and the checked base weights files to link."""
     folder.mkdir()
     shas = {contract.BANK_BASE_WEIGHTS_FILENAME: bank.files.base_weights_sha256}
     fp32_sha = bank.files.fp32_base_weights_sha256
+    graphs = [bank_store.BANK_FILES]
     if bank.settings.target == "cpu-int8":
         if fp32_sha is None:
             raise FailedPrecondition(f"bank {bank.name!r} is cpu-int8 but records no fp32 bank; nothing published")
         shas[bank_store.FP32_BASE_WEIGHTS_FILENAME] = fp32_sha
-    base_file, factors = bank_store.write_version(previous, folder, slots.stacks, shas)
+        graphs.append(bank_store.FP32_FILES)
+    bases = bank_store.check_base_files(previous, shas)
+    factors = bank_store.write_version(previous, folder, slots.stacks, graphs)
     key = None
     if bank.settings.target == "gpu":
-        key = bank_version.engine_key(base_file.sha256, factors.sha256)
+        key = bank_version.engine_key(bank.files.base_weights_sha256, factors.sha256)
         bank_store.stamp_graph(folder, key)
-    return bank_version.files_record(folder, base_file, factors, slots.count, key, fp32_sha)
+    base = bases[contract.BANK_BASE_WEIGHTS_FILENAME]
+    return bank_version.files_record(folder, base, factors, slots.count, key, fp32_sha), bases
 
 
-def _verify(base: BaseModel, folder: Path, added: Sequence[tuple[_Prepared, int]], count: int,
+def _verify(base: BaseModel, folder: Path, previous: Path, added: Sequence[tuple[_Prepared, int]], count: int,
             int8: bool) -> list[AdapterVerificationRecord]:
-    """Each added adapter checked in the staged version; FailedPrecondition at the first that fails."""
+    """Each added adapter checked in the staged version (its base weights read from the
+    previous version's files); FailedPrecondition at the first that fails."""
     sample = bank_verify.probes(base.image_size, count)
-    fp32, int8_session = bank_version.sessions(folder, int8)
+    fp32, int8_session = bank_version.sessions(folder, previous, int8)
     n = len(sample.crops)
     alone = {slot: bank_verify.embed(fp32, sample.crops, [slot] * n)
              for slot in (contract.BASE_SLOT, *(s for _, s in added))}

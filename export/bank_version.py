@@ -103,9 +103,15 @@ def load_slots(root: Path, name: str, folder: Path, manifest: BankManifest) -> S
 
 @contextmanager
 def staging(root: Path, name: str) -> Iterator[Path]:
-    """A private folder inside the bank's model folder (same filesystem: hard links and
-    renames work; Triton ignores folders whose name is not a number), removed afterwards."""
-    path = root / name / f".staging-{uuid.uuid4().hex}"
+    """A private folder on the repository's filesystem (hard links and renames work), removed
+    afterwards. It lives in the *companion's* model folder: Triton ignores folders whose
+    name is not a number, but polling reloads a model whose folder changed (measured with
+    the local Triton: a folder made in a serving bank's folder reloaded its version, a
+    base-model load); a reload of the adapter table costs next to nothing. ONNX Runtime
+    refuses external data reached through a symlink out of the model's folder, so the
+    staged version holds a hard link, not a symlink, and only the publish's rename touches
+    the bank's folder."""
+    path = root / contract.adapters_model_name(name) / f".staging-{uuid.uuid4().hex}"
     path.mkdir()
     try:
         yield path
@@ -127,12 +133,17 @@ def files_record(folder: Path, base: bank_store.StoredFile, factors: bank_store.
                            fp32_base_weights_sha256=fp32_base_sha256)
 
 
-def sessions(folder: Path, int8: bool) -> tuple[onnxruntime.InferenceSession, onnxruntime.InferenceSession | None]:
-    """(the fp32 bank, the INT8 bank for cpu-int8) of a staged version."""
-    published = create_session(folder / contract.MODEL_FILENAME, precision="int8" if int8 else "fp32")
+def sessions(folder: Path, base_folder: Path, int8: bool) \
+        -> tuple[onnxruntime.InferenceSession, onnxruntime.InferenceSession | None]:
+    """(the fp32 bank, the INT8 bank for cpu-int8) of a staged version, the base weights read
+    from `base_folder`'s files (the staged version does not link them before it is published)."""
+    def session(files: bank_store.GraphFiles, precision: str) -> onnxruntime.InferenceSession:
+        return create_session(folder / files.graph, precision=precision, providers=["CPUExecutionProvider"],
+                              initializers=bank_store.base_initializers(folder, files, base_folder))
+
     if not int8:
-        return published, None
-    return create_session(folder / bank_store.FP32_MODEL_FILENAME, precision="fp32"), published
+        return session(bank_store.BANK_FILES, "fp32"), None
+    return session(bank_store.FP32_FILES, "fp32"), session(bank_store.BANK_FILES, "int8")
 
 
 def publish_bank(root: Path, manifest: BankManifest, slots: Slots, staged: Path) -> int:

@@ -6,6 +6,7 @@ mixed batches and adapters added under load: tests/test_bank_serving.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from cliplora.core import contract
+from cliplora.export import bank_verify
 from cliplora.export.bank_create import create_bank
 from cliplora.export.bank_options import AdapterSpec, BankOptions
 from cliplora.export.bank_update import add_adapters
@@ -95,6 +97,29 @@ def test_triton_serves_the_adapter_table_and_each_adapters_classes(served) -> No
         [json.loads(json.dumps(a.row())) for a in result.manifest.adapters]
     embeds = [_table(client, a.slot)[contract.CLASS_EMBEDS_NAME] for a in result.manifest.adapters]
     assert np.abs(embeds[0] - embeds[1]).max() > 1e-3  # the adapters' class embeddings are their own
+
+
+def test_an_add_loads_the_new_version_and_reloads_nothing_else(served, monkeypatch) -> None:
+    root, triton, client, result = served
+    loads = re.compile(rf'"loading: {BANK}:(\d+)"')
+    before = loads.findall(triton.log_path.read_text(errors="replace"))
+    lora = factories.write_paper_checkpoint(root / "late.pt", encoder="vision", position="all", seed=9)
+    check = bank_verify.check_adapter
+
+    def as_slow_as_a_real_model(*args: object, **kwargs: object):
+        time.sleep(4)  # a ViT-B/16's verification takes seconds: Triton polls (every second) meanwhile
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(bank_verify, "check_adapter", as_slow_as_a_real_model)
+    added = add_adapters(root / "repo", BANK, [AdapterSpec("late", str(lora), root / "classes.txt")])
+    _wait_ready(client, BANK, str(added.version))
+    time.sleep(3)  # polls after the new version: none may reload the bank again
+    after = loads.findall(triton.log_path.read_text(errors="replace"))
+    assert before == ["2"] and after == ["2", str(added.version)], after  # the base model loaded once per version
+    slot = added.manifest.adapter("late").slot
+    crops = banks.images(1)
+    assert np.abs(_embeds(client, crops, [slot]) - banks.bank_embeds(banks.session(added.path), crops, [slot])).max() \
+        < 1e-5
 
 
 def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(served) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -106,10 +106,16 @@ def create_session(
     threads: int = 0,
     providers: Sequence[str] | None = None,
     device: str | None = None,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
-    """A session for an exported graph; `providers` default to `preferred_providers(device)`."""
+    """A session for an exported graph; `providers` default to `preferred_providers(device)`.
+    `initializers` supply external-data weights from memory instead of the graph's files
+    (a staged bank version before its base weights are linked in: `cliplora.export.bank_store`)."""
     _checked()
     options = ort.SessionOptions()
+    supplied = [ort.OrtValue.ortvalue_from_numpy(v) for v in (initializers or {}).values()]
+    if supplied:
+        options.add_external_initializers(list(initializers or {}), supplied)
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         if precision == "fp16"
@@ -121,6 +127,7 @@ def create_session(
     chosen = list(providers) if providers is not None else preferred_providers(device)
     with_options = [(name, CUDA_OPTIONS) if name == CUDA else name for name in chosen]
     session = ort.InferenceSession(str(path), options, providers=with_options)
+    session.supplied_initializers = supplied  # ONNX Runtime reads them in place: they live as long as the session
     if CUDA in chosen and CUDA not in session.get_providers():
         if resolve_device(device) == "cuda":
             raise FailedPrecondition(f"device cuda, but ONNX Runtime could not start its CUDA provider for {path} "
