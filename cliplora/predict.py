@@ -65,6 +65,11 @@ def predict_files(
     """
     from cliplora.core.bank_runtime import is_bank
 
+    validate_top_k(top_k)
+    if not images:
+        raise InvalidArgument("no images given")
+    if templates and not labels:
+        raise InvalidArgument("--template goes with --labels or --labels-file")
     if is_bank(repository, name):
         if labels:
             raise FailedPrecondition(f"bank {name!r} has no text encoder: request-time labels need a bank created "
@@ -73,6 +78,14 @@ def predict_files(
                              decoding=decoding)
     if adapter:
         raise InvalidArgument(f"model {name!r} is not an adapter bank: --adapter is for banks")
+    return _predict_model(repository, name, images, top_k=top_k, version=version, labels=labels, templates=templates,
+                          decoding=decoding)
+
+
+def _predict_model(repository: str | Path, name: str, images: Sequence[str | Path], *, top_k: int,
+                   version: int | None, labels: Sequence[str] | None, templates: Sequence[str] | None,
+                   decoding: Decoding) -> list[dict[str, Any]]:
+    """A classifier: its own classes, or request-time labels through its text encoder."""
     from cliplora.core.runtime import (
         open_published,
         open_text_encoder,
@@ -80,11 +93,6 @@ def predict_files(
         run_logits,
     )
 
-    validate_top_k(top_k)
-    if not images:
-        raise InvalidArgument("no images given")
-    if templates and not labels:
-        raise InvalidArgument("--template goes with --labels or --labels-file")
     model = open_published(repository, name, version)
     text = open_text_encoder(model) if labels else None
     names = list(labels) if labels else model.labels()
@@ -102,9 +110,6 @@ def _predict_bank(repository: str | Path, name: str, images: Sequence[str | Path
                   version: int | None, adapter: str, decoding: Decoding) -> list[dict[str, Any]]:
     from cliplora.core.bank_runtime import open_bank
 
-    validate_top_k(top_k)
-    if not images:
-        raise InvalidArgument("no images given")
     bank = open_bank(repository, name, version)
     record = bank.adapter(validate_adapter_id(adapter) if adapter else "")
     if not record.classes:
