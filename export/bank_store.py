@@ -16,18 +16,17 @@ A new version is made from the previous one without torch: its ``model.onnx`` is
 previous proto with each stack initializer's first dimension and external-data offsets
 changed (no node changes), its factors file is written anew, and its base weights file is
 a hard link to the previous one's, whose sha256 must match the one the bank recorded.
-The link is made last, right before the version is published: Triton's polling notices a
-file's inode change, and a new link changes the inode the *serving* version reads, which
-makes Triton reload that version (a whole base-model load; measured with the local
-Triton). Until then the staged graph is checked with its base weights supplied from the
-previous version's file in memory (`base_initializers`).
+The link is made last, by `cliplora.export.publish` as the version goes in: Triton's
+polling notices a file's inode change, and a new link changes the inode the *serving*
+version reads, which makes Triton reload that version (a whole base-model load; measured
+with the local Triton). Until then the staged graph is checked with its base weights
+supplied from the previous version's file in memory (`base_initializers`).
 Offsets in both files are aligned to 4 KiB, so ONNX Runtime may map them instead of
 copying them. Everything here works on protos and numpy arrays.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +160,8 @@ def read_stacks(folder: Path) -> dict[str, np.ndarray]:
 
 def write_version(previous: Path, staged: Path, stacks: Mapping[str, np.ndarray],
                   graphs: Sequence[GraphFiles] = (BANK_FILES,)) -> StoredFile:
-    """A new version in `staged` from the previous version, without its base weights (see
-    `link_base_files`): each of `graphs` with each stack initializer's shape and offsets
+    """A new version in `staged` from the previous version, without its base weights (the
+    publish links them in): each of `graphs` with each stack initializer's shape and offsets
     changed, the factors file written once for all (an engine-cache key the previous graph
     carried stays until `stamp_graph` replaces it). Returns the factors file."""
     models = {files: load_graph(previous, files) for files in graphs}
@@ -203,7 +202,8 @@ def _stamp_key(model: onnx.ModelProto, tensor: TensorProto, key: str) -> None:
 
 def check_base_files(previous: Path, base_sha256: Mapping[str, str]) -> dict[str, StoredFile]:
     """The previous version's base weights files (`base_sha256`: file name -> the content the
-    bank recorded), checked: a damaged file is not passed on to every later version."""
+    bank recorded), checked before the new version links them: a damaged file is not passed
+    on to every later version."""
     checked = {}
     for filename, sha256 in base_sha256.items():
         source = previous / filename
@@ -215,19 +215,6 @@ def check_base_files(previous: Path, base_sha256: Mapping[str, str]) -> dict[str
                                      f"{sha256[:12]}...); nothing published: re-create the bank")
         checked[filename] = StoredFile(sha256, source.stat().st_size)
     return checked
-
-
-def link_base_files(previous: Path, staged: Path, checked: Mapping[str, StoredFile]) -> None:
-    """Hard-link the checked base weights files into `staged` (same filesystem), the last step
-    before publishing (the module's docstring says why)."""
-    for filename, stored in checked.items():
-        source = previous / filename
-        if source.stat().st_size != stored.bytes:
-            raise FailedPrecondition(f"{source} changed while the version was made; nothing published")
-        try:
-            os.link(source, staged / filename)
-        except OSError as exc:
-            raise FailedPrecondition(f"cannot hard-link {source} into {staged}: {exc}; nothing published") from None
 
 
 def base_initializers(folder: Path, files: GraphFiles, base_folder: Path) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ it is demoted (`cliplora.export.bank_promotions` says why).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: 
         for item in prepared:
             slot = slots.append(item.factors, bank_companion.SlotClasses(item.classes, item.class_embeds))
             added.append((item, slot))
-        with bank_version.staging(root, name) as staged:
+        with publish.staging_area() as staged:
             files, bases = _write(folder, staged / "version", previous, slots)
             with progress.step(f"verifying {len(added)} adapter(s) inside the bank ({probes} probe images)"):
                 records = _verify(base, staged / "version", folder, added, probes,
@@ -96,8 +96,7 @@ def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: 
             adapters += [_record(item, slot, version, check) for (item, slot), check in zip(added, records, strict=True)]
             manifest = _manifest(previous, version, f"add {', '.join(ids)}", adapters, retired, files, started)
             with progress.step(f"publishing version {version} of bank {name}"):
-                bank_store.link_base_files(folder, staged / "version", bases)
-                published = bank_version.publish_bank(root, manifest, slots, staged)
+                published = bank_version.publish_bank(root, manifest, slots, staged, _links(folder, bases))
     return BankResult(name, published, root / name / str(published), manifest)
 
 
@@ -115,12 +114,11 @@ def remove_adapter(root: Path, name: str, adapter_id: str, progress: Progress | 
         slots = bank_version.load_slots(root, name, folder, previous)
         version = (previous.version or 0) + 1
         adapters, retired = _retire(previous, slots, [adapter_id], version)
-        with bank_version.staging(root, name) as staged:
+        with publish.staging_area() as staged:
             files, bases = _write(folder, staged / "version", previous, slots)
             manifest = _manifest(previous, version, f"remove {adapter_id}", adapters, retired, files, started)
             with progress.step(f"publishing version {version} of bank {name}"):
-                bank_store.link_base_files(folder, staged / "version", bases)
-                published = bank_version.publish_bank(root, manifest, slots, staged)
+                published = bank_version.publish_bank(root, manifest, slots, staged, _links(folder, bases))
     return BankResult(name, published, root / name / str(published), manifest)
 
 
@@ -183,6 +181,11 @@ def _write(previous: Path, folder: Path, bank: BankManifest, slots: bank_version
         bank_store.stamp_graph(folder, key)
     base = bases[contract.BANK_BASE_WEIGHTS_FILENAME]
     return bank_version.files_record(folder, base, factors, slots.count, key, fp32_sha), bases
+
+
+def _links(previous: Path, bases: Mapping[str, bank_store.StoredFile]) -> dict[str, Path]:
+    """The checked base weights files, hard-linked into the new version as it is published."""
+    return {filename: previous / filename for filename in bases}
 
 
 def _verify(base: BaseModel, folder: Path, previous: Path, added: Sequence[tuple[_Prepared, int]], count: int,

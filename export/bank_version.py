@@ -5,16 +5,16 @@ Shared by `bank create` (`cliplora.export.bank_create`) and `bank add`/`remove`
 companion's (`NAME_adapters`) under one version number, in one step of
 `cliplora.export.publish` (the companion first); the version number is fixed before the
 files are written (the adapter table names it) and `publish_version` refuses any other.
+A version is made in a private temporary folder, never where Triton looks (its polling
+reloads a model whose folder changes), and its base weights are hard-linked in by the
+publish itself, at the last moment.
 """
 
 from __future__ import annotations
 
 import hashlib
 import platform
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,24 +101,6 @@ def load_slots(root: Path, name: str, folder: Path, manifest: BankManifest) -> S
     return slots
 
 
-@contextmanager
-def staging(root: Path, name: str) -> Iterator[Path]:
-    """A private folder on the repository's filesystem (hard links and renames work), removed
-    afterwards. It lives in the *companion's* model folder: Triton ignores folders whose
-    name is not a number, but polling reloads a model whose folder changed (measured with
-    the local Triton: a folder made in a serving bank's folder reloaded its version, a
-    base-model load); a reload of the adapter table costs next to nothing. ONNX Runtime
-    refuses external data reached through a symlink out of the model's folder, so the
-    staged version holds a hard link, not a symlink, and only the publish's rename touches
-    the bank's folder."""
-    path = root / contract.adapters_model_name(name) / f".staging-{uuid.uuid4().hex}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def engine_key(base_sha256: str, factors_sha256: str) -> str:
     """`--target gpu`: what makes each version's TensorRT engine its own (`bank_store.KEY_SEPARATOR`)."""
     return hashlib.sha256(f"{base_sha256}:{factors_sha256}".encode()).hexdigest()[:16]
@@ -146,9 +128,11 @@ def sessions(folder: Path, base_folder: Path, int8: bool) \
     return session(bank_store.FP32_FILES, "fp32"), session(bank_store.BANK_FILES, "int8")
 
 
-def publish_bank(root: Path, manifest: BankManifest, slots: Slots, staged: Path) -> int:
+def publish_bank(root: Path, manifest: BankManifest, slots: Slots, staged: Path,
+                 links: Mapping[str, Path] | None = None) -> int:
     """Write the manifests and the companion next to the staged bank version (`staged/version`),
-    then publish both under `manifest.version`."""
+    then publish both under `manifest.version`; `links` (file name -> the previous version's
+    file) are the base weights, hard-linked into the version as it goes in."""
     name, settings = manifest.name, manifest.settings
     version_folder, table_folder = staged / "version", staged / "adapters"
     table_folder.mkdir()
@@ -164,6 +148,6 @@ def publish_bank(root: Path, manifest: BankManifest, slots: Slots, staged: Path)
     (version_folder / contract.MANIFEST_FILENAME).write_text(manifest.to_json(), encoding="utf-8")
     return publish.publish_version(
         root, name, version_folder, config=bank_config(name, settings), labels=None, record=BankManifest,
-        version=manifest.version,
+        version=manifest.version, links=links,
         companions=[publish.StagedModel(companion_name, table_folder, adapters_config(name, settings.embedding_dim),
                                         record=AdapterTableManifest)])

@@ -25,9 +25,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -232,6 +232,11 @@ class StagedModel:
     labels: str | None = None
     text_encoder: bool = False  # its manifest is a TextEncoderManifest
     record: type[VersionedRecord] | None = None  # its manifest's record, when neither of those two
+    # Files hard-linked into the version as it goes in (file name -> an existing file on the
+    # repository's filesystem): a bank's base weights. Linked at the last moment because a new
+    # link changes the inode of the file linked to, and Triton reloads a version whose files
+    # change (docs/architecture.md, "Adapter banks").
+    links: Mapping[str, Path] = field(default_factory=dict)
 
     @property
     def manifest(self) -> type[VersionedRecord]:
@@ -240,7 +245,7 @@ class StagedModel:
 
 def publish_version(root: Path, name: str, staged_version: Path, *, config: ModelConfig, labels: str | None,
                     companions: Sequence[StagedModel] = (), record: type[VersionedRecord] = Manifest,
-                    version: int | None = None) -> int:
+                    version: int | None = None, links: Mapping[str, Path] | None = None) -> int:
     """Move a staged version folder (model.onnx, manifest.json) into the repository.
 
     `companions` (an open-vocabulary classifier's text encoder) get the same version
@@ -250,9 +255,10 @@ def publish_version(root: Path, name: str, staged_version: Path, *, config: Mode
     If anything fails, whatever this call put in the repository is taken out again.
     `labels` None: a model without ``labels.txt`` (a bank). `record`: the model's manifest
     record. `version`: publish exactly this version number or nothing (a bank's files name
-    their version before they are published).
+    their version before they are published). `links`: `StagedModel.links` of the model.
     """
-    models = [*companions, StagedModel(name, staged_version, config, labels, record=record)]  # companions first
+    main = StagedModel(name, staged_version, config, labels, record=record, links=links or {})
+    models = [*companions, main]  # companions first
     with ExitStack() as locks:
         for model in sorted(models, key=lambda m: m.name != name):
             locks.enter_context(model_lock(root, model.name))
@@ -299,6 +305,8 @@ def _install(root: Path, model: StagedModel, version: int) -> Callable[[], None]
     try:
         folder.mkdir(exist_ok=True)
         shutil.move(str(model.folder), str(incoming))  # a copy when on another filesystem
+        for filename, source in model.links.items():
+            os.link(source, incoming / filename)
         if created and model.labels is not None:
             write_text_atomically(folder / contract.LABELS_FILENAME, model.labels)
         os.rename(incoming, target)
