@@ -97,7 +97,8 @@ def add_step(args: argparse.Namespace, repo: Path, classes: Path, have: int, siz
                 "classes": str(classes)} for i in range(have, size)]
     step = args.work / f"step-{size}.json"
     step.write_text(json.dumps(entries))
-    command = [CLI, "bank", "add", "bank", "--adapters-file", str(step), "--repository", str(repo), "--quiet"]
+    command = [CLI, "bank", "add", "bank", "--adapters-file", str(step), "--repository", str(repo), "--quiet",
+               "--probes", str(args.probes)]
     seconds = run(command)
     for path in (args.work / f"a{i}.pt" for i in range(have, size)):
         path.unlink()
@@ -131,6 +132,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, required=True, help="where the records go")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 256, 1024])
     parser.add_argument("--skew", default="zipf:1.1", help="the skewed run's --adapter-skew (default zipf:1.1)")
+    parser.add_argument("--probes", type=int, default=2,
+                        help="probe images each added adapter is verified on (default 2: what is measured here is "
+                             "serving, not adding; `cliplora bank add` defaults to 8)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
