@@ -105,16 +105,29 @@ def test_an_add_loads_the_new_version_and_reloads_nothing_else(served, monkeypat
     before = loads.findall(triton.log_path.read_text(errors="replace"))
     lora = factories.write_paper_checkpoint(root / "late.pt", encoder="vision", position="all", seed=9)
     check = bank_verify.check_adapter
+    states: list[tuple[str, str]] = []
+    during: list[str] = []
 
     def as_slow_as_a_real_model(*args: object, **kwargs: object):
-        time.sleep(4)  # a ViT-B/16's verification takes seconds: Triton polls (every second) meanwhile
+        # A ViT-B/16's verification takes seconds, and Triton polls (every second) meanwhile:
+        # what serves must stay READY all along, and no model may start loading.
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            index = {(m["name"], m.get("version")): m.get("state") for m in
+                     client.get_model_repository_index(as_json=True)["models"]}
+            states.append((index.get((BANK, "2"), "gone"), index.get((TABLE, "2"), "gone")))
+            time.sleep(0.05)
+        during.extend(re.findall(r'"loading: [^"]+"', triton.log_path.read_text(errors="replace")[start:]))
         return check(*args, **kwargs)
 
     monkeypatch.setattr(bank_verify, "check_adapter", as_slow_as_a_real_model)
+    start = len(triton.log_path.read_text(errors="replace"))  # from the add's start to its verification's end
     added = add_adapters(root / "repo", BANK, [AdapterSpec("late", str(lora), root / "classes.txt")])
     _wait_ready(client, BANK, str(added.version))
     time.sleep(3)  # polls after the new version: none may reload the bank again
     after = loads.findall(triton.log_path.read_text(errors="replace"))
+    assert len(states) > 20 and set(states) == {("READY", "READY")}, sorted(set(states))
+    assert not during, during  # nothing reloaded while the version was being made
     assert before == ["2"] and after == ["2", str(added.version)], after  # the base model loaded once per version
     slot = added.manifest.adapter("late").slot
     crops = banks.images(1)
