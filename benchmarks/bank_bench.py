@@ -1,6 +1,6 @@
 """Adapter banks: Triton's memory per added adapter, and the time from `bank add` to the answer.
 
-    .venv/bin/python benchmarks/bank_bench.py --work /tmp/bank-bench --output docs/benchmark-runs/banks/DATE
+    .venv/bin/python benchmarks/bank_bench.py --work /tmp/bank-bench --output OUT
 
 What it does, on one machine (docs/benchmarks.md, "Adapter banks"):
 

@@ -19,7 +19,7 @@ ADAPTERS_FILE_KEYS = {"adapter", "lora", "classes", "template"}
 
 @dataclass(frozen=True)
 class BankOptions:
-    """Everything `cliplora bank create` takes (DESIGN.md §8.1)."""
+    """Everything `cliplora bank create` takes (the README's "Banks")."""
 
     name: str
     model: str

@@ -114,7 +114,7 @@ class BankAdapterRecord(Record):
                 "version_added": self.version_added, "templates": self.templates}
 
     def listing(self) -> dict[str, object]:
-        """Its entry in `cliplora bank list` (DESIGN.md §8.1)."""
+        """Its entry in `cliplora bank list` (the README's "Banks")."""
         return {"adapter": self.adapter, "num_classes": len(self.classes), "rank": self.rank,
                 "matrices": self.matrices, "lora_sha256": self.lora_sha256, "version_added": self.version_added}
 
