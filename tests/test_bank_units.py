@@ -190,3 +190,10 @@ def test_what_a_bank_cannot_hold_is_refused_by_name(tmp_path: Path, tiny_base, e
     adapter = load_adapter(str(tmp_path / "a.pt"), 12, 12)
     with pytest.raises(InvalidArgument, match=match):
         check_fits(adapter, tiny_base.model, matrices, rank, "adapter 'a'")
+
+
+def test_an_adapters_rank_is_its_largest_update_rank(tmp_path: Path) -> None:
+    folder = factories.write_peft_adapter(tmp_path / "peft", modules=(("vision", 0, "q"), ("vision", 5, "v")), r=2,
+                                          rank_pattern={"vision_model.encoder.layers.5.self_attn.v_proj": 6})
+    shape = adapter_shape(load_adapter(str(folder), 12, 12))
+    assert (shape.rank, shape.matrices, shape.encoders) == (6, ("q", "v"), ("vision",))
