@@ -12,9 +12,9 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+
+from tests.images import make_image  # noqa: F401  (re-exported: many tests make images through factories)
 
 TEXT_WIDTH = 64
 VISION_WIDTH = 96  # differs from the text width, so a tower mix-up cannot go unnoticed
@@ -158,24 +158,6 @@ def expected_scale(alpha: float, r: int, rule: str) -> float:
 def write_classes(path: Path, names: Iterable[str] = ("cat", "dog", "red_panda", "golden_retriever")) -> Path:
     path.write_text("".join(f"{n}\n" for n in names))
     return path
-
-
-def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    """Smooth gradients plus noise: realistic enough for resampling to matter."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx / max(width, 1), yy / max(height, 1), ((xx * yy) % 97) / 97], axis=-1) * 255
-    pixels = np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels, "RGB")
-    if mode == "P":
-        return image.quantize(32)
-    if mode == "RGBA":
-        alpha = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "L")
-        image = image.convert("RGBA")
-        image.putalpha(alpha)
-        return image
-    return image.convert(mode)
-
 
 
 def write_shapes_dataset(root: Path, per_class: int, seed: int = 0) -> Path:

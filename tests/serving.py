@@ -7,12 +7,10 @@ import asyncio
 import io
 import ipaddress
 import os
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from cliplora.serve.stack.triton_launcher import TritonPorts
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import factories, leftovers
+from tests.images import encoded, png_header  # noqa: F401  (re-exported for the serving tests)
 from tests.ports import free_port
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]
@@ -47,21 +46,6 @@ def publish_tiny_models(root: Path, config: Path) -> Path:
     run_export(ExportOptions(lora="none", name="base", **common))
     run_export(ExportOptions(lora=str(lora), name="lora", **common))
     return root / "repo"
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height and carries almost no data (a decompression bomb header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
-
-def encoded(image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
 
 
 def metrics_text(url_or_port: str | int) -> str:

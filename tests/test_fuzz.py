@@ -122,7 +122,7 @@ def test_whole_requests_end_in_a_clean_status() -> None:
         event(f"status: {code}")
         seen[code] += 1
         assert code in CLEAN, (code, request)
-        assert svc.in_flight == 0
+        assert svc.admission.in_flight == 0
 
     one()
     print(f"\nwhole requests, stand-in Triton: {dict(seen)}")

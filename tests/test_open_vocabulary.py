@@ -260,7 +260,7 @@ async def test_the_cache_spares_the_text_encoder_and_keeps_its_bound(triton, exp
         assert _text_inferences(triton, "ovlora_text") == before + 6  # not one call to the text encoder
         assert cache("hits_total") == 6 and _logits(first) == _logits(second)
         await classify(stub, ["ocelot"])  # two new prompts push out quokka's two
-        assert registry.get_sample_value("cliplora_gateway_text_cache_entries") == 6 == len(gateway.service.text.cache)
+        assert registry.get_sample_value("cliplora_gateway_text_cache_entries") == 6 == len(gateway.service.handlers.text.cache)
         await classify(stub, labels)
         assert _text_inferences(triton, "ovlora_text") == before + 6 + 2 + 2
         assert cache("misses_total") == 6 + 2 + 2 and cache("hits_total") == 6 + 4

@@ -127,7 +127,7 @@ async def test_a_deadline_shorter_than_the_work_ends_in_the_gateway(triton, repo
         while gateway.metrics.registry.get_sample_value("cliplora_gateway_request_duration_seconds_count", counted) != 1:
             assert time.monotonic() < deadline, metrics_text(gateway.metrics_port)
             await asyncio.sleep(0.05)
-        assert gateway.service.in_flight == 0
+        assert gateway.service.admission.in_flight == 0
         reply = await stub.Classify(pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=_small_jpeg())]),
                                     timeout=30)
         assert len(reply.results) == 1
@@ -209,10 +209,10 @@ async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
     async with in_process_gateway(triton.grpc_url) as (gateway, stub):
         calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(12)]
         deadline = time.monotonic() + 10
-        while gateway.service.accepted < len(calls):  # every call has arrived
-            assert time.monotonic() < deadline, gateway.service.accepted
+        while gateway.service.admission.accepted < len(calls):  # every call has arrived
+            assert time.monotonic() < deadline, gateway.service.admission.accepted
             await asyncio.sleep(0.002)
-        in_flight_at_stop = gateway.service.in_flight
+        in_flight_at_stop = gateway.service.admission.in_flight
         stopping = asyncio.ensure_future(gateway.stop(grace=20))
         replies = await asyncio.gather(*calls, return_exceptions=True)
         await stopping
