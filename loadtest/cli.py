@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated; ratios are against the first. NAME:labels sends the --labels-file "
                              "labels to NAME (request-time labels, warm cache); NAME:labels-cold sends them with a "
                              "fresh suffix each request (every prompt a cache miss); NAME@ID asks adapter ID of bank "
-                             "NAME; NAME@* each request the next adapter of bank NAME")
+                             "NAME (NAME@ID:labels too); NAME@* each request the next adapter of bank NAME")
     parser.add_argument("--adapter-skew", metavar="zipf:S",
                         help="NAME@* entries draw their adapters Zipf-distributed with exponent S (the bank's first "
                              "adapter the most often) instead of round robin")

@@ -4,7 +4,8 @@
 - ``NAME:labels`` / ``NAME:labels-cold``: the ``--labels-file`` labels as request-time
   labels, the same ones every time (warm text cache) or with a fresh suffix each request
   (every prompt a cache miss);
-- ``NAME@ID``: adapter ID of bank NAME;
+- ``NAME@ID``: adapter ID of bank NAME (``NAME@ID:labels``, ``NAME@ID:labels-cold``: with
+  request-time labels, a bank created with ``--open-vocabulary``);
 - ``NAME@*``: every adapter of bank NAME (its base aside), the next one for each request
   (round robin), or drawn from a Zipf distribution over them with
   ``--adapter-skew zipf:S`` (the first adapter the most often: P(k) ∝ 1 / k^S).
@@ -41,21 +42,18 @@ class Entry:
 
 def parse_entry(text: str) -> Entry:
     """One entry's model and what it asks (labels come later, from the labels file)."""
-    name, at, adapter = text.partition("@")
-    model, colon, variant = name.partition(":")
+    name, colon, variant = text.partition(":")
+    model, at, adapter = name.partition("@")
     validate_model_name(model)
     if colon and variant not in LABEL_VARIANTS:
         raise InvalidArgument(f"--models entry {text!r}: after ':' comes labels or labels-cold")
-    if at:
-        if colon:
-            raise InvalidArgument(f"--models entry {text!r}: an adapter entry takes no ':labels'")
-        if adapter != EVERY_ADAPTER:
-            validate_adapter_id(adapter)
+    if at and adapter != EVERY_ADAPTER:
+        validate_adapter_id(adapter)
     return Entry(text, model, cold=variant == "labels-cold", adapter=adapter if at else "")
 
 
 def wants_labels(text: str) -> bool:
-    return ":" in text.partition("@")[0]
+    return ":" in text
 
 
 @dataclass

@@ -17,11 +17,13 @@ def test_entries_say_what_they_ask() -> None:
     assert parse_entry("shop@acme").adapter == "acme" and parse_entry("shop@acme").model == "shop"
     assert parse_entry("shop@*").every_adapter and not parse_entry("shop@acme").every_adapter
     assert parse_entry("pets:labels-cold").cold and parse_entry("pets:labels-cold").model == "pets"
+    labelled = parse_entry("shop@acme:labels")
+    assert (labelled.model, labelled.adapter, labelled.cold) == ("shop", "acme", False)
 
 
 @pytest.mark.parametrize(("text", "says"), [
     ("shop@", "invalid adapter id"), ("shop@../x", "invalid adapter id"), ("sh/op@a", "invalid model name"),
-    ("shop:labels@a", "takes no ':labels'"), ("shop:cold", "after ':' comes labels"),
+    ("shop:labels@a", "after ':' comes labels"), ("shop:cold", "after ':' comes labels"),
 ])
 def test_bad_entries_are_refused(text: str, says: str) -> None:
     with pytest.raises(InvalidArgument, match=says):
