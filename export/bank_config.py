@@ -15,7 +15,12 @@ them equal to the files (a mismatch refuses the version).
   ``class_count`` INT32 [1], ``class_names`` and ``adapters`` TYPE_STRING (BYTES on the
   wire); the class dimension is -1 because each version has its own largest class count.
   Always on the CPU: it is a lookup table, and strings have no GPU kernels.
-- Versions loaded: `BANK_VERSIONS_LOADED`, `TABLE_VERSIONS_LOADED`.
+- The text encoder ``NAME_text`` of a bank with open vocabulary (`bank_text_config`):
+  ``tokens`` INT32 [77] and ``adapter`` INT32 [1] -> ``text_embeds`` FP32 [D], dynamic
+  batching, the bank's max batch size, instances and TensorRT blocks (for both inputs),
+  always fp32; ``classifier`` names the bank. The bank's config then names it
+  (``text_model``) and the tokenizer's vocabulary (``tokenizer_vocab_sha256``).
+- Versions loaded: `BANK_VERSIONS_LOADED` (the text encoder's too), `TABLE_VERSIONS_LOADED`.
 """
 
 from __future__ import annotations
@@ -58,11 +63,49 @@ def bank_config(name: str, settings: BankSettingsRecord) -> mc.ModelConfig:
         contract.PARAM_LOGIT_SCALE: repr(float(settings.logit_scale)),
         contract.PARAM_MAX_RANK: str(settings.max_rank),
         contract.PARAM_MATRICES: ",".join(settings.matrices),
+        **_open_vocabulary(name, settings),
     }
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     if settings.target == "gpu":
         _gpu_blocks(config, name, [(contract.INPUT_NAME, image_shape, contract.INPUT_TRITON_DTYPE),
+                                   (contract.BANK_ADAPTER_NAME, (1,), contract.BANK_ADAPTER_TRITON_DTYPE)],
+                    settings.max_batch_size)
+    return config
+
+
+def _open_vocabulary(name: str, settings: BankSettingsRecord) -> dict[str, str]:
+    """What the bank's config says about its text side (nothing without open vocabulary)."""
+    if not settings.open_vocabulary:
+        return {}
+    if settings.tokenizer is None:
+        raise ValueError(f"bank {name} has open vocabulary but records no tokenizer")
+    return {contract.PARAM_TEXT_MODEL: contract.text_model_name(name),
+            contract.PARAM_VOCAB_SHA256: settings.tokenizer.vocab_sha256}
+
+
+def bank_text_config(bank: str, settings: BankSettingsRecord) -> mc.ModelConfig:
+    """The configuration of the bank's text encoder (`cliplora.core.contract.text_model_name`)."""
+    if not settings.open_vocabulary:
+        raise ValueError(f"bank {bank} has no open vocabulary, hence no text encoder")
+    name = contract.text_model_name(bank)
+    config = mc.ModelConfig(name=name, platform=contract.PLATFORM, max_batch_size=settings.max_batch_size)
+    config.input.add(name=contract.TEXT_INPUT_NAME, data_type=_dtype(contract.TEXT_INPUT_TRITON_DTYPE),
+                     dims=[contract.CONTEXT_LENGTH])
+    config.input.add(name=contract.BANK_ADAPTER_NAME, data_type=_dtype(contract.BANK_ADAPTER_TRITON_DTYPE), dims=[1])
+    config.output.add(name=contract.TEXT_OUTPUT_NAME, data_type=_dtype(contract.OUTPUT_TRITON_DTYPE),
+                      dims=[settings.embedding_dim])
+    kind = mc.ModelInstanceGroup.KIND_CPU if settings.target == "cpu-int8" else mc.ModelInstanceGroup.KIND_AUTO
+    config.instance_group.add(count=1, kind=kind)
+    config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    config.version_policy.latest.num_versions = BANK_VERSIONS_LOADED
+    parameters = _open_vocabulary(bank, settings)
+    config.parameters[contract.PARAM_CLASSIFIER].string_value = bank
+    config.parameters[contract.PARAM_PRECISION].string_value = "fp32"
+    config.parameters[contract.PARAM_VOCAB_SHA256].string_value = parameters[contract.PARAM_VOCAB_SHA256]
+    if settings.target == "gpu":
+        _gpu_blocks(config, name, [(contract.TEXT_INPUT_NAME, (contract.CONTEXT_LENGTH,),
+                                    contract.TEXT_INPUT_TRITON_DTYPE),
                                    (contract.BANK_ADAPTER_NAME, (1,), contract.BANK_ADAPTER_TRITON_DTYPE)],
                     settings.max_batch_size)
     return config

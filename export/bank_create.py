@@ -8,7 +8,8 @@ stacks zeroed (slot 0 is the base). ``--target cpu-int8`` quantizes the base wei
 beside it for each adapter's INT8 gate; the factor stacks and the branches stay fp32 (the
 quantizer only takes MatMuls with a constant weight, and a branch's weight is gathered per
 sample). ``--target gpu`` writes the TensorRT configuration of `export --target gpu`;
-nothing of it has run on a GPU here.
+nothing of it has run on a GPU here. ``--open-vocabulary`` also exports the text tower as
+``NAME_text`` (`cliplora.export.bank_text`), whose slot 0 is checked here too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import onnx
 
 import cliplora
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.bank_manifest import (
     BankAdapterRecord,
     BankFilesRecord,
@@ -33,12 +34,15 @@ from cliplora.core.errors import FailedPrecondition
 from cliplora.core.manifest import GpuServingRecord, QuantizationRecord
 from cliplora.core.progress import Progress
 from cliplora.core.repository import ModelRepository
+from cliplora.core.tokenizer import ClipTokenizer
 from cliplora.export import (
     bank_companion,
     bank_source,
     bank_store,
+    bank_text,
     bank_verify,
     bank_version,
+    open_vocabulary,
     publish,
     quantize,
     verify,
@@ -58,15 +62,16 @@ class BankResult:
     manifest: BankManifest
 
 
-def check_new(root: Path, name: str) -> None:
-    """A bank is created under a name nothing in `root` uses yet (nor its companion's)."""
+def check_new(root: Path, name: str, open_vocabulary: bool = False) -> None:
+    """A bank is created under a name nothing in `root` uses yet (nor its companion's, nor
+    with `open_vocabulary` its text encoder's)."""
     models = ModelRepository(root).model_names()
     if name in models or ModelRepository(root).versions(name):
         kind = "a bank: add adapters with `cliplora bank add`" if publish.is_bank(root, name) else \
             "a model that is not a bank: create the bank under another name"
         raise FailedPrecondition(f"{root} already has {name!r}, {kind}; nothing published")
     publish.preflight(root, name, "")
-    publish.check_names(root, name, False, bank=True)
+    publish.check_names(root, name, open_vocabulary, bank=True)
 
 
 def create_bank(options: BankOptions, progress: Progress | None = None) -> BankResult:
@@ -76,39 +81,53 @@ def create_bank(options: BankOptions, progress: Progress | None = None) -> BankR
     classes = head.read_classes(options.classes) if options.classes else []
     templates = head.validate_templates(options.templates)
     root, name = options.repository, options.name
-    check_new(root, name)
+    check_new(root, name, options.open_vocabulary)
     with publish.model_lock(root, name, bank_version.LOCK_PURPOSE):
-        check_new(root, name)
+        check_new(root, name, options.open_vocabulary)
         with progress.step(f"loading base model {options.model}"):
             base, source = bank_source.load_source(options.model, options.pretrained, options.allow_random_weights)
         if base.weights.kind == "random":
             progress.warn("RANDOM weights (--allow-random-weights): this bank is for tests and demos only")
-        settings = BankSettingsRecord(
-            max_rank=options.max_rank, matrices=[m for m in BANK_MATRICES if m in options.matrices],
-            target=options.target, precision="int8" if options.target == "cpu-int8" else "fp32",
-            max_batch_size=options.max_batch_size, image_size=base.image_size, embedding_dim=base.embedding_dim,
-            logit_scale=base.logit_scale, vision_blocks=len(base.vision_blocks))
+        tokenizer = open_vocabulary.check_tokenizer(
+            base.tokenizer, [*open_vocab.prompts(classes, templates), *open_vocabulary.PROBE_STRINGS]) \
+            if options.open_vocabulary else None
+        settings = _settings(options, base, tokenizer)
         with publish.staging_area() as staging:
             folder = staging / "version"
             folder.mkdir()
             files, quantization = _write_first_version(base, settings, staging, folder, progress)
+            text = bank_text.stage_first(base, settings, tokenizer, staging, progress) if tokenizer else None
             with progress.step(f"verifying the base slot against the reference ({options.probes} probe images)"):
                 class_embeds = class_embeddings(base.model, None, base.tokenizer, classes, templates)
                 check = _verify_base(base, folder, options.probes, class_embeds, settings.target == "cpu-int8")
+                check = bank_text.check_base(text, base, classes, templates, check)
             slots = bank_version.Slots(bank_store.read_stacks(folder),
-                                       [bank_companion.SlotClasses(classes, class_embeds)])
+                                       [bank_companion.SlotClasses(classes, class_embeds)],
+                                       bank_store.read_stacks(text.folder) if text else {})
             manifest = BankManifest(
                 cliplora_version=cliplora.__version__, name=name, version=1, created=bank_version.now(),
                 change="create", source=source, settings=settings,
                 adapters=[BankAdapterRecord(adapter=contract.BASE_ADAPTER, slot=contract.BASE_SLOT, version_added=1,
                                             classes=classes, templates=templates, lora=None, rank=0, matrices=[],
                                             encoders=[], verification=None)],
-                retired=[], files=files, base_verification=check, quantization=quantization,
+                retired=[], files=bank_text.with_files(files, text), base_verification=check, quantization=quantization,
                 gpu_serving=_gpu_record(base) if settings.target == "gpu" else None,
                 environment=bank_version.environment(), seconds=round(time.perf_counter() - started, 2))
-            with progress.step(f"publishing bank {name} and {contract.adapters_model_name(name)} to {root}"):
-                version = bank_version.publish_bank(root, manifest, slots, staging)
+            with progress.step(f"publishing bank {name} and {contract.adapters_model_name(name)}"
+                               f"{f' and {contract.text_model_name(name)}' if text else ''} to {root}"):
+                version = bank_version.publish_bank(root, manifest, slots, staging,
+                                                    companions=bank_text.companions(manifest, text))
     return BankResult(name, version, root / name / str(version), manifest)
+
+
+def _settings(options: BankOptions, base: BaseModel, tokenizer: ClipTokenizer | None) -> BankSettingsRecord:
+    """What the bank fixes for its life; `tokenizer`: open vocabulary's, checked against the base's."""
+    return BankSettingsRecord(
+        max_rank=options.max_rank, matrices=[m for m in BANK_MATRICES if m in options.matrices],
+        target=options.target, precision="int8" if options.target == "cpu-int8" else "fp32",
+        max_batch_size=options.max_batch_size, image_size=base.image_size, embedding_dim=base.embedding_dim,
+        logit_scale=base.logit_scale, vision_blocks=len(base.vision_blocks), open_vocabulary=tokenizer is not None,
+        tokenizer=open_vocabulary.tokenizer_record(tokenizer) if tokenizer else None)
 
 
 def _write_first_version(base: BaseModel, settings: BankSettingsRecord, staging: Path, folder: Path,

@@ -29,7 +29,7 @@ class BankOptions:
     max_rank: int = 2
     matrices: tuple[str, ...] = ("q", "k", "v")
     target: str = "portable"
-    open_vocabulary: bool = False
+    open_vocabulary: bool = False  # also NAME_text: each adapter's text tower (the name fits: `_text` < `_adapters`)
     repository: Path = DEFAULT_REPOSITORY
     allow_random_weights: bool = False
     max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE
@@ -40,9 +40,6 @@ class BankOptions:
         if not MODEL_NAME_PATTERN.fullmatch(contract.adapters_model_name(self.name)):
             raise InvalidArgument(f"a bank needs the name {contract.adapters_model_name(self.name)!r} for its adapter "
                                   f"table: use a name of at most {64 - len(contract.ADAPTERS_MODEL_SUFFIX)} characters")
-        if self.open_vocabulary:
-            raise InvalidArgument("--open-vocabulary for banks is not available yet (each adapter's text encoder "
-                                  "served as NAME_text comes later); create the bank without it")
         if not 1 <= self.max_rank <= MAX_RANK_LIMIT:
             raise InvalidArgument(f"--max-rank must be 1..{MAX_RANK_LIMIT}, got {self.max_rank}")
         unknown = [m for m in self.matrices if m not in contract.BANK_MATRICES]

@@ -41,12 +41,14 @@ from cliplora.export import (
     bank_promotions,
     bank_source,
     bank_store,
+    bank_text,
     bank_verify,
     bank_version,
     publish,
 )
 from cliplora.export.bank_create import BankResult
 from cliplora.export.bank_options import DEFAULT_PROBES, AdapterSpec, validate_adapter_id
+from cliplora.export.bank_text_verify import TextCase
 from cliplora.model import head
 from cliplora.model.adapters import NO_ADAPTER, load_adapter
 from cliplora.model.bank_adapters import adapter_shape, check_fits, class_embeddings, slot_factors
@@ -90,13 +92,18 @@ def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: 
             added.append((item, slot))
         with publish.staging_area() as staged:
             files, bases = _write(folder, staged / "version", previous, slots)
+            text = bank_text.stage_next(root, name, previous, slots, staged)  # open vocabulary: NAME_text
             with progress.step(f"verifying {len(added)} adapter(s) inside the bank ({probes} probe images)"):
                 records = _verify(base, staged / "version", folder, added, probes,
                                   previous.settings.target == "cpu-int8")
+                records = bank_text.check_adapters(text, base, [TextCase(i.spec.adapter, i.adapter, s, i.classes,
+                                                                         i.templates) for i, s in added], records)
             adapters += [_record(item, slot, version, check) for (item, slot), check in zip(added, records, strict=True)]
-            manifest = _manifest(previous, version, f"add {', '.join(ids)}", adapters, retired, files, started)
+            manifest = _manifest(previous, version, f"add {', '.join(ids)}", adapters, retired,
+                                 bank_text.with_files(files, text), started)
             with progress.step(f"publishing version {version} of bank {name}"):
-                published = bank_version.publish_bank(root, manifest, slots, staged, _links(folder, bases))
+                published = bank_version.publish_bank(root, manifest, slots, staged, _links(folder, bases),
+                                                      bank_text.companions(manifest, text))
     return BankResult(name, published, root / name / str(published), manifest)
 
 
@@ -116,9 +123,12 @@ def remove_adapter(root: Path, name: str, adapter_id: str, progress: Progress | 
         adapters, retired = _retire(previous, slots, [adapter_id], version)
         with publish.staging_area() as staged:
             files, bases = _write(folder, staged / "version", previous, slots)
-            manifest = _manifest(previous, version, f"remove {adapter_id}", adapters, retired, files, started)
+            text = bank_text.stage_next(root, name, previous, slots, staged)
+            manifest = _manifest(previous, version, f"remove {adapter_id}", adapters, retired,
+                                 bank_text.with_files(files, text), started)
             with progress.step(f"publishing version {version} of bank {name}"):
-                published = bank_version.publish_bank(root, manifest, slots, staged, _links(folder, bases))
+                published = bank_version.publish_bank(root, manifest, slots, staged, _links(folder, bases),
+                                                      bank_text.companions(manifest, text))
     return BankResult(name, published, root / name / str(published), manifest)
 
 
@@ -139,11 +149,12 @@ def _prepare(spec: AdapterSpec, classes: list[str], templates: list[str], base: 
         adapter = load_adapter(str(Path(spec.lora).absolute()), len(base.text_blocks), len(base.vision_blocks))
     assert adapter is not None
     settings = bank.settings
-    check_fits(adapter, base.model, settings.matrices, settings.max_rank, what)
+    check_fits(adapter, base.model, settings.matrices, settings.max_rank, what, settings.towers)
     with progress.step(f"encoding {len(classes) * len(templates)} prompts with {spec.adapter}'s text tower"):
         class_embeds = class_embeddings(base.model, adapter, base.tokenizer, classes, templates)
     return _Prepared(spec, adapter, classes, templates,
-                     slot_factors(adapter, base.model, settings.matrices, settings.max_rank), class_embeds)
+                     slot_factors(adapter, base.model, settings.matrices, settings.max_rank, settings.towers),
+                     class_embeds)
 
 
 def _retire(previous: BankManifest, slots: bank_version.Slots, ids: Sequence[str], version: int) \

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,27 +40,31 @@ LOCK_PURPOSE = "bank"  # the lock a bank command holds from reading the latest v
 
 @dataclass
 class Slots:
-    """Every slot of a version: the factor stacks [K, ...] by name, and each slot's classes."""
+    """Every slot of a version: the factor stacks [K, ...] by name, each slot's classes, and
+    (open vocabulary) the text encoder's factor stacks [K, ...], the same K slots."""
 
     stacks: dict[str, np.ndarray]
     classes: list[bank_companion.SlotClasses] = field(default_factory=list)
+    text_stacks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         return len(self.classes)
 
     def append(self, factors: dict[str, np.ndarray], classes: bank_companion.SlotClasses) -> int:
-        """A new slot (the next number, never one given out before); returns it."""
-        if set(factors) != set(self.stacks):
-            raise ValueError("an adapter's factors must cover every stack of the bank")
+        """A new slot (the next number, never one given out before); returns it. `factors`:
+        one slot of every stack, the bank's and its text encoder's."""
+        if set(factors) != set(self.stacks) | set(self.text_stacks):
+            raise ValueError("an adapter's factors must cover every stack of the bank (and of its text encoder)")
         for name, values in factors.items():
-            self.stacks[name] = np.concatenate([self.stacks[name], values[None].astype(np.float32)])
+            stacks = self.stacks if name in self.stacks else self.text_stacks
+            stacks[name] = np.concatenate([stacks[name], values[None].astype(np.float32)])
         self.classes.append(classes)
         return self.count - 1
 
     def clear(self, slot: int) -> None:
         """All zeros and no classes: a retired slot answers as the base and is never reused."""
-        for values in self.stacks.values():
+        for values in (*self.stacks.values(), *self.text_stacks.values()):
             values[slot] = 0.0
         self.classes[slot] = bank_companion.SlotClasses([], self.classes[slot].embeddings[:0])
 
@@ -89,13 +93,19 @@ def latest(root: Path, name: str) -> tuple[Path, BankManifest]:
 
 
 def load_slots(root: Path, name: str, folder: Path, manifest: BankManifest) -> Slots:
-    """The slots of a published version (its factors file and its companion's classes)."""
+    """The slots of a published version (its factors files, its text encoder's too, and its companion's classes)."""
     companion = root / contract.adapters_model_name(name) / str(manifest.version)
     if not companion.is_dir():
         raise FailedPrecondition(f"{companion} is missing: the bank's adapter table for version "
                                  f"{manifest.version} is gone; nothing published")
-    slots = Slots(bank_store.read_stacks(folder), bank_companion.read_slots(companion))
-    if any(len(v) != slots.count for v in slots.stacks.values()) or slots.count != manifest.files.slots:
+    text = root / contract.text_model_name(name) / str(manifest.version)
+    if manifest.settings.open_vocabulary and not text.is_dir():
+        raise FailedPrecondition(f"{text} is missing: the bank's text encoder for version {manifest.version} is "
+                                 "gone; nothing published")
+    slots = Slots(bank_store.read_stacks(folder), bank_companion.read_slots(companion),
+                  bank_store.read_stacks(text) if manifest.settings.open_vocabulary else {})
+    stacks = (*slots.stacks.values(), *slots.text_stacks.values())
+    if any(len(v) != slots.count for v in stacks) or slots.count != manifest.files.slots:
         raise FailedPrecondition(f"bank {name!r} version {manifest.version}: its files disagree on the number of "
                                  f"slots (manifest {manifest.files.slots}); nothing published")
     return slots
@@ -129,10 +139,11 @@ def sessions(folder: Path, base_folder: Path, int8: bool) \
 
 
 def publish_bank(root: Path, manifest: BankManifest, slots: Slots, staged: Path,
-                 links: Mapping[str, Path] | None = None) -> int:
+                 links: Mapping[str, Path] | None = None, companions: Sequence[publish.StagedModel] = ()) -> int:
     """Write the manifests and the companion next to the staged bank version (`staged/version`),
     then publish both under `manifest.version`; `links` (file name -> the previous version's
-    file) are the base weights, hard-linked into the version as it goes in."""
+    file) are the base weights, hard-linked into the version as it goes in. `companions`:
+    the bank's text encoder (`cliplora.export.bank_text.companions`), published first."""
     name, settings = manifest.name, manifest.settings
     version_folder, table_folder = staged / "version", staged / "adapters"
     table_folder.mkdir()
@@ -149,5 +160,6 @@ def publish_bank(root: Path, manifest: BankManifest, slots: Slots, staged: Path,
     return publish.publish_version(
         root, name, version_folder, config=bank_config(name, settings), labels=None, record=BankManifest,
         version=manifest.version, links=links,
-        companions=[publish.StagedModel(companion_name, table_folder, adapters_config(name, settings.embedding_dim),
-                                        record=AdapterTableManifest)])
+        companions=[*companions, publish.StagedModel(companion_name, table_folder,
+                                                     adapters_config(name, settings.embedding_dim),
+                                                     record=AdapterTableManifest)])

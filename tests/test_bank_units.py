@@ -120,7 +120,6 @@ def test_adapter_table_reader() -> None:
     (dict(name="n" * 56), "at most 55 characters"),
     (dict(name="../up"), "invalid model name"),
     (dict(target="tpu"), "--target must be"),
-    (dict(open_vocabulary=True), "not available yet"),
 ])
 def test_bank_options_are_checked(overrides: dict, match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):

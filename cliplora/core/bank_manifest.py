@@ -5,6 +5,9 @@ that `bank add` reloads the same base without being told), the bank's settings, 
 and every slot ever given out: the live adapters with their provenance and their
 verification inside the bank, and the slots of removed or replaced adapters (never given
 out again). `bank add`/`remove` read the latest version's manifest and write the next one.
+A bank with open vocabulary records its text encoder (``NAME_text``) here too: its files,
+and each slot's check of it; ``NAME_text``'s own manifest (`BankTextManifest`) says only
+what it is and which files it reads.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from cliplora.core import contract
 from cliplora.core.manifest import (
     BaseRecord,
     ComparisonRecord,
+    EmbeddingComparisonRecord,
     EnvironmentRecord,
     GpuServingRecord,
     LoraRecord,
     QuantizationGateRecord,
     QuantizationRecord,
+    TokenizerRecord,
 )
 from cliplora.core.records import Record, VersionedRecord
 
@@ -46,7 +51,42 @@ class BankSettingsRecord(Record):
     embedding_dim: int
     logit_scale: float
     vision_blocks: int
-    open_vocabulary: bool = False  # each adapter's text tower served as NAME_text (`bank create` refuses it for now)
+    open_vocabulary: bool = False  # each adapter's text tower served as NAME_text, with the same matrices and rank
+    tokenizer: TokenizerRecord | None = None  # open vocabulary: the ids NAME_text takes (the config names the vocabulary)
+
+    @property
+    def towers(self) -> tuple[Literal["vision", "text"], ...]:
+        """The towers the bank serves with per-adapter branches."""
+        return ("vision", "text") if self.open_vocabulary else ("vision",)
+
+
+class BankTextFilesRecord(Record):
+    """A version's text encoder files (``NAME_text``), laid out as the bank's: the graph, the
+    base weights (the same file in every version, hard-linked), this version's factors.
+    Always fp32, also in a cpu-int8 bank (as an export's text encoder)."""
+
+    model_sha256: str
+    base_weights_sha256: str
+    base_weights_bytes: int
+    factors_sha256: str
+    factors_bytes: int
+    text_blocks: int
+    tensorrt_engine_key: str | None = None  # `--target gpu`: carried by the first text stack's name
+
+
+class BankTextVerificationRecord(Record):
+    """One slot of a staged ``NAME_text`` checked before it is published: an adapter's at
+    `bank add`, the base's at `bank create`. Errors are logit-error bounds (logit_scale x
+    max |Δ text embedding|: the error of any logit those texts give, for any image)."""
+
+    strings: int  # the slot's own prompts (classes x templates) and the probe strings
+    tolerance_abs_logit: float  # the export's
+    text_vs_reference: EmbeddingComparisonRecord  # the slot (ONNX, our tokenizer's ids) vs the unmerged reference
+    text_updates: bool  # the adapter updates the text tower
+    text_vs_base: EmbeddingComparisonRecord | None  # the slot vs slot 0: beyond the tolerance iff text_updates
+    mixed_batch_max_logit_error: float | None  # prompts of every new slot and the base in one batch vs alone
+    tokenizer_matches: bool  # the gateway's tokenizer gives open_clip's ids for every string checked
+    passed: bool
 
 
 class BankFilesRecord(Record):
@@ -63,6 +103,7 @@ class BankFilesRecord(Record):
     onnxruntime_version: str
     tensorrt_engine_key: str | None = None  # `--target gpu`: carried by the first stack's name
     fp32_base_weights_sha256: str | None = None  # cpu-int8: the fp32 bank's base weights (its INT8 gate's)
+    text: BankTextFilesRecord | None = None  # open vocabulary: NAME_text's files at this version
 
 
 class AdapterVerificationRecord(Record):
@@ -76,6 +117,7 @@ class AdapterVerificationRecord(Record):
     top1_consistent: bool
     int8_gate: QuantizationGateRecord | None = None  # cpu-int8: the INT8 bank's slot vs the fp32 bank's
     passed: bool
+    text: BankTextVerificationRecord | None = None  # open vocabulary: its slot of NAME_text
 
 
 class BaseVerificationRecord(Record):
@@ -87,6 +129,7 @@ class BaseVerificationRecord(Record):
     bank_vs_reference: ComparisonRecord | None  # with the base's classes, when it has some
     int8_gate: QuantizationGateRecord | None = None  # cpu-int8: on the bound above, the INT8 bank vs the fp32 bank
     passed: bool
+    text: BankTextVerificationRecord | None = None  # open vocabulary: slot 0 of NAME_text
 
 
 class BankAdapterRecord(Record):
@@ -175,3 +218,23 @@ class AdapterTableManifest(VersionedRecord):
     max_classes: int  # C: the class_embeds/class_names rows of this version
     embedding_dim: int
     model_sha256: str
+
+
+class BankTextManifest(VersionedRecord):
+    """The ``manifest.json`` of a bank's text encoder (``NAME_text``, open vocabulary): what it
+    belongs to and the files it reads; its provenance and checks are in the bank version's
+    manifest (`BankFilesRecord.text`, each adapter's `AdapterVerificationRecord.text`)."""
+
+    kind: ClassVar[str] = "bank text encoder manifest"
+
+    model_kind: Literal["bank_text"] = "bank_text"
+    cliplora_version: str
+    name: str
+    bank: str  # the bank it belongs to (same version numbers)
+    version: int | None  # None only while staged
+    created: str
+    precision: Literal["fp32"] = "fp32"  # also beside a cpu-int8 bank
+    tokenizer: TokenizerRecord
+    embedding_dim: int
+    slots: int  # K: the stacks' first dimension, the bank's
+    files: BankTextFilesRecord

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliplora.core import contract
+from cliplora.core.bank_manifest import BankTextManifest
 from cliplora.core.errors import CliploraError, InvalidArgument, NotFound
 from cliplora.core.manifest import Manifest, TextEncoderManifest
 
@@ -121,13 +122,18 @@ class ModelRepository:
         return found
 
     def text_encoder_of(self, name: str) -> str | None:
-        """The classifier whose text encoder the model `name` is, or None for any other model."""
+        """The classifier (or adapter bank) whose text encoder the model `name` is, or None for
+        any other model."""
         try:
             found = self.get(name)
         except NotFound:
             return None
         try:
             return TextEncoderManifest.read(found.manifest_path).classifier
+        except CliploraError:
+            pass
+        try:
+            return BankTextManifest.read(found.manifest_path).bank
         except CliploraError:
             return None
 

@@ -48,8 +48,8 @@ def stack_names(blocks: int, matrices: Sequence[str]) -> list[str]:
     return [stack_name(b, m, f) for b in range(blocks) for m in matrices for f in ("a", "b")]
 
 
-class _Slots:
-    """The current batch's slots, shared by every branch of one graph (set by `BankGraph.forward`)."""
+class BatchSlots:
+    """The current batch's slots, shared by every branch of one graph (set by `BankGraph.forward`, `BankTextGraph.forward`)."""
 
     value: torch.Tensor | None = None
 
@@ -58,11 +58,13 @@ class BankAttention(nn.Module):
     """Self-attention with the base projections of an `nn.MultiheadAttention` plus, for each
     bank matrix, the low-rank branch of each sample's own adapter.
 
-    Computes what `nn.MultiheadAttention` computes for self-attention (q = k = v input, no
-    mask), written out so that the branches can be added after the projections.
+    Computes what `nn.MultiheadAttention` computes for self-attention (q = k = v input; an
+    additive float mask, as the text tower's causal mask, or none), written out so that the
+    branches can be added after the projections. Used in both towers
+    (`cliplora.model.bank_text_graph` for the text one).
     """
 
-    def __init__(self, attn: nn.MultiheadAttention, matrices: Sequence[str], rank: int, slots: _Slots,
+    def __init__(self, attn: nn.MultiheadAttention, matrices: Sequence[str], rank: int, slots: BatchSlots,
                  seed: int) -> None:
         super().__init__()
         if attn.in_proj_weight is None or attn.in_proj_bias is None or not attn.batch_first:
@@ -88,8 +90,8 @@ class BankAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        if attn_mask is not None:
-            raise ValueError("the vision tower's attention takes no mask")
+        if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.dim() != 2):
+            raise ValueError("a bank's attention takes an additive [L, L] mask (the text tower's causal one) or none")
         x = query
         batch, length, _ = x.shape
         head_dim = self.width // self.heads
@@ -103,7 +105,10 @@ class BankAttention(nn.Module):
             return t.reshape(batch, length, self.heads, head_dim).transpose(1, 2)
 
         q, k, v = heads(projected["q"]) * head_dim**-0.5, heads(projected["k"]), heads(projected["v"])
-        mixed = (torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1) @ v).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-2, -1))
+        if attn_mask is not None:  # as nn.MultiheadAttention adds a float mask
+            scores = scores + attn_mask
+        mixed = (scores.softmax(dim=-1) @ v).transpose(1, 2)
         mixed = mixed.reshape(batch, length, self.width)
         out = F.linear(mixed, self.w_o, self.b_o)
         if "o" in self.matrices:
@@ -121,7 +126,7 @@ class BankGraph(nn.Module):
         unknown = set(matrices) - set(BANK_MATRICES)
         if unknown or not matrices or rank < 1:
             raise ValueError(f"a bank needs matrices among {BANK_MATRICES} and a rank >= 1, got {matrices}, {rank}")
-        self.slots = _Slots()
+        self.slots = BatchSlots()
         self.visual = copy.deepcopy(model.visual)
         for index, block in enumerate(self.visual.transformer.resblocks):
             block.attn = BankAttention(block.attn, matrices, rank, self.slots, seed=index)
@@ -153,8 +158,6 @@ def export_bank(graph: BankGraph, image_size: int, path: Path) -> dict[str, str]
     """Write the bank to `path` (weights inline) with a dynamic batch dimension, and check the
     file. Returns {stack name: the initializer's name in the file}, found by value (the
     exporter names buffers as it likes)."""
-    from onnx import numpy_helper
-
     example = torch.zeros((2, image_size, image_size, contract.CHANNELS), dtype=torch.uint8)
     adapter = torch.tensor([[0], [0]], dtype=torch.int32)
     inputs, outputs = [contract.INPUT_NAME, contract.BANK_ADAPTER_NAME], [contract.BANK_OUTPUT_NAME]
@@ -167,8 +170,15 @@ def export_bank(graph: BankGraph, image_size: int, path: Path) -> dict[str, str]
                           dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)},
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path))
-    wanted = {name: tensor.numpy() for name, tensor in graph.stacks().items()}
+    return find_stacks(onnx.load(str(path)), graph.stacks(), "bank")
+
+
+def find_stacks(model: onnx.ModelProto, stacks: dict[str, torch.Tensor], what: str) -> dict[str, str]:
+    """{stack name: the initializer's name in `model`} for the placeholder `stacks`, found by
+    value (the exporter names buffers as it likes); RuntimeError when one is missing."""
+    from onnx import numpy_helper
+
+    wanted = {name: tensor.numpy() for name, tensor in stacks.items()}
     found: dict[str, str] = {}
     for initializer in model.graph.initializer:
         if len(initializer.dims) != 3 or initializer.dims[0] != 1:
@@ -179,5 +189,5 @@ def export_bank(graph: BankGraph, image_size: int, path: Path) -> dict[str, str]
                 found[name] = initializer.name
     missing = sorted(set(wanted) - set(found))
     if missing:
-        raise RuntimeError(f"the exported bank lost its factor stacks {missing[:4]} (folded or merged by the exporter)")
+        raise RuntimeError(f"the exported {what} lost its factor stacks {missing[:4]} (folded or merged by the exporter)")
     return found
