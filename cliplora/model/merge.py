@@ -69,6 +69,12 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> tuple[nn.Module, Me
     Stops with an error naming the layer on a shape mismatch or a non-finite result.
     """
     merged = copy.deepcopy(model)
+    return merged, merge_into(merged, adapter)
+
+
+def merge_into(merged: nn.Module, adapter: LoraAdapter) -> MergeReport:
+    """`merge_adapter`'s merge, into `merged` itself: for a caller that made its own copy
+    (one that copies only the weights the adapter changes). Same checks and errors."""
     max_abs = 0.0
     squared = 0.0
     for update in adapter.updates:
@@ -82,4 +88,4 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter) -> tuple[nn.Module, Me
         max_abs = max(max_abs, float(delta.abs().max()))
         squared += float(delta.double().pow(2).sum())
     merged.eval()
-    return merged, MergeReport(len(adapter.updates), max_abs, squared**0.5)
+    return MergeReport(len(adapter.updates), max_abs, squared**0.5)

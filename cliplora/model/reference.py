@@ -92,9 +92,15 @@ class LoraAttention(nn.Module):
         return out, None
 
 
-def build_reference(model: nn.Module, adapter: LoraAdapter | None) -> nn.Module:
-    """A copy of `model` with every attention replaced by `LoraAttention` (+ the adapter)."""
-    reference = copy.deepcopy(model)
+def build_reference(model: nn.Module, adapter: LoraAdapter | None, *, share_weights: bool = False) -> nn.Module:
+    """A copy of `model` with every attention replaced by `LoraAttention` (+ the adapter).
+
+    `share_weights`: the copy's modules hold `model`'s own tensors instead of copies (the
+    reference only reads them, and `LoraAttention` clones what it keeps), which saves a whole
+    copy of the model (seconds for a ViT-B/16); `model` must then not be changed while the
+    reference is in use."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else None
+    reference = copy.deepcopy(model, shared)
     for tower in TOWERS:
         for block in tower_blocks(reference, tower):
             block.attn = LoraAttention(block.attn)
