@@ -48,6 +48,13 @@ class VersionNotReady(Unavailable):
     being unloaded after its successor loaded. A call pinned to it is resolved again."""
 
 
+class NotLoadedTogether(Unavailable):
+    """Triton has a model ready but not yet, at the same version, the model it is served
+    with (a bank's adapter table or text encoder, a classifier's text encoder): the moment
+    between the two loads of one publish. The lookup waits a little for the second load
+    (`cliplora.serve.gateway.triton.LOADS_WAIT_S`) before answering UNAVAILABLE."""
+
+
 def from_triton(exc: InferenceServerException, model: str) -> CliploraError | None:
     """The domain error a Triton client error means, or None if it means a bug of ours."""
     status = str(exc.status() or "")

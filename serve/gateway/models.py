@@ -20,6 +20,7 @@ import numpy as np
 
 from cliplora.core import contract, open_vocab
 from cliplora.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cliplora.serve.gateway.errors import NotLoadedTogether
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class ModelEntry:
             return Route(self, requested=version, version=self.resolve(version), vocabulary=vocabulary)
         common = sorted(set(self.versions) & set(vocabulary.text.versions))
         if not common:
-            raise Unavailable(f"model {self.name!r} and its text encoder {vocabulary.text.name!r} have no "
+            raise NotLoadedTogether(f"model {self.name!r} and its text encoder {vocabulary.text.name!r} have no "
                               f"ready version in common yet ({list(self.versions)} vs "
                               f"{list(vocabulary.text.versions)})")
         return Route(self, requested=version, version=common[-1], vocabulary=vocabulary)
@@ -180,10 +181,10 @@ class ModelEntry:
         if version:
             self.resolve(version)
             if version not in self.bank.tables:
-                raise Unavailable(f"the adapter table of bank {self.name!r} version {version} is not ready yet")
+                raise NotLoadedTogether(f"the adapter table of bank {self.name!r} version {version} is not ready yet")
         elif not tabled:
             also = " and text encoder" if text else ""
-            raise Unavailable(f"no version of bank {self.name!r} has its adapter table{also} ready yet")
+            raise NotLoadedTogether(f"no version of bank {self.name!r} has its adapter table{also} ready yet")
         chosen = version or tabled[-1]
         row = bank.adapter(self.name, chosen, adapter)
         vocabulary = bank.text_side(self.name, row) if text else None

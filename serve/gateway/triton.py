@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,12 +31,17 @@ from tritonclient.utils import InferenceServerException
 from cliplora.core import contract
 from cliplora.core.errors import NotFound, Unavailable
 from cliplora.serve.gateway.discovery import Discovery, Tensor
-from cliplora.serve.gateway.errors import from_triton
+from cliplora.serve.gateway.errors import NotLoadedTogether, from_triton
 from cliplora.serve.gateway.models import AdapterHead, ModelEntry, Route
 
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 5.0
 CHUNKS_IN_FLIGHT = 4  # max_batch_size chunks one call has at Triton at once
+# A request that finds a model ready without the model it is served with at the same version
+# (`NotLoadedTogether`: Triton's poll loads the two one after the other) waits this long,
+# re-reading the repository every LOADS_POLL_S, before it answers UNAVAILABLE.
+LOADS_WAIT_S = 5.0
+LOADS_POLL_S = 0.2
 ADAPTER_HEADS_KEPT = 1024  # banks: the class embeddings of this many (version, adapter) pairs stay in memory
 
 
@@ -72,6 +78,7 @@ class Triton:
         self._discovery = Discovery(self.call)
         self._heads: OrderedDict[tuple[str, int, int], AdapterHead] = OrderedDict()  # (bank, version, slot), LRU
         self._refresh_lock = asyncio.Lock()
+        self._last_refresh_started = -math.inf  # monotonic time the newest completed refresh began
         self.discovery_error: str | None = None  # why the last discovery round failed; None after a good one
         self._background: set[asyncio.Task[object]] = set()
         self.on_refresh: list[Callable[[dict[str, ModelEntry]], None]] = []
@@ -119,7 +126,15 @@ class Triton:
 
     async def refresh(self) -> dict[str, ModelEntry]:
         """Re-read the repository index and configs; keeps the old view if Triton is down."""
+        return await self._refresh_since(math.inf)
+
+    async def _refresh_since(self, asked: float) -> dict[str, ModelEntry]:
+        """A refresh that began at or after `asked` (monotonic): callers waiting on one
+        in progress share it (the wait for a second load below asks many times at once)."""
         async with self._refresh_lock:
+            if self._last_refresh_started >= asked:
+                return self.models
+            started = time.monotonic()
             try:
                 async with self._channel() as client:
                     index = await client.get_model_repository_index(as_json=True, client_timeout=CONTROL_TIMEOUT_S)
@@ -136,6 +151,7 @@ class Triton:
             if set(found) != set(self._models):
                 log.info("models now served: %s", ", ".join(f"{n} {list(e.versions)}" for n, e in found.items()) or "none")
             self._models = found
+            self._last_refresh_started = started
             for callback in self.on_refresh:
                 callback(self.models)
             return self.models
@@ -160,7 +176,7 @@ class Triton:
         models load one after the other)."""
         entry = self._models.get(name)
         if entry is None or _stale(entry, version, text or (embeds and entry.bank is None), adapter):
-            await self.refresh()
+            await self._refresh_since(time.monotonic())
             entry = self._models.get(name)
         if entry is None:
             if self.discovery_error is not None:  # Triton did not answer: nobody knows whether it exists
@@ -170,7 +186,28 @@ class Triton:
         if version and version not in entry.versions and self.discovery_error is not None:
             raise Unavailable(f"Triton is unavailable, so version {version} of {name!r} cannot be looked up: "
                               f"{self.discovery_error}")
-        return entry.route(version, text=text, embeds=embeds, adapter=adapter)
+        try:
+            return entry.route(version, text=text, embeds=embeds, adapter=adapter)
+        except NotLoadedTogether:
+            return await self._route_once_loaded_together(name, version, text=text, embeds=embeds, adapter=adapter)
+
+    async def _route_once_loaded_together(self, name: str, version: int, *, text: bool, embeds: bool,
+                                          adapter: str) -> Route:
+        """The route, once Triton has loaded the second of two models served together (a
+        bank and its adapter table during `bank add`, a model and its text encoder): up to
+        LOADS_WAIT_S, then the last NotLoadedTogether (UNAVAILABLE)."""
+        give_up = time.monotonic() + LOADS_WAIT_S
+        while True:
+            await asyncio.sleep(LOADS_POLL_S)
+            await self._refresh_since(time.monotonic())
+            entry = self._models.get(name)
+            if entry is None:
+                raise NotFound(f"model {name!r} not found (it was unloaded)")
+            try:
+                return entry.route(version, text=text, embeds=embeds, adapter=adapter)
+            except NotLoadedTogether:
+                if time.monotonic() >= give_up:
+                    raise
 
     async def infer_images(self, route: Route, batch: np.ndarray, timeout_s: float,
                            output: str = contract.OUTPUT_NAME) -> tuple[np.ndarray, int]:
