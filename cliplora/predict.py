@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cliplora.core import flags
-from cliplora.core.errors import FailedPrecondition, InvalidArgument
+from cliplora.core.errors import InvalidArgument
 from cliplora.core.predictions import DEFAULT_TOP_K, rank, result_json, validate_top_k
 from cliplora.core.preprocess import Decoding, preprocess_file
 from cliplora.core.repository import validate_adapter_id
@@ -71,11 +71,8 @@ def predict_files(
     if templates and not labels:
         raise InvalidArgument("--template goes with --labels or --labels-file")
     if is_bank(repository, name):
-        if labels:
-            raise FailedPrecondition(f"bank {name!r} has no text encoder: request-time labels need a bank created "
-                                     "with --open-vocabulary")
         return _predict_bank(repository, name, images, top_k=top_k, version=version, adapter=adapter,
-                             decoding=decoding)
+                             labels=labels, templates=templates, decoding=decoding)
     if adapter:
         raise InvalidArgument(f"model {name!r} is not an adapter bank: --adapter is for banks")
     return _predict_model(repository, name, images, top_k=top_k, version=version, labels=labels, templates=templates,
@@ -107,15 +104,22 @@ def _predict_model(repository: str | Path, name: str, images: Sequence[str | Pat
 
 
 def _predict_bank(repository: str | Path, name: str, images: Sequence[str | Path], *, top_k: int,
-                  version: int | None, adapter: str, decoding: Decoding) -> list[dict[str, Any]]:
-    from cliplora.core.bank_runtime import open_bank
+                  version: int | None, adapter: str, labels: Sequence[str] | None, templates: Sequence[str] | None,
+                  decoding: Decoding) -> list[dict[str, Any]]:
+    """A bank's adapter (empty: its base): its classes, or request-time labels through its
+    slot of the bank's text encoder (``--open-vocabulary``)."""
+    from cliplora.core.bank_runtime import open_bank, open_bank_text_encoder
 
     bank = open_bank(repository, name, version)
     record = bank.adapter(validate_adapter_id(adapter) if adapter else "")
-    if not record.classes:
+    if labels:
+        names = list(labels)
+        class_embeddings = open_bank_text_encoder(repository, bank, record).label_heads(names, templates)
+    elif not record.classes:
         raise InvalidArgument(f"bank {name!r} has no classes of its own: name an adapter (--adapter; "
                               "`cliplora bank list` lists them)")
-    class_embeddings, names = bank.classes(record)
+    else:
+        class_embeddings, names = bank.classes(record)
     crops = [preprocess_file(path, bank.image_size, decoding=decoding) for path in images]
     embeddings = np.concatenate([bank.image_embeddings(np.stack(crops[i : i + BATCH]), record)
                                  for i in range(0, len(crops), BATCH)])

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from cliplora.core import contract, open_vocab
 from cliplora.core.bank_manifest import BankManifest, BankTextManifest
-from cliplora.core.errors import InvalidArgument
+from cliplora.core.errors import FailedPrecondition, InvalidArgument
 from cliplora.core.hashing import sha256_file
+from cliplora.core.preprocess import preprocess_file
 from cliplora.core.runtime import (
     create_session,
     open_published,
@@ -39,6 +40,7 @@ from cliplora.export.open_vocabulary import PROBE_STRINGS
 from cliplora.export.pipeline import ExportOptions, run_export
 from cliplora.model.adapters import load_adapter
 from cliplora.model.merge import merge_adapter
+from cliplora.predict import predict_files
 from tests import banks, factories
 
 pytestmark = pytest.mark.slow  # banks and exports (seconds each); the quick parts: test_bank_text_units.py
@@ -70,7 +72,7 @@ def ov_bank(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> dict
     results.append(add_adapters(repo, "ov", [spec["vision"]], probes=2))
     results.append(add_adapters(repo, "ov", [AdapterSpec("text", str(loras["text2"]), classes, TEMPLATES)], probes=2))
     results.append(remove_adapter(repo, "ov", "both"))
-    return {"root": root, "repo": repo, "classes": classes, "loras": loras, "results": results}
+    return {"root": root, "repo": repo, "model": str(tiny_config), "classes": classes, "loras": loras, "results": results}
 
 
 def _text_session(repo: Path, version: int) -> ort.InferenceSession:
@@ -164,6 +166,37 @@ def test_request_time_labels_on_a_slot_equal_its_adapters_own_open_vocabulary_ex
         # its own prompts too (the export's text encoder, the bank's slot): as strings, one by one
         own = encoder.embed(STRINGS)
         assert np.abs(_embed(text, STRINGS, [result.manifest.adapter(adapter).slot] * len(STRINGS)) - own).max() < 1e-5
+
+
+def test_predict_ranks_request_time_labels_with_an_adapters_text_encoder(ov_bank, tmp_path) -> None:
+    """`cliplora predict --adapter ID --labels ...` on the bank, in process: the slot's image
+    embeddings against the labels through the slot's text encoder, with the adapter's templates."""
+    repo, manifest = ov_bank["repo"], ov_bank["results"][-1].manifest
+    paths = []
+    for seed in range(2):
+        factories.make_image(40, 30, seed=seed).save(path := tmp_path / f"{seed}.png")
+        paths.append(path)
+    crops = np.stack([preprocess_file(p, manifest.settings.image_size) for p in paths])
+    bank, text = banks.session(repo / "ov" / "5"), _text_session(repo, 5)
+    prompts = open_vocab.prompts(LABELS, TEMPLATES)
+    answers = {}
+    for adapter in ("text", "vision", ""):
+        slot = manifest.adapter(adapter or "base").slot
+        heads = open_vocab.label_embeddings(_embed(text, prompts, [slot] * len(prompts)), len(LABELS))
+        expected = open_vocab.open_vocabulary_logits(banks.bank_embeds(bank, crops, [slot] * len(crops)), heads,
+                                                     manifest.settings.logit_scale)
+        printed = predict_files(repo, "ov", paths, labels=LABELS, adapter=adapter, top_k=0)
+        got = np.array([[{p["label"]: p["logit"] for p in r["predictions"]}[label] for label in LABELS]
+                        for r in printed])
+        assert np.abs(got - expected).max() < FIDELITY, adapter
+        answers[adapter] = got
+    assert np.abs(answers["text"] - answers[""]).max() > 100 * FIDELITY
+    create_bank(BankOptions(name="plain", model=ov_bank["model"], pretrained=None, classes=ov_bank["classes"],
+                            allow_random_weights=True, repository=tmp_path / "repo", probes=1))
+    assert len(predict_files(tmp_path / "repo", "plain", paths)) == 2  # its classes: yes; labels: no
+    with pytest.raises(FailedPrecondition, match="bank 'plain' has no text encoder: request-time labels need a bank "
+                                                 "created with --open-vocabulary"):
+        predict_files(tmp_path / "repo", "plain", paths, labels=LABELS)
 
 
 def test_the_class_embeddings_are_what_the_text_encoder_gives_for_the_adapters_prompts(ov_bank) -> None:

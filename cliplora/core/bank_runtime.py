@@ -4,7 +4,9 @@
 The bank's graph takes the images and, per image, the adapter's slot, and gives unit image
 embeddings; its companion ``NAME_adapters`` (same version) gives the adapter's unit class
 embeddings and names. ``logit = logit_scale × cos``, as the gateway computes it
-(`cliplora.core.open_vocab.open_vocabulary_logits`).
+(`cliplora.core.open_vocab.open_vocabulary_logits`). A bank with open vocabulary also has
+``NAME_text`` (same version): request-time labels are scored with the adapter's slot of it
+and the adapter's templates (`open_bank_text_encoder`), as the gateway scores them.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cliplora.core import contract
+from cliplora.core import contract, open_vocab
 from cliplora.core.bank_manifest import BankAdapterRecord, BankManifest
-from cliplora.core.errors import CliploraError, NotFound
+from cliplora.core.errors import CliploraError, FailedPrecondition, NotFound
 from cliplora.core.open_vocab import open_vocabulary_logits
 from cliplora.core.repository import ModelRepository
-from cliplora.core.runtime import create_session
+from cliplora.core.runtime import PublishedTextEncoder, create_session
+from cliplora.core.tokenizer import get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,22 @@ def open_bank(repository: str | Path, name: str, version: int | None = None, *, 
     return PublishedBank(manifest,
                          create_session(found.model_path, precision=manifest.settings.precision, threads=threads),
                          create_session(companion.model_path, threads=1, device="cpu"))
+
+
+def open_bank_text_encoder(repository: str | Path, bank: PublishedBank, record: BankAdapterRecord, *,
+                           threads: int = 0) -> PublishedTextEncoder:
+    """The bank's text encoder at the bank's version, for `record`'s slot and templates;
+    FailedPrecondition for a bank without open vocabulary (as the gateway answers)."""
+    manifest = bank.manifest
+    recorded = manifest.settings.tokenizer
+    if not manifest.settings.open_vocabulary or recorded is None:
+        raise FailedPrecondition(f"bank {manifest.name!r} has no text encoder: request-time labels need a bank "
+                                 "created with --open-vocabulary")
+    tokenizer = get_tokenizer()
+    open_vocab.check_vocabulary(manifest.name, recorded.vocab_sha256, tokenizer.vocab_sha256)
+    found = ModelRepository(repository).get(contract.text_model_name(manifest.name), manifest.version)
+    return PublishedTextEncoder(found, create_session(found.model_path, threads=threads),
+                                manifest.settings.logit_scale, tuple(record.templates), tokenizer, slot=record.slot)
 
 
 def _text(value: object) -> str:

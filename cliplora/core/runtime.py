@@ -174,20 +174,29 @@ def open_published(
 @dataclass(frozen=True)
 class PublishedTextEncoder:
     """A classifier's text encoder (``--open-vocabulary``), opened in this process, with
-    what scoring request-time labels needs from the classifier's manifest."""
+    what scoring request-time labels needs from the classifier's manifest; or a bank's
+    (``NAME_text``) for one adapter: `slot` is fed with every text
+    (`cliplora.core.bank_runtime.open_bank_text_encoder`)."""
 
     found: ModelVersion
     session: ort.InferenceSession
     logit_scale: float
     templates: tuple[str, ...]
     tokenizer: ClipTokenizer
+    slot: int | None = None  # a bank's text encoder: the adapter's slot
 
     def embed(self, texts: Sequence[str], batch: int = 64) -> np.ndarray:
         """[N, D] unit embeddings of `texts` as given."""
         tokens = self.tokenizer(list(texts), contract.CONTEXT_LENGTH)
-        parts = [self.session.run([contract.TEXT_OUTPUT_NAME], {contract.TEXT_INPUT_NAME: tokens[i : i + batch]})[0]
+        parts = [self.session.run([contract.TEXT_OUTPUT_NAME], self._feeds(tokens[i : i + batch]))[0]
                  for i in range(0, len(tokens), batch)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    def _feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        if self.slot is None:
+            return {contract.TEXT_INPUT_NAME: tokens}
+        slots = np.full((len(tokens), 1), self.slot, dtype=contract.BANK_ADAPTER_NUMPY_DTYPE)
+        return {contract.TEXT_INPUT_NAME: tokens, contract.BANK_ADAPTER_NAME: slots}
 
     def label_heads(self, labels: Sequence[str], templates: Sequence[str] | None = None,
                     limits: open_vocab.VocabularyLimits = open_vocab.VocabularyLimits()) -> np.ndarray:
