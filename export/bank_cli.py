@@ -73,7 +73,8 @@ def _add_create(parser: argparse.ArgumentParser) -> None:
                         help="cpu-int8: INT8 base weights (the branches stay fp32), each adapter gated at add; "
                              "gpu: TensorRT FP16 blocks in config.pbtxt (not run on a GPU here)")
     parser.add_argument("--open-vocabulary", action="store_true",
-                        help="not available yet for banks (each adapter's text encoder as NAME_text): refused")
+                        help="also serve each adapter's text encoder as NAME_text: request-time labels and text "
+                             "embeddings per adapter")
     parser.add_argument("--max-batch-size", type=int, default=BankOptions.max_batch_size,
                         help=f"Triton max_batch_size (default {BankOptions.max_batch_size})")
     parser.add_argument("--probes", type=int, default=BankOptions.probes,
