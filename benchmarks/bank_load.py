@@ -41,7 +41,10 @@ from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
 CLI = str(Path(sys.executable).with_name("cliplora"))
-GRPC_PORT, METRICS_PORT, PROMETHEUS_PORT, TRITON_PORTS = 51151, 9451, 9191, "18100,18101,18102"
+# BANK_BENCH_PORT_OFFSET moves every port, for a second benchmark beside a running one.
+_OFFSET = int(os.environ.get("BANK_BENCH_PORT_OFFSET", "0"))
+GRPC_PORT, METRICS_PORT, PROMETHEUS_PORT = 51151 + _OFFSET, 9451 + _OFFSET, 9191 + _OFFSET
+TRITON_PORTS = ",".join(str(port + _OFFSET) for port in (18100, 18101, 18102))
 
 
 def run(command: list[str]) -> float:
