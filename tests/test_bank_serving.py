@@ -261,3 +261,67 @@ async def test_loadtest_interleaves_a_model_an_adapter_and_every_adapter(bank_tr
     counted = {adapter: float(value) for adapter, value in re.findall(
         r'^cliplora_gateway_adapter_requests_total\{adapter="([^"]+)",model="shop"\} (\S+)', text, re.M)}
     assert set(ADAPTERS) <= set(counted) and all(counted[a] > 0 for a in ADAPTERS), counted
+
+
+def _requests_of(triton: LocalTriton, model: str) -> int:
+    """Successful requests Triton counted for `model`, all versions."""
+    text = metrics_text(triton.metrics_url)
+    return sum(int(float(v)) for v in
+               re.findall(rf'^nv_inference_request_success{{model="{re.escape(model)}",version="\d+"}} (\S+)', text, re.M))
+
+
+async def _promoted_to(stub) -> str:
+    listing = await stub.ListModels(pb.ListModelsRequest())
+    bank = next(m for m in listing.models if m.name == "shop")
+    return next(a.promoted_to for a in bank.adapters if a.id == "vision")
+
+
+async def test_promoting_and_demoting_while_serving_fail_no_request(bank_triton: LocalTriton,
+                                                                    bank_repository: Path) -> None:
+    """Issue 21: `bank promote` while requests for the adapter stream: the gateway moves them
+    to the merged `shop--vision` (Triton counts them there) with the bank's answers (the export
+    tolerance); `bank demote` moves them back; no request fails either way. Last in this
+    module: it leaves the repository as it found it."""
+    from cliplora.export.bank_promote import promote_adapter
+    from cliplora.export.bank_promotions import demote_adapter
+
+    promoted = "shop--vision"
+    outcomes: list[str] = []
+    answers: list[np.ndarray] = []
+    stop = asyncio.Event()
+    async with in_process_gateway(bank_triton.grpc_url) as (_, stub):
+        from_bank = _logits(await stub.Classify(_request("shop", "vision")))
+        assert np.abs(from_bank - _logits(await stub.Classify(_request("shop")))).max() > 100 * FIDELITY  # not the base
+
+        async def stream() -> None:
+            while not stop.is_set():
+                try:
+                    answers.append(_logits(await stub.Classify(_request("shop", "vision"), timeout=30)))
+                    outcomes.append("OK")
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    outcomes.append(repr(exc))
+
+        streaming = asyncio.create_task(stream())
+        try:
+            await asyncio.to_thread(promote_adapter, bank_repository, "shop", "vision")
+            deadline = time.monotonic() + 90
+            while _requests_of(bank_triton, promoted) < 5:  # the stream reached the merged model
+                assert time.monotonic() < deadline, "no request reached the promoted model within 90 s"
+                await asyncio.sleep(0.2)
+            assert await _promoted_to(stub) == promoted
+            await asyncio.to_thread(demote_adapter, bank_repository, "shop", "vision")
+            deadline = time.monotonic() + 90
+            while await _promoted_to(stub):
+                assert time.monotonic() < deadline, "the adapter still promoted 90 s after its demotion"
+                await asyncio.sleep(0.2)
+            served_merged = _requests_of(bank_triton, promoted)
+            count = len(outcomes)
+            await _until(stub, "vision", lambda _: len(outcomes) >= count + 5)  # the stream goes on, from the bank
+        finally:
+            stop.set()
+            await streaming
+    failures = [o for o in outcomes if o != "OK"]
+    assert outcomes and not failures, failures[:3]
+    assert served_merged >= 5
+    worst = max(float(np.abs(a - from_bank).max()) for a in answers)
+    assert worst < FIDELITY, worst  # merged or banked, the same answers
