@@ -72,7 +72,7 @@ def ov_bank(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> dict
     results.append(add_adapters(repo, "ov", [spec["vision"]], probes=2))
     results.append(add_adapters(repo, "ov", [AdapterSpec("text", str(loras["text2"]), classes, TEMPLATES)], probes=2))
     results.append(remove_adapter(repo, "ov", "both"))
-    return {"root": root, "repo": repo, "model": str(tiny_config), "classes": classes, "loras": loras, "results": results}
+    return {"root": root, "repo": repo, "classes": classes, "loras": loras, "results": results}
 
 
 def _text_session(repo: Path, version: int) -> ort.InferenceSession:
@@ -191,12 +191,6 @@ def test_predict_ranks_request_time_labels_with_an_adapters_text_encoder(ov_bank
         assert np.abs(got - expected).max() < FIDELITY, adapter
         answers[adapter] = got
     assert np.abs(answers["text"] - answers[""]).max() > 100 * FIDELITY
-    create_bank(BankOptions(name="plain", model=ov_bank["model"], pretrained=None, classes=ov_bank["classes"],
-                            allow_random_weights=True, repository=tmp_path / "repo", probes=1))
-    assert len(predict_files(tmp_path / "repo", "plain", paths)) == 2  # its classes: yes; labels: no
-    with pytest.raises(FailedPrecondition, match="bank 'plain' has no text encoder: request-time labels need a bank "
-                                                 "created with --open-vocabulary"):
-        predict_files(tmp_path / "repo", "plain", paths, labels=LABELS)
 
 
 def test_the_class_embeddings_are_what_the_text_encoder_gives_for_the_adapters_prompts(ov_bank) -> None:
@@ -261,7 +255,7 @@ def _refused(repo: Path, match: str, action) -> None:
 @pytest.mark.parametrize("layout,match", [
     (dict(encoder="text", position="top", params=("q", "o")),
      r"updates text block 11 o, a matrix the bank does not hold \(its --matrices are q,k,v.*--matrices q,k,v,o"),
-    (dict(encoder="both", position="top", params=("q",), r=3), r"rank 3 \(text block 11 q\), above the bank's --max-rank 2"),
+    (dict(encoder="text", position="top", params=("q",), r=3), r"rank 3 \(text block 11 q\), above the bank's --max-rank 2"),
 ])
 def test_a_text_update_the_bank_cannot_hold_is_refused_and_nothing_published(ov_bank, layout, match) -> None:
     root, repo = ov_bank["root"], ov_bank["repo"]
@@ -292,3 +286,8 @@ def test_a_bank_whose_manifest_predates_open_vocabulary_still_reads_and_takes_ad
     assert added.version == 2 and added.manifest.adapter("t").verification.text is None
     assert added.manifest.files.text is None and not (repo / "ov_text").exists() and not (repo / "old_text").exists()
     assert [a["adapter"] for a in list_adapters(repo, "old")] == ["base", "t"]
+    factories.make_image(40, 30).save(image := tmp_path / "image.png")
+    assert len(predict_files(repo, "old", [image], adapter="t")) == 1  # its classes: yes; labels: no
+    with pytest.raises(FailedPrecondition, match="bank 'old' has no text encoder: request-time labels need a bank "
+                                                 "created with --open-vocabulary"):
+        predict_files(repo, "old", [image], labels=LABELS, adapter="t")
