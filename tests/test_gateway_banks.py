@@ -13,10 +13,11 @@ from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.tokenizer import get_tokenizer
 from cliplora.serve.gateway.discovery import _with_promotions
 from cliplora.serve.gateway.errors import VersionNotReady
-from cliplora.serve.gateway.models import ModelEntry
+from cliplora.serve.gateway.models import ModelEntry, OpenVocabulary, TextEntry
 from cliplora.v1 import classifier_pb2 as pb
 from tests.fakes import (
     BANK,
+    EMBEDDING_DIM,
     Aborted,
     FakeContext,
     FakeTriton,
@@ -295,3 +296,30 @@ async def test_embed_texts_with_a_bank_adapter() -> None:
     acme = await svc.Embed(pb.EmbedRequest(model="bank", adapter="acme", texts=["a cat"]), FakeContext())
     zeta = await svc.Embed(pb.EmbedRequest(model="bank", adapter="zeta", texts=["a cat"]), FakeContext())
     assert acme.version == 2 and not np.allclose(acme.texts[0].values, zeta.texts[0].values)
+
+
+def _promoted_open(version: int = 1) -> ModelEntry:
+    """`bank--acme` promoted from a bank with open vocabulary: its own text encoder, both at
+    the copy's own version (1), not the bank's."""
+    row = ROWS[2][1]
+    text = TextEntry("bank--acme_text", (version,), EMBEDDING_DIM, max_batch_size=4, classifier="bank--acme")
+    return ModelEntry("bank--acme", (version,), image_size=16, num_classes=2, max_batch_size=4,
+                      class_names=("merged a", "merged b"),
+                      open_vocabulary=OpenVocabulary(text, logit_scale=10.0, templates=("a photo of a {}.",),
+                                                     vocab_sha256=get_tokenizer().vocab_sha256),
+                      promotion=contract.Promotion("bank", "acme", row.lora_sha256))
+
+
+async def test_labels_and_embed_of_a_promoted_adapter_of_an_open_vocabulary_bank() -> None:
+    """The promoted copy answers labels and Embed at its own version (1) while the caller
+    is told the bank's (2): asking the copy for the bank's version found nothing."""
+    triton = _Recording({"bank--acme": _promoted_open()})
+    triton.models = _with_promotions({**triton.models, "bank": bank_entry(ROWS, text_versions=(1, 2))})
+    svc = service(triton)
+    reply = await svc.Classify(_classify("acme", labels=["wolf", "red_fox"]), FakeContext())
+    assert triton.ran == ["bank--acme"] and (reply.model, reply.adapter, reply.version) == ("bank", "acme", 2)
+    assert {p.label for p in reply.results[0].predictions} == {"wolf", "red_fox"}
+    embedded = await svc.Embed(pb.EmbedRequest(model="bank", adapter="acme", texts=["a wolf"],
+                                               images=[pb.Image(encoded=image_bytes())]), FakeContext())
+    assert triton.ran[-1] == "bank--acme" and embedded.version == 2
+    assert len(embedded.texts) == 1 and len(embedded.images) == 1

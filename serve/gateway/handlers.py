@@ -89,7 +89,7 @@ class Handlers:
         route = await resolve()
         self._resolved(route, metric_labels)
         images, texts = await self._again_if_unloaded(route, resolve, self._embeddings, query, deadline)
-        return pb.EmbedResponse(model=route.model_name, version=route.version,
+        return pb.EmbedResponse(model=route.model_name, version=route.answered(route.version),
                                 images=[pb.Embedding(values=row.tolist()) for row in images],
                                 texts=[pb.Embedding(values=row.tolist()) for row in texts])
 

@@ -191,7 +191,8 @@ class ModelEntry:
         promoted = bank.promotions.get(row.adapter)
         if promoted is not None and promoted.promotion is not None and chosen == max(bank.tables) \
                 and ((not embeds and not text) or promoted.open_vocabulary is not None):
-            return replace(promoted.route(0, text=text, embeds=embeds), version=chosen, promotion=promoted.promotion)
+            return replace(promoted.route(0, text=text, embeds=embeds), bank_version=chosen,
+                           promotion=promoted.promotion)
         return Route(self, requested=version, version=chosen, adapter=row, vocabulary=vocabulary)
 
 
@@ -213,6 +214,7 @@ class Route:
     vocabulary: OpenVocabulary | None = None
     adapter: contract.AdapterRow | None = None  # a bank's adapter (its base when none was asked for)
     promotion: contract.Promotion | None = None  # set when a promoted classifier answers for a bank's adapter
+    bank_version: int = 0  # with `promotion`: the bank version whose table routed the call there
 
     @property
     def model_name(self) -> str:
@@ -229,7 +231,7 @@ class Route:
     def answered(self, version: int) -> int:
         """The version to tell the caller: the one that ran, or for a promoted adapter the
         bank version whose table routed it there (the caller's versions are the bank's)."""
-        return self.version if self.promotion is not None else version
+        return self.bank_version if self.promotion is not None else version
 
     @property
     def pinned(self) -> bool:
