@@ -152,6 +152,9 @@ async def test_list_models_shows_a_bank_and_its_adapters() -> None:
         ("base", 0, 0, [], 1), ("acme", 2, 2, ["q", "k", "v"], 1), ("zeta", 3, 2, ["q", "k", "v"], 2)]
     assert bank.adapters[1].lora_sha256 == f"{1:064x}" and bank.adapters[1].promoted_to == ""
     assert {m.name: m.kind for m in reply.models}["m"] == "classifier"
+    assert not bank.open_vocabulary  # no NAME_text: labels are FAILED_PRECONDITION
+    listed = await service(_open_bank()).ListModels(pb.ListModelsRequest(), FakeContext())
+    assert {m.name: m.open_vocabulary for m in listed.models}["bank"]  # with its NAME_text ready
 
 
 # -- promotion: a bank adapter served by its merged classifier ------------------------------------

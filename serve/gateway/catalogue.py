@@ -43,6 +43,7 @@ class Catalogue:
                             embedding_dim=vocabulary.embedding_dim if vocabulary else 0, kind=entry.kind)
         if entry.bank is not None:
             info.embedding_dim = entry.bank.embedding_dim
+            info.open_vocabulary = entry.bank.text is not None  # its NAME_text ready: labels and Embed texts work
             promotions = entry.bank.promotions
             info.adapters.extend(_adapter_info(row, promotions[row.adapter].name if row.adapter in promotions else "")
                                  for row in entry.bank.latest_table().values())
