@@ -325,3 +325,26 @@ async def test_promoting_and_demoting_while_serving_fail_no_request(bank_triton:
     assert served_merged >= 5
     worst = max(float(np.abs(a - from_bank).max()) for a in answers)
     assert worst < FIDELITY, worst  # merged or banked, the same answers
+
+
+async def test_the_model_info_metric_names_a_banks_base(bank_triton: LocalTriton, bank_repository: Path) -> None:
+    """`cliplora_gateway_model_info` for a bank: its base model and weights from the bank's
+    manifest, lora "bank" (the bank's manifest is not a classifier's; it showed "unknown")."""
+    from cliplora.core.bank_manifest import BankManifest
+    from cliplora.serve.gateway.catalogue import Catalogue
+    from cliplora.serve.gateway.metrics import GatewayMetrics
+    from cliplora.serve.gateway.triton import Triton
+
+    triton = Triton(bank_triton.grpc_url)
+    try:
+        models = await triton.refresh()
+    finally:
+        await triton.close()
+    catalogue = Catalogue(bank_repository, GatewayMetrics())
+    catalogue.publish_model_info(models)
+    labels = {s.labels["model"]: s.labels for m in catalogue.metrics.model_info.collect() for s in m.samples}
+    manifest = BankManifest.read(bank_repository / "shop" / str(max(models["shop"].versions)) / "manifest.json")
+    assert labels["shop"]["lora"] == "bank" and labels["shop"]["base_model"] == manifest.source.base.model
+    merged = labels["shop-vision-merged"]
+    assert merged["lora"] == "clip-lora" and (merged["base_model"], merged["base_weights"]) == \
+        (labels["shop"]["base_model"], labels["shop"]["base_weights"])  # the bank pairs with its base

@@ -33,6 +33,12 @@ class PreprocessRecord(Record):
     std: list[float]
 
 
+def weights_id(weights: WeightsRecord) -> str:
+    """A short name for base weights (their sha256 prefix, else their source): what
+    ``cliplora_gateway_model_info`` pairs models by."""
+    return str(weights.sha256 or weights.source)[:16]
+
+
 class BaseRecord(Record):
     """The base CLIP model (also in finetune's run record)."""
 
@@ -238,10 +244,8 @@ class Manifest(VersionedRecord):
 
     @property
     def base_weights_id(self) -> str:
-        """A short name for the base weights (their sha256 prefix, else their source):
-        a LoRA model and its base share it."""
-        weights = self.base.weights
-        return str(weights.sha256 or weights.source)[:16]
+        """A short name for the base weights: a LoRA model and its base share it."""
+        return weights_id(self.base.weights)
 
 
 class TextTensorsRecord(Record):

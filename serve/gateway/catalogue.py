@@ -17,7 +17,8 @@ import logging
 from pathlib import Path
 
 from cliplora.core import contract
-from cliplora.core.manifest import Manifest
+from cliplora.core.bank_manifest import BankManifest
+from cliplora.core.manifest import Manifest, weights_id
 from cliplora.core.repository import ModelRepository
 from cliplora.serve.gateway.metrics import GatewayMetrics
 from cliplora.serve.gateway.models import ModelEntry
@@ -31,7 +32,7 @@ class Catalogue:
         self._repository = ModelRepository(repository) if repository is not None else None
         self.metrics = metrics
         # (name, version) -> (manifest file's mtime, manifest): read again only when the file changes
-        self._manifests: dict[tuple[str, int], tuple[int, Manifest]] = {}
+        self._manifests: dict[tuple[str, int], tuple[int, Manifest | BankManifest]] = {}
 
     def list_models(self, models: dict[str, ModelEntry]) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[self.model_info(entry) for entry in models.values()])
@@ -49,7 +50,7 @@ class Catalogue:
                                  for row in entry.bank.latest_table().values())
             return info  # a bank's provenance is its adapter table
         manifest = self.manifest_of(entry)
-        if manifest is not None:
+        if isinstance(manifest, Manifest):
             info.base_model = manifest.base.model
             info.weights = manifest.base.weights.source
             info.lora_format = manifest.lora.format
@@ -57,8 +58,9 @@ class Catalogue:
             info.precision = manifest.precision
         return info
 
-    def manifest_of(self, entry: ModelEntry) -> Manifest | None:
-        """The latest version's manifest, when the gateway can read the repository."""
+    def manifest_of(self, entry: ModelEntry) -> Manifest | BankManifest | None:
+        """The latest version's manifest (a bank's own kind for a bank), when the gateway can
+        read the repository."""
         if self._repository is None:
             return None
         key = (entry.name, entry.versions[-1])
@@ -67,7 +69,8 @@ class Catalogue:
             changed = found.manifest_path.stat().st_mtime_ns
             cached = self._manifests.get(key)
             if cached is None or cached[0] != changed:
-                self._manifests[key] = cached = (changed, found.manifest())
+                manifest = BankManifest.read(found.manifest_path) if entry.bank is not None else found.manifest()
+                self._manifests[key] = cached = (changed, manifest)
             return cached[1]
         except Exception as exc:  # provenance is optional: never fail a call for it
             log.debug("no manifest for %s: %s", entry.name, exc)
@@ -81,6 +84,9 @@ class Catalogue:
             manifest = self.manifest_of(entry)
             if manifest is None:
                 self.metrics.model_info.labels(entry.name, "", "", "unknown").set(1)
+            elif isinstance(manifest, BankManifest):  # "bank" in place of a LoRA format: its adapters vary
+                base = manifest.source.base
+                self.metrics.model_info.labels(entry.name, base.model, weights_id(base.weights), contract.KIND_BANK).set(1)
             else:
                 self.metrics.model_info.labels(entry.name, manifest.base.model, manifest.base_weights_id,
                                                manifest.lora.format).set(1)
