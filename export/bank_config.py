@@ -38,6 +38,12 @@ from cliplora.export.model_config import MAX_QUEUE_DELAY_US, _gpu_blocks
 # the gateway still finds that version's table (the companion's new version loads anyway).
 BANK_VERSIONS_LOADED = 1
 TABLE_VERSIONS_LOADED = 2
+# NAME_text keeps two as well: it is published first, so during an add its new version is
+# ready while the bank still serves the old one; with the old text version still loaded,
+# labelled requests keep a version all three have (with one, they waited for the bank's
+# load and were UNAVAILABLE past `serve/gateway/triton.py`'s LOADS_WAIT_S). The price: a
+# second text tower session (the ViT-B/16 text weights are 254 MB in fp32).
+TEXT_VERSIONS_LOADED = 2
 
 
 def _dtype(name: str) -> int:
@@ -98,7 +104,7 @@ def bank_text_config(bank: str, settings: BankSettingsRecord) -> mc.ModelConfig:
     kind = mc.ModelInstanceGroup.KIND_CPU if settings.target == "cpu-int8" else mc.ModelInstanceGroup.KIND_AUTO
     config.instance_group.add(count=1, kind=kind)
     config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
-    config.version_policy.latest.num_versions = BANK_VERSIONS_LOADED
+    config.version_policy.latest.num_versions = TEXT_VERSIONS_LOADED
     parameters = _open_vocabulary(bank, settings)
     config.parameters[contract.PARAM_CLASSIFIER].string_value = bank
     config.parameters[contract.PARAM_PRECISION].string_value = "fp32"

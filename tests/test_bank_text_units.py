@@ -134,7 +134,7 @@ def test_the_gateway_reads_a_banks_text_side_through_the_contract() -> None:
     assert contract.parameter(text, contract.PARAM_CLASSIFIER) == "shop"
     assert contract.parameter(text, contract.PARAM_VOCAB_SHA256) == get_tokenizer().vocab_sha256
     assert contract.parameter(text, contract.PARAM_PRECISION) == "fp32"
-    assert text["name"] == "shop_text" and text["version_policy"]["latest"]["num_versions"] == 1
+    assert text["name"] == "shop_text" and text["version_policy"]["latest"]["num_versions"] == 2
     assert "dynamic_batching" in text and [i["name"] for i in text["input"]] == ["tokens", "adapter"]
     plain = _json(bank_config("shop", _settings(open_vocabulary=False, tokenizer=None)))
     assert contract.parameter(plain, contract.PARAM_TEXT_MODEL) is None
