@@ -149,6 +149,10 @@ async def test_adding_replacing_and_removing_adapters_fail_no_request(
                 reply = await stub.Classify(_request("shop", "both"))
                 assert len(reply.results[0].predictions) == 2 and reply.version >= first.version
             assert old_both.shape[1] == len(CLASSES)
+            # The new content's image side too, not only its classes: the published version's
+            # own graph in process, for the replacement's record, gives the served logits.
+            np.testing.assert_allclose(_logits(first), _published_logits(bank_repository, first.version, "both"),
+                                       atol=FIDELITY)
 
             await asyncio.to_thread(remove_adapter, bank_repository, "shop", "new")
             await _until_not_found(stub, "new")
@@ -157,6 +161,17 @@ async def test_adding_replacing_and_removing_adapters_fail_no_request(
             await streaming
     failures = [o for o in outcomes if o != "OK"]
     assert outcomes and not failures, failures[:3]
+
+
+def _published_logits(repository: Path, version: int, adapter: str) -> np.ndarray:
+    """[N, C] logits of the bank version's published graph, in process, for IMAGES."""
+    from cliplora.core.bank_runtime import open_bank
+    from cliplora.core.preprocess import preprocess_bytes
+
+    bank = open_bank(repository, "shop", version)
+    record = bank.adapter(adapter)
+    crops = np.stack([preprocess_bytes(image, bank.image_size) for image in IMAGES])
+    return bank.logits(bank.image_embeddings(crops, record), bank.classes(record)[0])
 
 
 async def _until(stub, adapter: str, done, timeout_s: float = 60.0) -> pb.ClassifyResponse:
