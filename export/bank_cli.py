@@ -67,7 +67,8 @@ def _add_create(parser: argparse.ArgumentParser) -> None:
                         help=f"the rank every adapter is padded to (exactly), 1..{MAX_RANK_LIMIT}; larger ranks are "
                              f"refused (default {BankOptions.max_rank})")
     parser.add_argument("--matrices", default=",".join(BankOptions.matrices),
-                        help="vision matrices with a branch in every block, from q,k,v,o "
+                        help="matrices with a branch in every block of the image tower (and of the text "
+                             "tower with --open-vocabulary), from q,k,v,o "
                              f"(default {','.join(BankOptions.matrices)})")
     parser.add_argument("--target", choices=TARGETS, default=BankOptions.target,
                         help="cpu-int8: INT8 base weights (the branches stay fp32), each adapter gated at add; "
