@@ -363,3 +363,24 @@ async def test_the_model_info_metric_names_a_banks_base(bank_triton: LocalTriton
     merged = labels["shop-vision-merged"]
     assert merged["lora"] == "clip-lora" and (merged["base_model"], merged["base_weights"]) == \
         (labels["shop"]["base_model"], labels["shop"]["base_weights"])  # the bank pairs with its base
+
+
+@pytest.mark.subprocess
+async def test_a_bank_through_cliplora_serve(bank_repository: Path, tmp_path: Path) -> None:
+    """The whole product on the bank's repository: `cliplora serve` (its own Triton, gateway
+    with --repository, Prometheus) answers an adapter as the published graph does in
+    process, lists the bank with its adapters, and counts the adapter's requests."""
+    from tests.serving import classifier_stub, stack_process
+
+    async with stack_process(bank_repository, tmp_path) as stack:
+        channel, stub = classifier_stub(stack.port)
+        async with channel:
+            reply = await _until_answered(stub, "vision")
+            listing = await stub.ListModels(pb.ListModelsRequest())
+        metrics = metrics_text(stack.metrics_port)
+    np.testing.assert_allclose(_logits(reply), _published_logits(bank_repository, reply.version, "vision"),
+                               atol=FIDELITY)
+    (bank,) = [m for m in listing.models if m.name == "shop"]
+    assert bank.kind == "bank" and {"base", "vision", "text"} <= {a.id for a in bank.adapters}
+    assert re.search(r'^cliplora_gateway_adapter_requests_total\{adapter="vision",model="shop"\} [1-9]', metrics, re.M)
+    assert re.search(r'^cliplora_gateway_model_info\{[^}]*lora="bank",model="shop"\} 1', metrics, re.M)
