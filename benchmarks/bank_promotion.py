@@ -101,7 +101,11 @@ def loadtest(args: argparse.Namespace, name: str, models: str, *extra: str) -> d
 
 def promote(args: argparse.Namespace, repo: Path, adapters: list[str]) -> list[dict]:
     rows = []
+    widths = towers(args.model)
     for adapter in adapters:
+        lora = args.work / f"{adapter}.pt"
+        if not lora.exists():  # bank_load.py deletes its adapters once added; the same seed writes the same file
+            write_adapter(lora, int(adapter[1:]), widths)
         command = [CLI, "bank", "promote", "bank", "--adapter", adapter, "--repository", str(repo), "--quiet"]
         seconds = run(command)
         rows.append({"command": " ".join(command), "seconds": round(seconds, 1)})
