@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 from bank_bench import towers, write_adapter
-from bank_load import CLI, GRPC_PORT, run, start_stack, until_answered
+from bank_load import CLI, GRPC_PORT, load_arguments, new_work, run, start_stack, until_answered
 
 
 def prepare(args: argparse.Namespace, repo: Path, classes: Path) -> list[dict]:
@@ -67,16 +67,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="a scratch folder (repository, adapter, logs)")
     parser.add_argument("--output", type=Path, required=True, help="where the records go")
     parser.add_argument("--probes", type=int, default=2, help="probe images the adapter is verified on (default 2)")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--warmup", type=float, default=10.0)
+    load_arguments(parser)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.work.mkdir(parents=True, exist_ok=False)
-    args.output.mkdir(parents=True, exist_ok=True)
-    repo, classes, logs = args.work / "repo", args.work / "classes.txt", args.work / "logs"
-    logs.mkdir()
-    classes.write_text("".join(f"class_{i}\n" for i in range(10)))
+    repo, classes, logs = new_work(args)
     prepared = prepare(args, repo, classes)
     stack = start_stack(repo, logs)
     try:

@@ -54,6 +54,25 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def load_arguments(parser: argparse.ArgumentParser) -> None:
+    """Each `cliplora loadtest` run's settings, the same in every bank benchmark."""
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+
+
+def new_work(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(repository, classes file, logs folder) in a new `args.work`; `args.output` made;
+    SIGTERM ends the run through the callers' `finally` (the stack is stopped)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.work.mkdir(parents=True, exist_ok=False)
+    args.output.mkdir(parents=True, exist_ok=True)
+    repo, classes, logs = args.work / "repo", args.work / "classes.txt", args.work / "logs"
+    logs.mkdir()
+    classes.write_text("".join(f"class_{i}\n" for i in range(10)))
+    return repo, classes, logs
+
+
 def prepare(args: argparse.Namespace, repo: Path, classes: Path) -> list[dict]:
     target = ["--target", args.target] + (["--uncalibrated"] if args.target == "cpu-int8" else [])
     commands = [
@@ -138,16 +157,9 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=2,
                         help="probe images each added adapter is verified on (default 2: what is measured here is "
                              "serving, not adding; `cliplora bank add` defaults to 8)")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--warmup", type=float, default=10.0)
+    load_arguments(parser)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.work.mkdir(parents=True, exist_ok=False)
-    args.output.mkdir(parents=True, exist_ok=True)
-    repo, classes, logs = args.work / "repo", args.work / "classes.txt", args.work / "logs"
-    logs.mkdir()
-    classes.write_text("".join(f"class_{i}\n" for i in range(10)))
+    repo, classes, logs = new_work(args)
     prepared = prepare(args, repo, classes)
     stack = start_stack(repo, logs)
     steps, runs = [], []

@@ -36,7 +36,16 @@ from pathlib import Path
 
 import psutil
 from bank_bench import towers, write_adapter
-from bank_load import CLI, GRPC_PORT, TRITON_PORTS, run, start_stack, until_answered
+from bank_load import (
+    CLI,
+    GRPC_PORT,
+    TRITON_PORTS,
+    load_arguments,
+    new_work,
+    run,
+    start_stack,
+    until_answered,
+)
 
 
 def triton_rss_mb() -> float:
@@ -144,19 +153,15 @@ def main() -> int:
     parser.add_argument("--promoted", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 16])
     parser.add_argument("--skew", default="zipf:1.1")
     parser.add_argument("--probes", type=int, default=2, help="probe images each added adapter is verified on")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--warmup", type=float, default=10.0)
+    load_arguments(parser)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.output.mkdir(parents=True, exist_ok=True)
-    repo, classes, logs = args.work / "repo", args.work / "classes.txt", args.work / "logs"
+    repo, logs = args.work / "repo", args.work / "logs"
     if repo.is_dir():  # made by benchmarks/bank_load.py: its base and its bank, adapters a0, a1, ...
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        args.output.mkdir(parents=True, exist_ok=True)
         prepared = [{"reused": f"{repo}: base and bank made by benchmarks/bank_load.py"}]
     else:
-        args.work.mkdir(parents=True, exist_ok=False)
-        logs.mkdir()
-        classes.write_text("".join(f"class_{i}\n" for i in range(10)))
+        repo, classes, logs = new_work(args)
         prepared = prepare(args, repo, classes)
     stack = start_stack(repo, logs)
     crossover, promotions = [], []
