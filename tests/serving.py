@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -33,6 +34,8 @@ from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests import factories, leftovers
 from tests.images import encoded, png_header  # noqa: F401  (re-exported for the serving tests)
 from tests.ports import free_port
+
+T = TypeVar("T")
 
 CLASSES = ["cat", "dog", "red_panda", "golden_retriever", "tabby"]
 
@@ -190,6 +193,23 @@ async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> N
     while not condition():
         assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
         await asyncio.sleep(0.05)
+
+
+async def until_answer(call: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str,
+                       timeout_s: float = 60.0) -> T:
+    """Repeat `call` every 0.2 s until its answer is `done` (errors count as not yet, as
+    while a new version loads); fail the test naming `what` and the last error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            answer = await call()
+            if done(answer):
+                return answer
+        except Exception as exc:  # noqa: BLE001 - not there yet
+            last = exc
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{what}: not as expected after {timeout_s:.0f} s: {last!r}")
 
 
 async def probed(gateway: GatewayServer, times: int = 2, timeout_s: float = 10.0) -> None:

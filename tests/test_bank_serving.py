@@ -21,7 +21,7 @@ from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.images import encoded, make_image
-from tests.serving import in_process_gateway, metrics_text, triton_ports
+from tests.serving import in_process_gateway, metrics_text, triton_ports, until_answer
 
 pytestmark = pytest.mark.triton
 CLASSES = ("cat", "dog", "red_panda", "golden_retriever")
@@ -175,17 +175,7 @@ def _published_logits(repository: Path, version: int, adapter: str) -> np.ndarra
 
 
 async def _until(stub, adapter: str, done, timeout_s: float = 60.0) -> pb.ClassifyResponse:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            reply = await stub.Classify(_request("shop", adapter))
-            if done(reply):
-                return reply
-        except Exception as exc:  # noqa: BLE001 - not there yet
-            last = exc
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"adapter {adapter} not as expected after {timeout_s:.0f} s: {last!r}")
+    return await until_answer(lambda: stub.Classify(_request("shop", adapter)), done, f"adapter {adapter}", timeout_s)
 
 
 async def _until_answered(stub, adapter: str) -> pb.ClassifyResponse:

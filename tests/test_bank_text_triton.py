@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.images import encoded, make_image
-from tests.serving import in_process_gateway, metrics_text, triton_ports
+from tests.serving import in_process_gateway, metrics_text, triton_ports, until_answer
 
 pytestmark = pytest.mark.triton
 CLASSES = ("cat", "dog", "red_panda", "golden_retriever")
@@ -165,14 +164,4 @@ async def test_adds_while_labelled_requests_stream_fail_none_and_a_replaced_adap
 
 
 async def _until(stub, adapter: str, done, timeout_s: float = 60.0) -> pb.ClassifyResponse:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            reply = await stub.Classify(_classify("ovb", adapter))
-            if done(reply):
-                return reply
-        except Exception as exc:  # noqa: BLE001 - not there yet
-            last = exc
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"adapter {adapter} not as expected after {timeout_s:.0f} s: {last!r}")
+    return await until_answer(lambda: stub.Classify(_classify("ovb", adapter)), done, f"adapter {adapter}", timeout_s)
