@@ -21,16 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
 from bank_bench import towers, write_adapter
-from bank_load import CLI, GRPC_PORT, load_arguments, new_work, run, start_stack, until_answered
+from bank_load import (
+    CLI,
+    load_arguments,
+    new_work,
+    ratio_text,
+    record_header,
+    run,
+    run_loadtest,
+    start_stack,
+    until_answered,
+)
 
 
 def prepare(args: argparse.Namespace, repo: Path, classes: Path) -> list[dict]:
@@ -45,20 +51,10 @@ def prepare(args: argparse.Namespace, repo: Path, classes: Path) -> list[dict]:
 
 
 def loadtest(args: argparse.Namespace, classes: Path) -> dict:
-    report = args.output / "labels-vs-fixed"
-    command = [CLI, "loadtest", "--target", f"127.0.0.1:{GRPC_PORT}", "--models", "bank@a0,bank@a0:labels",
-               "--labels-file", str(classes), "--concurrency", str(args.concurrency), "--duration",
-               str(args.duration), "--warmup", str(args.warmup), "--report", str(report), "--quiet"]
-    load_before = os.getloadavg()[0]
-    run(command)
-    result = json.loads((report / "report.json").read_text())
-    key = "bank@a0:labels/bank@a0"
-    ratios = {figure: {"value": value, "ci95": [result["intervals"]["ratios"][key][figure]["low"],
-                                                result["intervals"]["ratios"][key][figure]["high"]]}
-              for figure, value in result["ratios"][key].items()}
-    return {"loadtest_command": " ".join(command), "fixed": result["models"]["bank@a0"],
-            "labels": result["models"]["bank@a0:labels"], "ratios": ratios,
-            "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+    row = run_loadtest(args, "labels-vs-fixed", "bank@a0,bank@a0:labels", "--labels-file", str(classes))
+    return {"loadtest_command": row["command"], "fixed": row["models"]["bank@a0"],
+            "labels": row["models"]["bank@a0:labels"], "ratios": row["ratios"]["bank@a0:labels"],
+            "load_average_before": row["load_average_before"], "load_average_after": row["load_average_after"]}
 
 
 def main() -> int:
@@ -78,10 +74,7 @@ def main() -> int:
     finally:
         stack.send_signal(signal.SIGINT)
         stack.wait(120)
-    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
-                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-              "model": args.model, "prepared": prepared, **result}
+    record = {**record_header(), "model": args.model, "prepared": prepared, **result}
     (args.output / "bank_labels.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.output / "bank_labels.md").write_text(markdown(record))
     print(markdown(record))
@@ -97,13 +90,8 @@ def markdown(record: dict) -> str:
         "| entry | p50 ms | p99 ms | throughput /s |", "|---|---|---|---|",
         *(f"| {name} | {m['latency_ms']['p50']:.1f} | {m['latency_ms']['p99']:.1f} | {m['throughput_rps']:.2f} |"
           for name, m in (("bank@a0 (fixed)", record["fixed"]), ("bank@a0:labels (warm)", record["labels"]))),
-        "", f"labels / fixed: p50 {_ratio(p50)}, throughput {_ratio(tput)}; load average "
+        "", f"labels / fixed: p50 {ratio_text(p50)}, throughput {ratio_text(tput)}; load average "
         f"{record['load_average_before']:.1f} -> {record['load_average_after']:.1f}", ""])
-
-
-def _ratio(ratio: dict) -> str:
-    low, high = ratio["ci95"]
-    return f"{ratio['value']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 if __name__ == "__main__":

@@ -129,21 +129,40 @@ def add_step(args: argparse.Namespace, repo: Path, classes: Path, have: int, siz
             "then_answering_after_s": round(waited, 1), "command": " ".join(command)}
 
 
-def load(args: argparse.Namespace, size: int, skew: str | None) -> dict:
-    report = args.output / f"k{size}-{'zipf' if skew else 'uniform'}"
-    command = [CLI, "loadtest", "--target", f"127.0.0.1:{GRPC_PORT}", "--models", "base,bank@*",
+def run_loadtest(args: argparse.Namespace, name: str, models: str, *extra: str) -> dict:
+    """`cliplora loadtest --models MODELS` against the stack into `args.output / name`: its
+    command, each entry's figures, each entry's ratios to the first with their 95%
+    intervals, and the machine's load average before and after."""
+    report = args.output / name
+    command = [CLI, "loadtest", "--target", f"127.0.0.1:{GRPC_PORT}", "--models", models,
                "--concurrency", str(args.concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup),
-               "--report", str(report), "--quiet", *(["--adapter-skew", skew] if skew else [])]
+               "--report", str(report), "--quiet", *extra]
     load_before = os.getloadavg()[0]
     run(command)
     result = json.loads((report / "report.json").read_text())
-    key = "bank@*/base"
-    ratios = {name: {"value": value, "ci95": [result["intervals"]["ratios"][key][name]["low"],
-                                              result["intervals"]["ratios"][key][name]["high"]]}
-              for name, value in result["ratios"][key].items()}
-    return {"adapters": size, "spread": skew or "uniform", "command": " ".join(command),
-            "base": result["models"]["base"], "bank": result["models"]["bank@*"], "ratios": ratios,
-            "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+    intervals = result["intervals"]["ratios"]
+    ratios = {key.split("/")[0]: {figure: {"value": value, "ci95": [intervals[key][figure]["low"],
+                                                                    intervals[key][figure]["high"]]}
+                                  for figure, value in figures.items()}
+              for key, figures in result["ratios"].items()}
+    return {"command": " ".join(command), "models": result["models"], "ratios_vs": models.split(",")[0],
+            "ratios": ratios, "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
+
+
+def load(args: argparse.Namespace, size: int, skew: str | None) -> dict:
+    spread = skew or "uniform"
+    row = run_loadtest(args, f"k{size}-{'zipf' if skew else 'uniform'}", "base,bank@*",
+                       *(["--adapter-skew", skew] if skew else []))
+    return {"adapters": size, "spread": spread, "command": row["command"], "base": row["models"]["base"],
+            "bank": row["models"]["bank@*"], "ratios": row["ratios"]["bank@*"],
+            "load_average_before": row["load_average_before"], "load_average_after": row["load_average_after"]}
+
+
+def record_header() -> dict:
+    """What every benchmark record starts with: when, the command, the machine."""
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
+                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB"}
 
 
 def main() -> int:
@@ -176,10 +195,8 @@ def main() -> int:
     finally:
         stack.send_signal(signal.SIGINT)
         stack.wait(120)
-    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
-                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-              "model": args.model, "target": args.target, "prepared": prepared, "steps": steps, "runs": runs}
+    record = {**record_header(), "model": args.model, "target": args.target, "prepared": prepared,
+              "steps": steps, "runs": runs}
     (args.output / "bank_load.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.output / "bank_load.md").write_text(markdown(record))
     print(markdown(record))
@@ -194,7 +211,7 @@ def markdown(record: dict) -> str:
     for r in record["runs"]:
         p50, tput = r["ratios"]["p50"], r["ratios"]["throughput"]
         lines.append(f"| {r['adapters']} | {r['spread']} | {r['base']['latency_ms']['p50']:.1f} | "
-                     f"{r['bank']['latency_ms']['p50']:.1f} | {_ratio(p50)} | {_ratio(tput)} | "
+                     f"{r['bank']['latency_ms']['p50']:.1f} | {ratio_text(p50)} | {ratio_text(tput)} | "
                      f"{r['load_average_before']:.1f} -> {r['load_average_after']:.1f} |")
     lines += ["", "| adapters | added | `bank add` s | answering after s |", "|---|---|---|---|"]
     lines += [f"| {s['adapters']} | {s['added']} | {s['add_seconds']} | {s['then_answering_after_s']} |"
@@ -202,7 +219,8 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ratio(ratio: dict) -> str:
+def ratio_text(ratio: dict) -> str:
+    """A ratio and its 95% interval, as the records' markdown shows them."""
     low, high = ratio["ci95"]
     return f"{ratio['value']:.3f} [{low:.3f}, {high:.3f}]"
 

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -42,7 +39,10 @@ from bank_load import (
     TRITON_PORTS,
     load_arguments,
     new_work,
+    ratio_text,
+    record_header,
     run,
+    run_loadtest,
     start_stack,
     until_answered,
 )
@@ -88,24 +88,6 @@ def prepare(args: argparse.Namespace, repo: Path, classes: Path) -> list[dict]:
          "--probes", str(args.probes)],
     ]
     return [{"command": " ".join(c), "seconds": round(run(c), 1)} for c in commands]
-
-
-def loadtest(args: argparse.Namespace, name: str, models: str, *extra: str) -> dict:
-    report = args.output / name
-    command = [CLI, "loadtest", "--target", f"127.0.0.1:{GRPC_PORT}", "--models", models,
-               "--concurrency", str(args.concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup),
-               "--report", str(report), "--quiet", *extra]
-    load_before = os.getloadavg()[0]
-    run(command)
-    result = json.loads((report / "report.json").read_text())
-    first = models.split(",")[0]
-    ratios = {key.split("/")[0]: {figure: {"value": value,
-                                           "ci95": [result["intervals"]["ratios"][key][figure]["low"],
-                                                    result["intervals"]["ratios"][key][figure]["high"]]}
-                                  for figure, value in figures.items()}
-              for key, figures in result["ratios"].items()}
-    return {"command": " ".join(command), "models": result["models"], "ratios_vs": first, "ratios": ratios,
-            "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
 
 
 def promote(args: argparse.Namespace, repo: Path, adapters: list[str]) -> list[dict]:
@@ -172,11 +154,11 @@ def main() -> int:
             promotions += promote(args, repo, [f"a{i}" for i in range(have, count)])
             have = count
             time.sleep(5)  # the previous versions unloaded: memory as it stays
-            row = loadtest(args, f"crossover-{count}", "base,bank@*", "--adapter-skew", args.skew)
+            row = run_loadtest(args, f"crossover-{count}", "base,bank@*", "--adapter-skew", args.skew)
             crossover.append({"promoted": count, "triton_rss_mb": triton_rss_mb(), **row})
             print({"promoted": count, "ratios": row["ratios"], "rss": crossover[-1]["triton_rss_mb"]}, flush=True)
         before = triton_requests()
-        cost = loadtest(args, "promoted-cost", f"base,bank@a0,bank@a{args.adapters - 1}")
+        cost = run_loadtest(args, "promoted-cost", f"base,bank@a0,bank@a{args.adapters - 1}")
         after = triton_requests()
         # Which Triton models answered: the promoted adapter's requests must reach bank--a0.
         cost["triton_requests"] = {m: after[m] - before.get(m, 0) for m in after if after[m] != before.get(m, 0)}
@@ -184,20 +166,12 @@ def main() -> int:
     finally:
         stack.send_signal(signal.SIGINT)
         stack.wait(120)
-    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
-                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-              "model": args.model, "target": args.target, "adapters": args.adapters, "skew": args.skew,
+    record = {**record_header(), "model": args.model, "target": args.target, "adapters": args.adapters, "skew": args.skew,
               "prepared": prepared, "promotions": promotions, "crossover": crossover, "promoted_cost": cost}
     (args.output / "bank_promotion.json").write_text(json.dumps(record, indent=2) + "\n")
     (args.output / "bank_promotion.md").write_text(markdown(record))
     print(markdown(record))
     return 0
-
-
-def _ratio(ratio: dict) -> str:
-    low, high = ratio["ci95"]
-    return f"{ratio['value']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def markdown(record: dict) -> str:
@@ -208,13 +182,13 @@ def markdown(record: dict) -> str:
              "|---|---|---|---|---|"]
     for row in record["crossover"]:
         ratio = row["ratios"]["bank@*"]
-        lines.append(f"| {row['promoted']} | {_ratio(ratio['throughput'])} | {_ratio(ratio['p50'])} | "
+        lines.append(f"| {row['promoted']} | {ratio_text(ratio['throughput'])} | {ratio_text(ratio['p50'])} | "
                      f"{row['triton_rss_mb']} | {row['load_average_before']:.1f} -> {row['load_average_after']:.1f} |")
     cost = record["promoted_cost"]
     lines += ["", f"One promoted adapter against the base, beside a cold one (`{cost['command']}`):", "",
               "| entry | p50 ratio vs base [95% CI] | throughput ratio [95% CI] |", "|---|---|---|"]
     for entry, ratio in cost["ratios"].items():
-        lines.append(f"| {entry} | {_ratio(ratio['p50'])} | {_ratio(ratio['throughput'])} |")
+        lines.append(f"| {entry} | {ratio_text(ratio['p50'])} | {ratio_text(ratio['throughput'])} |")
     lines += ["", "Triton requests per model during that run: "
               + ", ".join(f"{model} {count}" for model, count in sorted(cost.get("triton_requests", {}).items()))]
     lines += ["", "| promotion | seconds |", "|---|---|"]
