@@ -125,12 +125,11 @@ class Triton:
             return False
 
     async def refresh(self) -> dict[str, ModelEntry]:
-        """Re-read the repository index and configs; keeps the old view if Triton is down."""
-        return await self._refresh_since(math.inf)
-
-    async def _refresh_since(self, asked: float) -> dict[str, ModelEntry]:
-        """A refresh that began at or after `asked` (monotonic): callers waiting on one
-        in progress share it (the wait for a second load below asks many times at once)."""
+        """Re-read the repository index and configs; keeps the old view if Triton is down.
+        The view returned was read after the call began: callers that wait for a read in
+        progress share the next one (a burst of requests meeting a reloaded version, the
+        wait for a second load below), rather than each reading again."""
+        asked = time.monotonic()
         async with self._refresh_lock:
             if self._last_refresh_started >= asked:
                 return self.models
@@ -176,7 +175,7 @@ class Triton:
         models load one after the other)."""
         entry = self._models.get(name)
         if entry is None or _stale(entry, version, text or (embeds and entry.bank is None), adapter):
-            await self._refresh_since(time.monotonic())
+            await self.refresh()
             entry = self._models.get(name)
         if entry is None:
             if self.discovery_error is not None:  # Triton did not answer: nobody knows whether it exists
@@ -199,7 +198,7 @@ class Triton:
         give_up = time.monotonic() + LOADS_WAIT_S
         while True:
             await asyncio.sleep(LOADS_POLL_S)
-            await self._refresh_since(time.monotonic())
+            await self.refresh()
             entry = self._models.get(name)
             if entry is None:
                 raise NotFound(f"model {name!r} not found (it was unloaded)")
