@@ -24,12 +24,7 @@ import numpy as np
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.runtime import open_published, run_logits
 from cliplora.loadtest.cli import generated_images
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"median_ms": round(statistics.median(ordered) * 1e3, 2),
-            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1e3, 2), "n": len(ordered)}
+from cliplora.loadtest.stats import median_p90_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": f"{len(crops)} generated 640x480 JPEGs, preprocessed to {size}x{size}",
         "batches": {
             str(batch): {
-                "fp32": _summary(samples[args.fp32][batch]), "int8": _summary(samples[args.int8][batch]),
+                "fp32": median_p90_ms(samples[args.fp32][batch]), "int8": median_p90_ms(samples[args.int8][batch]),
                 "speedup": round(statistics.median(samples[args.fp32][batch])
                                  / statistics.median(samples[args.int8][batch]), 3),
             } for batch in batches

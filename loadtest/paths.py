@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -27,15 +26,9 @@ from cliplora.core import contract
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.runtime import open_published, run_logits
 from cliplora.loadtest.cli import generated_images
+from cliplora.loadtest.stats import median_p90_ms
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"median_ms": round(statistics.median(ordered) * 1e3, 2),
-            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1e3, 2),
-            "n": len(ordered)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples[name].append(time.perf_counter() - started)
         print(f"\rround {round_index + 1}/{args.warmup + args.requests}", end="", file=sys.stderr)
     print(file=sys.stderr)
-    report = {name: _summary(values) for name, values in samples.items()}
+    report = {name: median_p90_ms(values) for name, values in samples.items()}
     report["gateway_minus_triton_median_ms"] = round(report["gateway"]["median_ms"] - report["triton"]["median_ms"], 2)
     report["triton_over_ort_median"] = round(report["triton"]["median_ms"] / report["ort"]["median_ms"], 3)
     report["model"] = args.model

@@ -9,6 +9,7 @@ All intervals are percentile bootstraps over requests (each model resampled on i
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,14 @@ class Ratio:
 
     def contains_one(self) -> bool:
         return self.low <= 1.0 <= self.high
+
+
+def median_p90_ms(samples: list[float]) -> dict[str, float]:
+    """Median and p90 of timings in seconds, in ms (2 decimals), and their count: the
+    in-process measurements' summary (paths, int8_speed)."""
+    ordered = sorted(samples)
+    return {"median_ms": round(statistics.median(ordered) * 1e3, 2),
+            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))] * 1e3, 2), "n": len(ordered)}
 
 
 def _statistic(samples: np.ndarray, name: str) -> np.ndarray:
