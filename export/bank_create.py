@@ -99,8 +99,10 @@ def create_bank(options: BankOptions, progress: Progress | None = None) -> BankR
             text = bank_text.stage_first(base, settings, tokenizer, staging, progress) if tokenizer else None
             with progress.step(f"verifying the base slot against the reference ({options.probes} probe images)"):
                 class_embeds = class_embeddings(base.model, None, base.tokenizer, classes, templates)
-                check = _verify_base(base, folder, options.probes, class_embeds, settings.target == "cpu-int8")
-                check = bank_text.check_base(text, base, classes, templates, check)
+                reference = bank_verify.Reference(base.model)  # one copy of the base for both towers' checks
+                check = _verify_base(base, reference, folder, options.probes, class_embeds,
+                                     settings.target == "cpu-int8")
+                check = bank_text.check_base(text, base, classes, templates, check, reference)
             slots = bank_version.Slots(bank_store.read_stacks(folder),
                                        [bank_companion.SlotClasses(classes, class_embeds)],
                                        bank_store.read_stacks(text.folder) if text else {})
@@ -153,14 +155,14 @@ def _write_first_version(base: BaseModel, settings: BankSettingsRecord, staging:
     return bank_version.files_record(folder, base_file, factors, 1, key, fp32_sha), quantization
 
 
-def _verify_base(base: BaseModel, folder: Path, count: int, class_embeds: np.ndarray,
-                 int8: bool) -> BaseVerificationRecord:
+def _verify_base(base: BaseModel, reference: bank_verify.Reference, folder: Path, count: int,
+                 class_embeds: np.ndarray, int8: bool) -> BaseVerificationRecord:
     sample = bank_verify.probes(base.image_size, count)
     fp32, int8_session = bank_version.sessions(folder, folder, int8)
     slots = [contract.BASE_SLOT] * len(sample.crops)
     embeds = bank_verify.embed(fp32, sample.crops, slots)
     int8_embeds = bank_verify.embed(int8_session, sample.crops, slots) if int8_session else None
-    check = bank_verify.check_base(base, sample, embeds, class_embeds, int8_embeds)
+    check = bank_verify.check_base(base, reference, sample, embeds, class_embeds, int8_embeds)
     if not check.passed:
         raise FailedPrecondition(f"the bank's base slot differs from the base model by {check.embeds_logit_error:.3g} "
                                  f"in logits (tolerance {check.tolerance_abs_logit:g})"

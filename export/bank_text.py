@@ -41,7 +41,7 @@ from cliplora.core.hashing import sha256_file
 from cliplora.core.progress import Progress
 from cliplora.core.runtime import create_session
 from cliplora.core.tokenizer import ClipTokenizer, get_tokenizer
-from cliplora.export import bank_store, bank_text_verify, publish
+from cliplora.export import bank_store, bank_text_verify, bank_verify, publish
 from cliplora.export.bank_config import bank_text_config
 from cliplora.export.bank_text_verify import TextCase
 from cliplora.export.bank_version import Slots, engine_key
@@ -121,22 +121,23 @@ def _files(folder: Path, settings: BankSettingsRecord, base: bank_store.StoredFi
 
 
 def check_adapters(text: StagedText | None, base: BaseModel, cases: Sequence[TextCase],
-                   records: Sequence[AdapterVerificationRecord]) -> list[AdapterVerificationRecord]:
+                   records: Sequence[AdapterVerificationRecord],
+                   reference: bank_verify.Reference) -> list[AdapterVerificationRecord]:
     """`bank add`: the added adapters' verification records with their slot of the staged
     ``NAME_text`` checked (`cliplora.export.bank_text_verify`); FailedPrecondition at the
     first that fails. Unchanged for a bank without open vocabulary."""
     if text is None:
         return list(records)
-    return bank_text_verify.with_text_checks(session(text), base, cases, records)
+    return bank_text_verify.with_text_checks(session(text), base, cases, records, reference)
 
 
 def check_base(text: StagedText | None, base: BaseModel, classes: Sequence[str], templates: Sequence[str],
-               check: BaseVerificationRecord) -> BaseVerificationRecord:
+               check: BaseVerificationRecord, reference: bank_verify.Reference) -> BaseVerificationRecord:
     """`bank create`: the base slot's record with slot 0 of the staged ``NAME_text`` checked."""
     if text is None:
         return check
     case = TextCase(contract.BASE_ADAPTER, None, contract.BASE_SLOT, classes, templates)
-    (record,) = bank_text_verify.verify_slots(session(text), base, [case])
+    (record,) = bank_text_verify.verify_slots(session(text), base, [case], reference)
     bank_text_verify.check_passed("the bank's base slot", record)
     return check.model_copy(update={"text": record})
 

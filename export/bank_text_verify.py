@@ -9,7 +9,8 @@ prompts (its classes x templates) and the export's probe strings
   every string (refused before anything else runs), and the ids fed to the staged graph
   (ours) are compared with those the reference gets (open_clip's);
 - **against the unmerged reference**: the slot's unit text embeddings against the text
-  tower with the adapter's text updates applied unmerged (`TextReference`), as a
+  tower with the adapter's text updates applied unmerged (`bank_verify.Reference`, the
+  one the image side's checks use), as a
   logit-error bound ``logit_scale x max |Δt|`` (the error of any logit those texts give,
   for any image) within the export's tolerance;
 - **against the base**: with text updates the slot must move some text embedding by more
@@ -21,26 +22,21 @@ prompts (its classes x templates) and the export's probe strings
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain, zip_longest
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch import nn
 
 from cliplora.core import contract, open_vocab
 from cliplora.core.bank_manifest import AdapterVerificationRecord, BankTextVerificationRecord
 from cliplora.core.errors import FailedPrecondition
-from cliplora.core.tokenizer import ClipTokenizer
 from cliplora.export import open_vocabulary, verify
+from cliplora.export.bank_verify import Reference
 from cliplora.model.base_model import BaseModel
 from cliplora.model.lora import LoraAdapter
-from cliplora.model.merge import attention_module, check_shapes, target_weight, tower_blocks
-from cliplora.model.reference import LoraAttention, LoraBranch
 
 
 @dataclass(frozen=True)
@@ -62,35 +58,6 @@ class TextCase:
         return self.adapter is not None and any(u.tower == "text" for u in self.adapter.updates)
 
 
-class TextReference:
-    """The unmerged reference (`cliplora.model.reference.LoraAttention`) of the text tower
-    alone, built once per command: each adapter's text branches go in for its check and come
-    out after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.base = model
-        self.model = copy.deepcopy(model, memo={id(model.visual): None})
-        for block in tower_blocks(self.model, "text"):
-            block.attn = LoraAttention(block.attn)
-        self.model.eval()
-
-    @contextmanager
-    def adapted(self, adapter: LoraAdapter | None) -> Iterator[nn.Module]:
-        touched = []
-        try:
-            for update in adapter.updates if adapter else ():
-                if update.tower != "text":
-                    continue
-                check_shapes(update, target_weight(self.base, update.tower, update.block, update.target))
-                attention = attention_module(self.model, update.tower, update.block)
-                attention.add_branch(update.target, LoraBranch(update.a, update.b, update.scale))
-                touched.append(attention)
-            yield self.model
-        finally:
-            for attention in touched:
-                attention.branches.clear()
-
-
 def embed(session: ort.InferenceSession, tokens: np.ndarray, slots: Sequence[int]) -> np.ndarray:
     """``text_embeds`` [N, D] of one batch whose row i uses slot ``slots[i]``."""
     feeds = {contract.TEXT_INPUT_NAME: tokens.astype(contract.TEXT_INPUT_NUMPY_DTYPE),
@@ -99,23 +66,22 @@ def embed(session: ort.InferenceSession, tokens: np.ndarray, slots: Sequence[int
 
 
 def verify_slots(session: ort.InferenceSession, base: BaseModel, cases: Sequence[TextCase],
-                 reference: TextReference | None = None) -> list[BankTextVerificationRecord]:
+                 reference: Reference) -> list[BankTextVerificationRecord]:
     """Each case's record (`passed` False with the reasons in `failures`); FailedPrecondition
     first when the gateway's tokenizer disagrees with open_clip's on a string."""
     tokenizer = open_vocabulary.check_tokenizer(base.tokenizer, list(chain.from_iterable(c.strings for c in cases)))
-    reference = reference or TextReference(base.model)
     ids = {c.slot: tokenizer(c.strings, contract.CONTEXT_LENGTH) for c in cases}
     alone = {c.slot: embed(session, ids[c.slot], [c.slot] * len(ids[c.slot])) for c in cases}
     probes = tokenizer(list(open_vocabulary.PROBE_STRINGS), contract.CONTEXT_LENGTH)
     added = any(c.slot != contract.BASE_SLOT for c in cases)  # `bank create` checks the base slot alone
     mixed = _mixed_batch_errors(session, ids, alone, probes, base.logit_scale) if added else {}
-    return [_check(case, session, base, reference, tokenizer, ids[case.slot], alone[case.slot], mixed.get(case.slot))
+    return [_check(case, session, base, reference, ids[case.slot], alone[case.slot], mixed.get(case.slot))
             for case in cases]
 
 
 @torch.no_grad()
-def _check(case: TextCase, session: ort.InferenceSession, base: BaseModel, reference: TextReference,
-           tokenizer: ClipTokenizer, ours: np.ndarray, embeds: np.ndarray, mixed: float | None) \
+def _check(case: TextCase, session: ort.InferenceSession, base: BaseModel, reference: Reference,
+           ours: np.ndarray, embeds: np.ndarray, mixed: float | None) \
         -> BankTextVerificationRecord:
     scale, strings = base.logit_scale, case.strings
     theirs = base.tokenizer(strings).numpy()  # open_clip's own ids: the reference's path
@@ -180,11 +146,12 @@ def check_passed(what: str, record: BankTextVerificationRecord) -> None:
 
 
 def with_text_checks(session: ort.InferenceSession, base: BaseModel, cases: Sequence[TextCase],
-                     records: Sequence[AdapterVerificationRecord]) -> list[AdapterVerificationRecord]:
+                     records: Sequence[AdapterVerificationRecord],
+                     reference: Reference) -> list[AdapterVerificationRecord]:
     """The added adapters' records with their text check (``text``); FailedPrecondition at
     the first that fails."""
     checked = []
-    for case, record, text in zip(cases, records, verify_slots(session, base, cases), strict=True):
+    for case, record, text in zip(cases, records, verify_slots(session, base, cases, reference), strict=True):
         check_passed(f"adapter {case.adapter_id!r}", text)
         checked.append(record.model_copy(update={"text": text}))
     return checked

@@ -94,10 +94,12 @@ def add_adapters(root: Path, name: str, specs: Sequence[AdapterSpec], progress: 
             files, bases = _write(folder, staged / "version", previous, slots)
             text = bank_text.stage_next(root, name, previous, slots, staged)  # open vocabulary: NAME_text
             with progress.step(f"verifying {len(added)} adapter(s) inside the bank ({probes} probe images)"):
-                records = _verify(base, staged / "version", folder, added, probes,
+                reference = bank_verify.Reference(base.model)  # one copy of the base for both towers' checks
+                records = _verify(base, reference, staged / "version", folder, added, probes,
                                   previous.settings.target == "cpu-int8")
                 records = bank_text.check_adapters(text, base, [TextCase(i.spec.adapter, i.adapter, s, i.classes,
-                                                                         i.templates) for i, s in added], records)
+                                                                         i.templates) for i, s in added], records,
+                                                   reference)
             adapters += [_record(item, slot, version, check) for (item, slot), check in zip(added, records, strict=True)]
             manifest = _manifest(previous, version, f"add {', '.join(ids)}", adapters, retired,
                                  bank_text.with_files(files, text), started)
@@ -199,8 +201,8 @@ def _links(previous: Path, bases: Mapping[str, bank_store.StoredFile]) -> dict[s
     return {filename: previous / filename for filename in bases}
 
 
-def _verify(base: BaseModel, folder: Path, previous: Path, added: Sequence[tuple[_Prepared, int]], count: int,
-            int8: bool) -> list[AdapterVerificationRecord]:
+def _verify(base: BaseModel, reference: bank_verify.Reference, folder: Path, previous: Path,
+            added: Sequence[tuple[_Prepared, int]], count: int, int8: bool) -> list[AdapterVerificationRecord]:
     """Each added adapter checked in the staged version (its base weights read from the
     previous version's files); FailedPrecondition at the first that fails."""
     sample = bank_verify.probes(base.image_size, count)
@@ -209,7 +211,6 @@ def _verify(base: BaseModel, folder: Path, previous: Path, added: Sequence[tuple
     alone = {slot: bank_verify.embed(fp32, sample.crops, [slot] * n)
              for slot in (contract.BASE_SLOT, *(s for _, s in added))}
     mixed = bank_verify.mixed_batch_errors(fp32, sample.crops, alone, base.logit_scale)
-    reference = bank_verify.Reference(base.model)
     records = []
     for item, slot in added:
         int8_embeds = bank_verify.embed(int8_session, sample.crops, [slot] * n) if int8_session else None

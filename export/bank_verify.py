@@ -81,19 +81,21 @@ def _int8_gate(int8: np.ndarray, fp32: np.ndarray, logit_scale: float) -> quanti
 
 
 class Reference:
-    """The unmerged reference (`cliplora.model.reference`) built once for all the adapters of
-    one `bank add`: each adapter's branches go in for its check and come out after, so the
-    base is copied once, not once per adapter (64 adapters in one add)."""
+    """The unmerged reference (`cliplora.model.reference`) built once per bank command, for
+    every check it makes (the image side here, the text side in
+    `cliplora.export.bank_text_verify`): each adapter's branches go in for its check and come
+    out after, so the base is copied once, not once per adapter or per tower (64 adapters in
+    one add). `adapted(None)` is the base itself (the base slot)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.base = model
         self.model = build_reference(model, None)
 
     @contextmanager
-    def adapted(self, adapter: LoraAdapter) -> Iterator[nn.Module]:
+    def adapted(self, adapter: LoraAdapter | None) -> Iterator[nn.Module]:
         touched = []
         try:
-            for update in adapter.updates:  # as build_reference adds them
+            for update in adapter.updates if adapter else ():  # as build_reference adds them
                 check_shapes(update, target_weight(self.base, update.tower, update.block, update.target))
                 attention = attention_module(self.model, update.tower, update.block)
                 attention.add_branch(update.target, LoraBranch(update.a, update.b, update.scale))
@@ -166,12 +168,11 @@ def failures(record: AdapterVerificationRecord) -> list[str]:
     return problems
 
 
-def check_base(base: BaseModel, sample: Probes, embeds: np.ndarray, class_embeds: np.ndarray,
+def check_base(base: BaseModel, reference: Reference, sample: Probes, embeds: np.ndarray, class_embeds: np.ndarray,
                int8_embeds: np.ndarray | None) -> BaseVerificationRecord:
     """Slot 0 of a new bank against the base model (no adapter), at `bank create`."""
     scale = base.logit_scale
-    expected = verify.reference_features(Reference(base.model).model, sample.images, base.image_size, base.mean,
-                                         base.std)
+    expected = verify.reference_features(reference.model, sample.images, base.image_size, base.mean, base.std)
     error = float(scale * np.linalg.norm(embeds.astype(np.float64) - expected, axis=1).max())
     logits = None
     if len(class_embeds):

@@ -24,7 +24,7 @@ from cliplora.core.bank_manifest import (
 )
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.tokenizer import get_tokenizer
-from cliplora.export import bank_text_verify
+from cliplora.export import bank_text_verify, bank_verify
 from cliplora.export.bank_config import bank_config, bank_text_config
 from cliplora.export.open_vocabulary import tokenizer_record
 from cliplora.model.adapters import load_adapter
@@ -32,6 +32,7 @@ from cliplora.model.bank_adapters import check_fits, slot_factors
 from cliplora.model.bank_text_graph import BankTextGraph, text_stack_name
 from cliplora.model.lora import LoraAdapter
 from cliplora.model.merge import merge_adapter
+from cliplora.model.reference import LoraAttention
 from tests import factories
 
 DATA = Path(__file__).parent / "data" / "bank-manifests"
@@ -152,16 +153,16 @@ def test_the_text_encoder_stays_fp32_beside_int8_and_gets_tensorrt_for_both_inpu
     assert [sorted(w.inputs) for w in gpu.model_warmup] == [["adapter", "tokens"]] * 2
 
 
-def test_the_text_reference_adds_an_adapters_text_branches_and_takes_them_out(tmp_path: Path, tiny_base) -> None:
+def test_the_reference_adds_an_adapters_text_branches_and_takes_them_out(tmp_path: Path, tiny_base) -> None:
     adapter = _adapter(tmp_path, encoder="both", position="top2", params=("q", "v"), seed=4)
-    reference = bank_text_verify.TextReference(tiny_base.model)
+    reference = bank_verify.Reference(tiny_base.model)
     base = _encode(tiny_base.model, tiny_base.tokenizer, STRINGS)
     merged = _encode(merge_adapter(tiny_base.model, adapter)[0], tiny_base.tokenizer, STRINGS)
     with reference.adapted(adapter) as adapted:
         got = _encode(adapted, tiny_base.tokenizer, STRINGS)
     assert (got - merged).abs().max() < 1e-5 and (merged - base).abs().max() > 1e-3
     assert (_encode(reference.model, tiny_base.tokenizer, STRINGS) - base).abs().max() < 1e-5  # branches out again
-    assert getattr(reference.model, "visual", None) is None  # the text tower alone
+    assert sum(isinstance(m, LoraAttention) for m in reference.model.visual.modules()) > 0  # one copy, both towers
 
 
 def _record(**overrides: object) -> BankTextVerificationRecord:
