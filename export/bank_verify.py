@@ -89,7 +89,7 @@ class Reference:
 
     def __init__(self, model: nn.Module) -> None:
         self.base = model
-        self.model = build_reference(model, None)
+        self.model = build_reference(model, None, share_weights=True)  # reads the base's tensors, copies none
 
     @contextmanager
     def adapted(self, adapter: LoraAdapter | None) -> Iterator[nn.Module]:
