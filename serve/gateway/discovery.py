@@ -27,7 +27,13 @@ from tritonclient.utils import InferenceServerException
 
 from cliplora.core import contract
 from cliplora.core.errors import CliploraError
-from cliplora.serve.gateway.models import BankSide, ModelEntry, TextEntry, describe_open_vocabulary
+from cliplora.serve.gateway.models import (
+    BankSide,
+    ModelEntry,
+    TextEntry,
+    describe_open_vocabulary,
+    ready_text_encoder,
+)
 
 log = logging.getLogger(__name__)
 DISCOVERY_TIMEOUT_S = 60.0  # a first call may wait for a cold ONNX Runtime session
@@ -162,16 +168,7 @@ def _bank_text(bank: str, text_model: str | None, embedding_dim: int, texts: dic
     adapter per sample and names the bank back; None (with the reason logged) otherwise."""
     if not text_model:
         return None
-    text = texts.get(text_model)
-    if text is None or text.classifier != bank or not text.per_adapter:
-        log.warning("bank %s names the text encoder %s, which Triton does not serve for it: no open vocabulary",
-                    bank, text_model)
-        return None
-    if text.embedding_dim != embedding_dim:
-        log.warning("bank %s: image embeddings of size %d, text embeddings of size %d: no open vocabulary",
-                    bank, embedding_dim, text.embedding_dim)
-        return None
-    return text
+    return ready_text_encoder(f"bank {bank}", bank, text_model, embedding_dim, texts, per_adapter=True)
 
 
 def _text_entries(ready: dict[str, list[int]], configs: dict[str, dict[str, Any]]) -> dict[str, TextEntry]:

@@ -259,6 +259,24 @@ class Route:
             raise NotFound(f"text encoder {text.name!r} has no ready version {version} (ready: {list(text.versions)})")
 
 
+def ready_text_encoder(what: str, owner: str, text_name: str, embedding_dim: int, texts: dict[str, TextEntry],
+                       *, per_adapter: bool = False) -> TextEntry | None:
+    """The text encoder `text_name` that `what` (a classifier or a bank, `owner`) names, when
+    Triton has it ready, it names `owner` back (and takes an adapter per sample, for a bank:
+    `per_adapter`) and its embeddings have `embedding_dim`; None (with the reason logged)
+    otherwise."""
+    text = texts.get(text_name)
+    if text is None or text.classifier != owner or (per_adapter and not text.per_adapter):
+        log.warning("%s names the text encoder %s, which Triton does not serve for it: no open vocabulary",
+                    what, text_name)
+        return None
+    if text.embedding_dim != embedding_dim:
+        log.warning("%s: image embeddings of size %d, text embeddings of size %d: no open vocabulary",
+                    what, embedding_dim, text.embedding_dim)
+        return None
+    return text
+
+
 def describe_open_vocabulary(name: str, config: dict[str, Any], shape: contract.ClassifierShape,
                              texts: dict[str, TextEntry]) -> OpenVocabulary | None:
     """The classifier's open-vocabulary side, when its config names a ready text encoder
@@ -266,14 +284,8 @@ def describe_open_vocabulary(name: str, config: dict[str, Any], shape: contract.
     text_name = contract.parameter(config, contract.PARAM_TEXT_MODEL)
     if not text_name or shape.embedding_dim is None:
         return None
-    text = texts.get(text_name)
-    if text is None or text.classifier != name:
-        log.warning("model %s names the text encoder %s, which Triton does not serve for it: no open vocabulary",
-                    name, text_name)
-        return None
-    if text.embedding_dim != shape.embedding_dim:
-        log.warning("model %s: image embeddings of size %d, text embeddings of size %d: no open vocabulary",
-                    name, shape.embedding_dim, text.embedding_dim)
+    text = ready_text_encoder(f"model {name}", name, text_name, shape.embedding_dim, texts)
+    if text is None:
         return None
     try:
         scale = float(contract.parameter(config, contract.PARAM_LOGIT_SCALE) or "nan")
