@@ -7,6 +7,7 @@ import asyncio
 import io
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,6 +57,18 @@ def metrics_text(url_or_port: str | int) -> str:
     url = url_or_port if isinstance(url_or_port, str) else f"http://127.0.0.1:{url_or_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
+
+
+def triton_counts(metrics_url: str, model: str) -> tuple[int, int]:
+    """(successful requests, executions) Triton counted for `model`, all its versions, from
+    its /metrics page."""
+    text = metrics_text(metrics_url)
+
+    def total(metric: str) -> int:
+        pattern = rf'^{metric}{{model="{re.escape(model)}",version="\d+"}} (\S+)'
+        return sum(int(float(v)) for v in re.findall(pattern, text, re.M))
+
+    return total("nv_inference_request_success"), total("nv_inference_exec_count")
 
 
 def triton_ports() -> TritonPorts:

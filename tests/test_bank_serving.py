@@ -21,7 +21,13 @@ from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.images import encoded, make_image
-from tests.serving import in_process_gateway, metrics_text, triton_ports, until_answer
+from tests.serving import (
+    in_process_gateway,
+    metrics_text,
+    triton_counts,
+    triton_ports,
+    until_answer,
+)
 
 pytestmark = pytest.mark.triton
 CLASSES = ("cat", "dog", "red_panda", "golden_retriever")
@@ -95,23 +101,13 @@ async def test_a_batch_mixing_adapters_equals_each_answer_alone(bank_triton: Loc
     async with in_process_gateway(bank_triton.grpc_url) as (_, stub):
         alone = {(adapter, image): _logits(await stub.Classify(_request("shop", adapter, [image])))
                  for adapter, image in set(calls)}
-        before = _executions(bank_triton)
+        before = triton_counts(bank_triton.metrics_url, "shop")
         together = await asyncio.gather(*(stub.Classify(_request("shop", a, [i])) for a, i in calls))
-        after = _executions(bank_triton)
+        after = triton_counts(bank_triton.metrics_url, "shop")
     for (adapter, image), reply in zip(calls, together, strict=True):
         np.testing.assert_allclose(_logits(reply), alone[(adapter, image)], atol=1e-5)
     requests, executions = after[0] - before[0], after[1] - before[1]
     assert requests == len(calls) and executions < requests, (requests, executions)
-
-
-def _executions(triton: LocalTriton) -> tuple[int, int]:
-    """(requests, executions) Triton counted for the bank, all versions."""
-    text = metrics_text(triton.metrics_url)
-
-    def total(metric: str) -> int:
-        return sum(int(float(v)) for v in re.findall(rf'^{metric}{{model="shop",version="\d+"}} (\S+)', text, re.M))
-
-    return total("nv_inference_request_success"), total("nv_inference_exec_count")
 
 
 async def test_adding_replacing_and_removing_adapters_fail_no_request(
@@ -268,13 +264,6 @@ async def test_loadtest_interleaves_a_model_an_adapter_and_every_adapter(bank_tr
     assert set(ADAPTERS) <= set(counted) and all(counted[a] > 0 for a in ADAPTERS), counted
 
 
-def _requests_of(triton: LocalTriton, model: str) -> int:
-    """Successful requests Triton counted for `model`, all versions."""
-    text = metrics_text(triton.metrics_url)
-    return sum(int(float(v)) for v in
-               re.findall(rf'^nv_inference_request_success{{model="{re.escape(model)}",version="\d+"}} (\S+)', text, re.M))
-
-
 async def _promoted_to(stub) -> str:
     listing = await stub.ListModels(pb.ListModelsRequest())
     bank = next(m for m in listing.models if m.name == "shop")
@@ -310,7 +299,7 @@ async def test_promoting_and_demoting_while_serving_fail_no_request(bank_triton:
         try:
             await asyncio.to_thread(promote_adapter, bank_repository, "shop", "vision")
             deadline = time.monotonic() + 90
-            while _requests_of(bank_triton, promoted) < 5:  # the stream reached the merged model
+            while triton_counts(bank_triton.metrics_url, promoted)[0] < 5:  # the stream reached the merged model
                 assert time.monotonic() < deadline, "no request reached the promoted model within 90 s"
                 await asyncio.sleep(0.2)
             assert await _promoted_to(stub) == promoted
@@ -319,7 +308,7 @@ async def test_promoting_and_demoting_while_serving_fail_no_request(bank_triton:
             while await _promoted_to(stub):
                 assert time.monotonic() < deadline, "the adapter still promoted 90 s after its demotion"
                 await asyncio.sleep(0.2)
-            served_merged = _requests_of(bank_triton, promoted)
+            served_merged = triton_counts(bank_triton.metrics_url, promoted)[0]
             count = len(outcomes)
             await _until(stub, "vision", lambda _: len(outcomes) >= count + 5)  # the stream goes on, from the bank
         finally:

@@ -11,7 +11,6 @@ Exported and published without Triton: tests/test_bank_text.py."""
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,12 @@ from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories
 from tests.images import encoded, make_image
-from tests.serving import in_process_gateway, metrics_text, triton_ports, until_answer
+from tests.serving import (
+    in_process_gateway,
+    triton_counts,
+    triton_ports,
+    until_answer,
+)
 
 pytestmark = pytest.mark.triton
 CLASSES = ("cat", "dog", "red_panda", "golden_retriever")
@@ -104,24 +108,14 @@ async def test_text_embeddings_are_the_adapters_and_batches_mix_adapters(ov_trit
         assert np.abs(alone["both"] - alone[""]).max() > 1e-3
         np.testing.assert_allclose(alone["vision"], alone[""], atol=1e-6)
         calls = [(["", "both", "vision"][i % 3], TEXTS[i % len(TEXTS)] + " " * (i // 12)) for i in range(36)]
-        before = _executions(ov_triton, "ovb_text")
+        before = triton_counts(ov_triton.metrics_url, "ovb_text")
         together = await asyncio.gather(*(stub.Embed(pb.EmbedRequest(model="ovb", adapter=a, texts=[t]))
                                           for a, t in calls))
-        after = _executions(ov_triton, "ovb_text")
+        after = triton_counts(ov_triton.metrics_url, "ovb_text")
     for (adapter, text), reply in zip(calls, together, strict=True):
         np.testing.assert_allclose(_texts(reply)[0], alone[adapter][TEXTS.index(text.rstrip(" ") or "")], atol=1e-5)
     requests, executions = after[0] - before[0], after[1] - before[1]
     assert 0 < executions < requests, (requests, executions)
-
-
-def _executions(triton: LocalTriton, model: str) -> tuple[int, int]:
-    """(requests, executions) Triton counted for `model`, all versions."""
-    text = metrics_text(triton.metrics_url)
-
-    def total(metric: str) -> int:
-        return sum(int(float(v)) for v in re.findall(rf'^{metric}{{model="{model}",version="\d+"}} (\S+)', text, re.M))
-
-    return total("nv_inference_request_success"), total("nv_inference_exec_count")
 
 
 async def test_adds_while_labelled_requests_stream_fail_none_and_a_replaced_adapter_answers_anew(
