@@ -15,7 +15,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 from cliplora.core.repository import DEFAULT_REPOSITORY
-from cliplora.serve.gateway.settings import ENV_PREFIX, GatewaySettings
+from cliplora.serve.gateway.settings import DEFAULT_HTTP_PORT, ENV_PREFIX, GatewaySettings
 from cliplora.serve.gateway.settings import add_arguments as add_gateway_arguments
 from cliplora.serve.stack.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
 from cliplora.serve.stack.supervisor import ReadinessProbe, RestartPolicy
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
     parser.add_argument("--grpc-port", type=int, default=GatewaySettings.grpc_port)
     parser.add_argument("--metrics-port", type=int, default=GatewaySettings.metrics_port)
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                        help="the HTTP door: REST, OpenAI-compatible /v1/embeddings and the playground page at / "
+                             f"(default {DEFAULT_HTTP_PORT}; 0: off)")
     parser.add_argument("--triton-url", help="HOST:PORT of an existing Triton (gRPC); then only the gateway starts")
     parser.add_argument("--host", default=None, help=f"gateway bind address (default {GatewaySettings.host})")
     parser.add_argument("--log-dir", default="logs", help="Triton and Prometheus logs (default logs/)")

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -29,6 +29,17 @@ MetricLabels = dict[str, str]  # "model", "version": what the request's histogra
 Work = Callable[[MetricLabels], Awaitable[T]]
 
 
+class CallContext(Protocol):
+    """What admission and the handlers need of a call, whichever door it came through:
+    gRPC's ``ServicerContext``, or the HTTP door's (`cliplora.serve.gateway.web.calls`)."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline; None when it set none."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the call with this status (raises)."""
+
+
 class Admission:
     """Runs each call's work under the limit; `drain` ends what is left at shutdown."""
 
@@ -39,7 +50,7 @@ class Admission:
         self.accepted = 0  # calls admitted past the concurrency limit, ever
         self._calls: set[asyncio.Future[object]] = set()  # the work of the calls in flight
 
-    async def run(self, method: str, context: grpc.aio.ServicerContext, work: Work[T]) -> T:
+    async def run(self, method: str, context: CallContext, work: Work[T]) -> T:
         """The call's answer, or an abort with the status the error table gives.
 
         The work runs as a task of its own, so that `drain` can end it when the shutdown's

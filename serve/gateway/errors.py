@@ -1,19 +1,23 @@
-"""The one error -> gRPC status mapping (the README's error table).
+"""The one error -> status mapping, for both doors (the README's error table).
 
-| fault | status |
-|---|---|
-| undecodable / oversized image, too many images, bad top_k, bad name | INVALID_ARGUMENT |
-| unknown model or version | NOT_FOUND |
-| Triton down or unreachable | UNAVAILABLE |
-| over the concurrency limit | RESOURCE_EXHAUSTED |
-| the caller's deadline passed | DEADLINE_EXCEEDED |
-| labels / Embed on a model without a text encoder; another BPE vocabulary | FAILED_PRECONDITION |
-| shutting down: a call still running when the grace period ends | UNAVAILABLE |
-| anything else | INTERNAL, details only in the log |
+| fault | gRPC status | HTTP |
+|---|---|---|
+| undecodable / oversized image, too many images, bad top_k, bad name, malformed body | INVALID_ARGUMENT | 400 |
+| missing or invalid bearer token | UNAUTHENTICATED | 401 |
+| an HTTP call from another site's page (its Origin is not the door's) | PERMISSION_DENIED | 403 |
+| unknown model or version (HTTP: also an unknown path) | NOT_FOUND | 404 |
+| labels / Embed on a model without a text encoder; another BPE vocabulary | FAILED_PRECONDITION | 409 |
+| an HTTP body over the limit (gRPC: a message over it) | RESOURCE_EXHAUSTED | 413 |
+| over the concurrency limit | RESOURCE_EXHAUSTED | 429 |
+| Triton down or unreachable; shutting down (a call still running when the grace period ends) | UNAVAILABLE | 503 |
+| the caller's deadline passed | DEADLINE_EXCEEDED | 504 |
+| anything else | INTERNAL, details only in the log | 500 |
 
 Domain errors (`cliplora.core.errors`) carry their code's name; Triton client errors are
 translated here; every other exception is a bug and becomes INTERNAL with an id the
-log also shows.
+log also shows. The HTTP door answers ``{"error": {"code": <status name>, "message"}}``
+with `http_status` of the code (413 for an oversized body is the door's own: the same
+code, RESOURCE_EXHAUSTED, means overload everywhere else).
 """
 
 from __future__ import annotations
@@ -74,6 +78,31 @@ def from_triton(exc: InferenceServerException, model: str) -> CliploraError | No
     if "connect" in lowered or "socket closed" in lowered:
         return Unavailable(f"Triton is unavailable: {message}")
     return None
+
+
+_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,  # the caller went away: nobody reads it, the access log does
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+HTTP_BODY_TOO_LARGE = 413
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status the door answers a gRPC status code with (500 for the rest:
+    INTERNAL, UNKNOWN, DATA_LOSS)."""
+    return _HTTP_STATUS.get(code, 500)
 
 
 def to_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:

@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 
 from cliplora.core import contract
@@ -32,7 +31,7 @@ from cliplora.core.errors import DeadlineExceeded, InvalidArgument, NotFound
 from cliplora.core.open_vocab import open_vocabulary_logits
 from cliplora.core.predictions import rank
 from cliplora.serve.gateway.adapter_traffic import AdapterTraffic
-from cliplora.serve.gateway.admission import MetricLabels
+from cliplora.serve.gateway.admission import CallContext, MetricLabels
 from cliplora.serve.gateway.backend import TritonBackend
 from cliplora.serve.gateway.errors import VersionNotReady
 from cliplora.serve.gateway.images import ImagePreparer
@@ -57,7 +56,7 @@ class Handlers:
         self.text = TextEncoder(triton, metrics, pool, settings.text_cache_entries)
         self.traffic = AdapterTraffic(metrics.adapter_requests, metrics.adapter_evictions, settings.adapter_series)
 
-    async def classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
+    async def classify(self, request: pb.ClassifyRequest, context: CallContext,
                        metric_labels: MetricLabels) -> pb.ClassifyResponse:
         deadline = self._deadline(context)
         query = ClassifyQuery.parse(request, self.settings)
@@ -77,7 +76,7 @@ class Handlers:
                 for p in rank(row, names, query.top_k)
             ]) for row in logits])
 
-    async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext,
+    async def embed(self, request: pb.EmbedRequest, context: CallContext,
                     metric_labels: MetricLabels) -> pb.EmbedResponse:
         deadline = self._deadline(context)
         query = EmbedQuery.parse(request, self.settings)
@@ -191,7 +190,7 @@ class Handlers:
             raise DeadlineExceeded("deadline exceeded before inference")
         return remaining
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+    def _deadline(self, context: CallContext) -> float:
         """The caller's deadline (or the default timeout) as a time.monotonic() value."""
         remaining = context.time_remaining()
         if remaining is None:

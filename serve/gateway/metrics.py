@@ -49,6 +49,10 @@ class GatewayMetrics:
                                 registry=r)
         self.unauthenticated = Counter("cliplora_gateway_unauthenticated_total",
                                        "Calls refused for a missing or invalid bearer token.", registry=r)
+        self.http_responses = Counter(
+            "cliplora_gateway_http_responses_total",
+            "Answers of the HTTP door by route (its pattern, never the raw path) and HTTP status.",
+            ["route", "status"], registry=r)
         self.triton_ready = Gauge("cliplora_gateway_triton_ready", "1 while Triton answers ready.", registry=r)
 
     def _pool(self, r: CollectorRegistry) -> None:

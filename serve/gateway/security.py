@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -93,3 +94,19 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     except FileNotFoundError as exc:
         raise NotFound(f"TLS file not found: {exc.filename}") from None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def http_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """The HTTP door's TLS, from the same files as gRPC's (`server_credentials`): with
+    `client_ca`, clients must present a certificate it signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+        if client_ca is not None:
+            context.load_verify_locations(cafile=client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except FileNotFoundError as exc:
+        raise NotFound(f"TLS file not found: {exc.filename}") from None
+    except ssl.SSLError as exc:
+        raise InvalidArgument(f"cannot use the TLS files for HTTP: {exc}") from None
+    return context

@@ -1,4 +1,4 @@
-"""The gateway process: gRPC server, health, reflection, metrics, graceful shutdown."""
+"""The gateway process: gRPC server, the HTTP door, health, reflection, metrics, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ from cliplora.core.errors import InvalidArgument
 from cliplora.serve.gateway.decode_pool import DecodePool
 from cliplora.serve.gateway.health import TritonHealth
 from cliplora.serve.gateway.metrics import GatewayMetrics
-from cliplora.serve.gateway.security import BearerTokenInterceptor, load_tokens, server_credentials
+from cliplora.serve.gateway.security import (
+    BearerTokenInterceptor,
+    http_ssl_context,
+    load_tokens,
+    server_credentials,
+)
 from cliplora.serve.gateway.service import ClassifierService
 from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.serve.gateway.triton import Triton
+from cliplora.serve.gateway.web.app import HttpDoor
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -27,7 +33,8 @@ SERVER_CUT_AFTER_S = 2.0  # past the grace period: time for the UNAVAILABLE repl
 
 
 class GatewayServer:
-    """Start with `start()`, stop with `stop()`; `port` and `metrics_port` are the bound ports."""
+    """Start with `start()`, stop with `stop()`; `port`, `http_port` and `metrics_port` are
+    the bound ports (`http_port` 0: no HTTP door)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -36,7 +43,9 @@ class GatewayServer:
         self.health: TritonHealth | None = None
         self.service: ClassifierService | None = None
         self.server: grpc.aio.Server | None = None
+        self.http: HttpDoor | None = None
         self.port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._pool = DecodePool(settings.pool_workers, self.metrics)
@@ -71,13 +80,17 @@ class GatewayServer:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
         await self.health.set_serving(False)
         await self.server.start()
+        if s.http_port:
+            tls = http_ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
+            self.http = HttpDoor(s, self.service, self.health, self.metrics, self._pool, tokens, tls)
+            self.http_port = await self.http.start()
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),
                        asyncio.create_task(self._refresh_loop(), name="refresh")]
-        log.info("gateway listening on %s:%d (%s%s; metrics :%d), Triton at %s", s.host, self.port,
+        log.info("gateway listening on %s:%d (%s%s; HTTP :%d; metrics :%d), Triton at %s", s.host, self.port,
                  "TLS" if s.tls_cert else "plaintext", ", mutual TLS" if s.tls_client_ca else "",
-                 self.metrics_port, s.triton_url)
+                 self.http_port, self.metrics_port, s.triton_url)
         if tokens:
             log.info("bearer-token auth on (%d tokens); health stays open", len(tokens))
 
@@ -104,6 +117,8 @@ class GatewayServer:
         grace_s = self.settings.grace_s if grace is None else grace
 
         async def stop_health() -> None:
+            if self.http is not None:
+                self.http.refuse_new()
             if self.health is not None:
                 await self.health.shutdown()
 
@@ -119,6 +134,10 @@ class GatewayServer:
                 finally:
                     await stopping
 
+        async def stop_http() -> None:  # its calls in flight were admission's: drained above
+            if self.http is not None:
+                await self.http.stop()
+
         async def stop_tasks() -> None:
             for task in self._tasks:
                 task.cancel()
@@ -130,7 +149,7 @@ class GatewayServer:
 
         # Every step runs even if one before it failed: the process must not hang on exit.
         failure: Exception | None = None
-        for step in (stop_health, stop_server, stop_tasks, close_triton):
+        for step in (stop_health, stop_server, stop_http, stop_tasks, close_triton):
             try:
                 await step()
             except Exception as exc:
@@ -150,14 +169,17 @@ class GatewayServer:
 
 def check_before_start(settings: GatewaySettings) -> dict[str, int]:
     """What can be known wrong before the gateway starts: the token file and its tokens, the
-    TLS files, and its two ports given twice. Returns its ports by flag, for the local
+    TLS files (for both doors), and its ports given twice. Returns its ports by flag, for the local
     stack to add its own to (`check_distinct_ports`)."""
     load_tokens(settings.auth_tokens_file)
     if settings.tls_cert is not None and settings.tls_key is not None:
         server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.http_port:
+            http_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     if settings.health_timeout_s <= 0:
         raise InvalidArgument(f"health_timeout_s must be positive, got {settings.health_timeout_s}")
-    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port}
+    ports = {"--grpc-port": settings.grpc_port, "--metrics-port": settings.metrics_port,
+             "--http-port": settings.http_port}
     check_distinct_ports(ports)
     return ports
 
@@ -175,8 +197,13 @@ def check_distinct_ports(ports: dict[str, int]) -> None:
 def endpoint_lines(settings: GatewaySettings) -> list[str]:
     """The gateway's addresses, as `cliplora serve` prints them."""
     metrics = f"http://{settings.host}:{settings.metrics_port}/metrics" if settings.metrics_port >= 0 else "off"
-    return [f"  gateway (gRPC cliplora.v1.Classifier, health, reflection)  {settings.host}:{settings.grpc_port}",
-            f"  gateway metrics                                           {metrics}"]
+    lines = [f"  gateway (gRPC cliplora.v1.Classifier, health, reflection)  {settings.host}:{settings.grpc_port}"]
+    if settings.http_port:
+        scheme = "https" if settings.tls_cert else "http"
+        door = f"{scheme}://{settings.host}:{settings.http_port}"
+        lines += [f"  gateway HTTP (REST, OpenAI /v1/embeddings, /openapi.json)  {door}/v1/",
+                  f"  playground                                                {door}/"]
+    return [*lines, f"  gateway metrics                                           {metrics}"]
 
 
 def run_gateway(settings: GatewaySettings) -> None:

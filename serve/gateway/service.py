@@ -3,15 +3,21 @@
 `Admission` (concurrency limit, request metrics, the error table, the drain at shutdown)
 wraps every call; `Handlers` do Classify and Embed (validate -> resolve -> prepare ->
 infer -> rank); the `Catalogue` answers ListModels.
+
+Both doors call the same three methods: gRPC with its message (`Classify`, `Embed`,
+`ListModels`), the HTTP door (`cliplora.serve.gateway.web`) with a function that builds
+the message from the HTTP body (`classify`, `embed`, `list_models`). That function runs
+inside admission, so a malformed body is counted and answered like a bad gRPC message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from cliplora.serve.gateway.admission import Admission
+from cliplora.serve.gateway.admission import Admission, CallContext, MetricLabels
 from cliplora.serve.gateway.backend import TritonBackend
 from cliplora.serve.gateway.catalogue import Catalogue
 from cliplora.serve.gateway.handlers import Handlers
@@ -31,16 +37,31 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.catalogue = Catalogue(settings.repository, metrics)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return await self.admission.run(
-            "Classify", context, lambda metric_labels: self.handlers.classify(request, context, metric_labels))
+        return await self.classify(lambda: request, context)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await self.admission.run(
-            "Embed", context, lambda metric_labels: self.handlers.embed(request, context, metric_labels))
+        return await self.embed(lambda: request, context)
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        async def list_models(metric_labels: dict[str, str]) -> pb.ListModelsResponse:
+        return await self.list_models(context)
+
+    async def classify(self, parse: Callable[[], pb.ClassifyRequest], context: CallContext) -> pb.ClassifyResponse:
+        """Classify the message `parse` builds once the call is admitted (its InvalidArgument
+        is answered like any other)."""
+        async def work(metric_labels: MetricLabels) -> pb.ClassifyResponse:
+            return await self.handlers.classify(parse(), context, metric_labels)
+
+        return await self.admission.run("Classify", context, work)
+
+    async def embed(self, parse: Callable[[], pb.EmbedRequest], context: CallContext) -> pb.EmbedResponse:
+        async def work(metric_labels: MetricLabels) -> pb.EmbedResponse:
+            return await self.handlers.embed(parse(), context, metric_labels)
+
+        return await self.admission.run("Embed", context, work)
+
+    async def list_models(self, context: CallContext) -> pb.ListModelsResponse:
+        async def work(metric_labels: MetricLabels) -> pb.ListModelsResponse:
             return self.catalogue.list_models(await self.triton.refresh())
 
-        return await self.admission.run("ListModels", context, list_models)
+        return await self.admission.run("ListModels", context, work)

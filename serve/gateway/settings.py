@@ -19,6 +19,7 @@ from cliplora.core.preprocess import DEFAULT_DECODE, DEFAULT_MAX_PIXELS, Decodin
 from cliplora.serve.gateway.decode_pool import available_cores
 
 ENV_PREFIX = "CLIPLORA_"
+DEFAULT_HTTP_PORT = 8080  # `cliplora serve --http-port`'s default (DESIGN: the local stack's HTTP door)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     metrics_port: int = 9400  # 0: any free port; -1: no metrics endpoint
+    http_port: int = 0  # the HTTP door (REST, /v1/embeddings, the playground); 0: off (the CLI's default is 8080)
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
     triton_renew_s: float = 0.0  # reopen the Triton channel this often (re-resolves the name); 0: never
     repository: Path | None = None  # read-only, for manifests in ListModels
@@ -68,6 +70,8 @@ class GatewaySettings:
             raise InvalidArgument(f"triton_renew_s must not be negative, got {self.triton_renew_s}")
         if not 0 <= self.grpc_port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"invalid ports: grpc {self.grpc_port}, metrics {self.metrics_port}")
+        if not 0 <= self.http_port <= 65535:
+            raise InvalidArgument(f"http_port must be in 0..65535 (0: no HTTP door), got {self.http_port}")
         if self.grace_s < 0:
             raise InvalidArgument("grace_s must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -83,6 +87,12 @@ class GatewaySettings:
         theirs (4 bytes a character at most in UTF-8), plus room for the envelope."""
         text = (self.max_labels + self.max_templates) * (4 * self.max_label_chars + 16)
         return self.max_images * (self.max_image_bytes + 1024) + text + 64 * 1024
+
+    @property
+    def max_http_body_bytes(self) -> int:
+        """The HTTP door's body limit: gRPC's message limit once base64 has grown it by a
+        third (JSON carries images as base64), plus room for the JSON around it."""
+        return 4 * -(-self.max_message_bytes // 3) + 64 * 1024
 
     @property
     def decoding(self) -> Decoding:
@@ -125,7 +135,7 @@ class GatewaySettings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's tuning flags (kebab-case); each also reads CLIPLORA_<NAME>."""
     for field in fields(GatewaySettings):
-        if field.name in ("host", "grpc_port", "metrics_port", "triton_url", "repository"):
+        if field.name in ("host", "grpc_port", "metrics_port", "http_port", "triton_url", "repository"):
             continue
         default = "none" if field.default is None else field.default
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
