@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from cliplora.core import flags
 from cliplora.core.errors import InvalidArgument, NotFound, Unavailable
 from cliplora.core.open_vocab import read_names_file, validate_labels, validate_templates
-from cliplora.loadtest.entries import Entry, parse_entry, parse_skew, wants_labels
+from cliplora.loadtest.entries import GRPC, HTTP, Entry, parse_entry, parse_skew, wants_labels
 
 if TYPE_CHECKING:
     from cliplora.loadtest.targets import Target
@@ -24,11 +24,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="gateway HOST:PORT (or Triton's gRPC HOST:PORT with --direct-triton)")
+    parser.add_argument("--http-target", metavar="HOST:PORT",
+                        help="the gateway's HTTP door (`cliplora serve --http-port`), for the http: entries")
     parser.add_argument("--models", required=True,
                         help="comma-separated; ratios are against the first. NAME:labels sends the --labels-file "
                              "labels to NAME (request-time labels, warm cache); NAME:labels-cold sends them with a "
                              "fresh suffix each request (every prompt a cache miss); NAME@ID asks adapter ID of bank "
-                             "NAME (NAME@ID:labels too); NAME@* each request the next adapter of bank NAME")
+                             "NAME (NAME@ID:labels too); NAME@* each request the next adapter of bank NAME; "
+                             "http:ENTRY sends any of these as JSON POST /v1/classify to --http-target instead of "
+                             "gRPC to --target (base,http:base: one model through both doors, interleaved)")
     parser.add_argument("--adapter-skew", metavar="zipf:S",
                         help="NAME@* entries draw their adapters Zipf-distributed with exponent S (the bank's first "
                              "adapter the most often) instead of round robin")
@@ -96,16 +100,25 @@ def load_images(images: str | None, seed: int) -> list[bytes]:
 
 
 def _target(args: argparse.Namespace, images: list[bytes], entries: dict[str, Entry]) -> Target:
-    from cliplora.loadtest.targets import GatewayTarget, InProcessTarget, TritonTarget
+    """The target of each door the entries use; both doors' behind one `DoorsTarget`."""
+    from cliplora.loadtest.targets import DoorsTarget, GatewayTarget, InProcessTarget, TritonTarget
 
     if args.in_process:
         return InProcessTarget(Path(args.in_process), images, batch=args.batch, workers=args.concurrency)
-    if not args.target:
-        raise InvalidArgument("--target HOST:PORT is required (or --in-process REPOSITORY)")
-    if args.direct_triton:
-        return TritonTarget(args.target, images, batch=args.batch)
-    return GatewayTarget(args.target, images, batch=args.batch, raw=args.raw, entries=entries,
-                         adapter_skew=parse_skew(args.adapter_skew), seed=args.seed)
+    doors: dict[str, Target] = {}
+    if any(entry.door == GRPC for entry in entries.values()):
+        if not args.target:
+            raise InvalidArgument("--target HOST:PORT is required (or --in-process REPOSITORY)")
+        doors[GRPC] = TritonTarget(args.target, images, batch=args.batch) if args.direct_triton else GatewayTarget(
+            args.target, images, batch=args.batch, raw=args.raw, entries=entries,
+            adapter_skew=parse_skew(args.adapter_skew), seed=args.seed)
+    if any(entry.door == HTTP for entry in entries.values()):
+        from cliplora.loadtest.http_door import HttpTarget
+
+        doors[HTTP] = HttpTarget(args.http_target, images, entries=entries, batch=args.batch,
+                                 connections=None if args.rate else args.concurrency,
+                                 adapter_skew=parse_skew(args.adapter_skew), seed=args.seed)
+    return next(iter(doors.values())) if len(doors) == 1 else DoorsTarget(doors, entries)
 
 
 def _entries(models: list[str], args: argparse.Namespace) -> dict[str, Entry]:
@@ -117,6 +130,7 @@ def _entries(models: list[str], args: argparse.Namespace) -> dict[str, Entry]:
         raise InvalidArgument(f"--models entry {special[0]!r}: labels and adapters go through the gateway")
     if args.adapter_skew is not None and not any(e.every_adapter for e in entries.values()):
         raise InvalidArgument("--adapter-skew goes with a NAME@* entry")
+    _check_doors(entries, args)
     if any(wants_labels(text) for text in models):
         if not args.labels_file:
             raise InvalidArgument(f"--models entry {next(t for t in models if wants_labels(t))!r} needs --labels-file")
@@ -125,6 +139,19 @@ def _entries(models: list[str], args: argparse.Namespace) -> dict[str, Entry]:
         entries = {text: replace(entry, labels=labels, templates=templates) if wants_labels(text) else entry
                    for text, entry in entries.items()}
     return entries
+
+
+def _check_doors(entries: dict[str, Entry], args: argparse.Namespace) -> None:
+    """``http:`` entries go to the gateway's HTTP door, with encoded images, at --http-target;
+    --http-target goes with an ``http:`` entry."""
+    http = [entry.name for entry in entries.values() if entry.door == HTTP]
+    if http and (args.direct_triton or args.in_process or args.raw):
+        raise InvalidArgument(f"--models entry {http[0]!r}: the HTTP door takes encoded images to the gateway "
+                              "(not with --direct-triton, --in-process or --raw)")
+    if http and not args.http_target:
+        raise InvalidArgument(f"--models entry {http[0]!r} needs --http-target HOST:PORT (the gateway's HTTP door)")
+    if args.http_target and not http:
+        raise InvalidArgument("--http-target goes with an http:ENTRY entry in --models (e.g. base,http:base)")
 
 
 async def _run(args: argparse.Namespace) -> dict:

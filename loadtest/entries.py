@@ -8,9 +8,13 @@
   request-time labels, a bank created with ``--open-vocabulary``);
 - ``NAME@*``: every adapter of bank NAME (its base aside), the next one for each request
   (round robin), or drawn from a Zipf distribution over them with
-  ``--adapter-skew zipf:S`` (the first adapter the most often: P(k) ∝ 1 / k^S).
+  ``--adapter-skew zipf:S`` (the first adapter the most often: P(k) ∝ 1 / k^S);
+- ``http:ENTRY``: any of the above through the HTTP door's JSON ``POST /v1/classify``
+  (``--http-target``) instead of gRPC (``--target``), e.g. ``--models base,http:base``
+  for one model through both doors. (``http:labels`` and ``http:labels-cold`` keep their
+  meaning: the labels entries of a model called ``http``.)
 
-Entries are interleaved request by request, whatever they ask.
+Entries are interleaved request by request, whatever they ask and whichever door they use.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from cliplora.core.repository import validate_adapter_id, validate_model_name
 
 LABEL_VARIANTS = ("labels", "labels-cold")
 EVERY_ADAPTER = "*"
+GRPC, HTTP = "grpc", "http"  # the doors: the gateway's gRPC API, its HTTP JSON door
+HTTP_PREFIX = f"{HTTP}:"
 
 
 @dataclass(frozen=True)
@@ -34,26 +40,39 @@ class Entry:
     templates: tuple[str, ...] = ()
     cold: bool = False
     adapter: str = ""  # NAME@ID; EVERY_ADAPTER for NAME@*
+    door: str = GRPC  # HTTP for http:ENTRY
 
     @property
     def every_adapter(self) -> bool:
         return self.adapter == EVERY_ADAPTER
 
 
+def split_door(text: str) -> tuple[str, str]:
+    """(door, the entry without its ``http:``): ``http:base`` -> (HTTP, ``base``). The labels
+    entries of a model called ``http`` (``http:labels``, ``http:labels-cold``) stay gRPC's."""
+    rest = text.removeprefix(HTTP_PREFIX)
+    if rest != text and rest not in LABEL_VARIANTS:
+        return HTTP, rest
+    return GRPC, text
+
+
 def parse_entry(text: str) -> Entry:
-    """One entry's model and what it asks (labels come later, from the labels file)."""
-    name, colon, variant = text.partition(":")
+    """One entry's door, model and what it asks (labels come later, from the labels file)."""
+    door, rest = split_door(text)
+    name, colon, variant = rest.partition(":")
     model, at, adapter = name.partition("@")
     validate_model_name(model)
     if colon and variant not in LABEL_VARIANTS:
-        raise InvalidArgument(f"--models entry {text!r}: after ':' comes labels or labels-cold")
+        raise InvalidArgument(f"--models entry {text!r}: after ':' comes labels or labels-cold "
+                              f"(before the name, {HTTP_PREFIX} for the HTTP door)")
     if at and adapter != EVERY_ADAPTER:
         validate_adapter_id(adapter)
-    return Entry(text, model, cold=variant == "labels-cold", adapter=adapter if at else "")
+    return Entry(text, model, cold=variant == "labels-cold", adapter=adapter if at else "", door=door)
 
 
 def wants_labels(text: str) -> bool:
-    return ":" in text
+    """Whether entry `text` asks for request-time labels (``:labels``, ``:labels-cold``)."""
+    return ":" in split_door(text)[1]
 
 
 @dataclass

@@ -1,7 +1,10 @@
-"""Where the load goes: the gateway, Triton directly, or ONNX Runtime in this process.
+"""Where the load goes: the gateway (gRPC, or its HTTP door: `cliplora.loadtest.http_door`),
+Triton directly, or ONNX Runtime in this process.
 
 Every target sends one request of `batch` images for a given model and raises on any
-failure; the runner measures. Images are prepared once, before the clock starts.
+failure; the runner measures. Images are prepared once, before the clock starts. Each
+entry walks through the same batches in the same order (`entry_turn`), so interleaved
+entries are offered the same images.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from cliplora.core import contract
 from cliplora.core.errors import InvalidArgument, NotFound
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.runtime import open_published, run_logits
-from cliplora.loadtest.entries import AdapterChooser, Entry
+from cliplora.loadtest.entries import GRPC, AdapterChooser, Entry
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -30,6 +33,14 @@ T = TypeVar("T")
 def rotating_batches(items: list[T], batch: int) -> list[list[T]]:
     """One batch per starting item: items[i], items[i+1], ... wrapping around, `batch` long."""
     return [[items[(start + j) % len(items)] for j in range(batch)] for start in range(len(items))]
+
+
+def entry_turn(item: int, entries: int) -> int:
+    """Which request of its own entry the runner's request `item` is: the runner sends item i
+    to entry i % `entries`, so item // `entries` counts each entry's requests 0, 1, 2, ...
+    (Picking batches by `item` itself would give two interleaved entries disjoint halves
+    of the images.)"""
+    return item // entries
 
 
 class Target(Protocol):
@@ -67,8 +78,11 @@ class GatewayTarget:
         self.description = f"gateway {address}" + (" (raw RGB)" if raw else " (encoded images)")
         self._requests: dict[str, list[pb.ClassifyRequest]] = {}
         self._choosers: dict[str, tuple[AdapterChooser, Iterator[int]]] = {}  # NAME@*: chooser, its own count
+        self._stride = 1
 
     async def start(self, models: list[str]) -> None:
+        """Open the channel and write the requests of the gRPC entries among `models` (all
+        the run's entries, in the runner's order: ``http:`` entries are another target's)."""
         from cliplora.core.client import token_metadata
 
         self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_send_message_length", 1 << 28)])
@@ -76,8 +90,11 @@ class GatewayTarget:
         self.metadata = token_metadata()  # CLIPLORA_TOKEN, when the gateway wants one
         listing = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=self.metadata)
         served = {m.name: m for m in listing.models}
+        self._stride = len(models)
         for name in models:
             entry = self.entries.get(name) or Entry(name, name)
+            if entry.door != GRPC:
+                continue
             if entry.every_adapter:
                 self._choosers[name] = (self._chooser(entry, served), itertools.count())
             requests = []
@@ -106,7 +123,7 @@ class GatewayTarget:
 
     async def send(self, model: str, item: int) -> None:
         requests = self._requests[model]
-        request = requests[item % len(requests)]
+        request = requests[entry_turn(item, self._stride) % len(requests)]
         entry = self.entries.get(model)
         if entry is not None and (entry.cold or entry.every_adapter):
             fresh = pb.ClassifyRequest()
@@ -126,6 +143,37 @@ class GatewayTarget:
         await self.channel.close()
 
 
+class DoorsTarget:
+    """Entries through both of the gateway's doors in one run (``base,http:base``): each
+    entry's requests go to the target of its door, `targets` keyed by door (GRPC, HTTP)."""
+
+    def __init__(self, targets: dict[str, Target], entries: dict[str, Entry]) -> None:
+        self.targets, self.entries = targets, entries
+        self.description = " and ".join(target.description for target in targets.values())
+        self._route: dict[str, Target] = {}
+
+    async def start(self, models: list[str]) -> None:
+        """Start every door's target on all the entries (each writes its own door's); a
+        failure closes the ones already started."""
+        started: list[Target] = []
+        try:
+            for target in self.targets.values():
+                await target.start(models)
+                started.append(target)
+        except BaseException:
+            for target in started:
+                await target.close()
+            raise
+        self._route = {name: self.targets[self.entries[name].door] for name in models}
+
+    async def send(self, model: str, item: int) -> None:
+        await self._route[model].send(model, item)
+
+    async def close(self) -> None:
+        for target in self.targets.values():
+            await target.close()
+
+
 class TritonTarget:
     """Triton's KServe v2 gRPC infer with the uint8 crops (what the gateway sends)."""
 
@@ -133,9 +181,12 @@ class TritonTarget:
         self.address, self.images, self.batch, self.timeout_s = address, images, batch, timeout_s
         self.description = f"Triton {address} directly (uint8 crops)"
         self._batches: dict[str, list[np.ndarray]] = {}
+        self._stride = 1
 
     async def start(self, models: list[str]) -> None:
         import tritonclient.grpc.aio as triton_aio
+
+        self._stride = len(models)
 
         self._aio = triton_aio
         self.client = triton_aio.InferenceServerClient(self.address)
@@ -149,7 +200,7 @@ class TritonTarget:
         from tritonclient.utils import InferenceServerException
 
         batches = self._batches[model]
-        batch = batches[item % len(batches)]
+        batch = batches[entry_turn(item, self._stride) % len(batches)]
         image = self._aio.InferInput(contract.INPUT_NAME, list(batch.shape), contract.INPUT_WIRE_DTYPE)
         image.set_data_from_numpy(batch)
         try:
@@ -172,9 +223,11 @@ class InProcessTarget:
         self.description = f"in-process ONNX Runtime ({repository})"
         self._sessions: dict[str, object] = {}
         self._batches: dict[str, list[np.ndarray]] = {}
+        self._stride = 1
 
     async def start(self, models: list[str]) -> None:
         self.pool = ThreadPoolExecutor(self.workers)
+        self._stride = len(models)
         for model in models:
             published = open_published(self.repository, model, threads=self.threads)
             crops = [preprocess_bytes(data, published.image_size) for data in self.images]
@@ -184,7 +237,7 @@ class InProcessTarget:
     async def send(self, model: str, item: int) -> None:
         batches = self._batches[model]
         await asyncio.get_running_loop().run_in_executor(self.pool, run_logits, self._sessions[model],
-                                                         batches[item % len(batches)])
+                                                         batches[entry_turn(item, self._stride) % len(batches)])
 
     async def close(self) -> None:
         self.pool.shutdown(wait=True)

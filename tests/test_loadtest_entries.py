@@ -1,5 +1,6 @@
 """`cliplora loadtest --models` entries for banks (NAME@ID, NAME@*) and how NAME@* picks
-its adapters: round robin over all of them, or Zipf-distributed with --adapter-skew."""
+its adapters: round robin over all of them, or Zipf-distributed with --adapter-skew; the
+door each entry goes through (``http:ENTRY``: the HTTP door)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 
 from cliplora.core.errors import InvalidArgument
-from cliplora.loadtest.entries import AdapterChooser, parse_entry, parse_skew
+from cliplora.loadtest.entries import (
+    GRPC,
+    HTTP,
+    AdapterChooser,
+    parse_entry,
+    parse_skew,
+    wants_labels,
+)
 
 
 def test_entries_say_what_they_ask() -> None:
@@ -21,9 +29,27 @@ def test_entries_say_what_they_ask() -> None:
     assert (labelled.model, labelled.adapter, labelled.cold) == ("shop", "acme", False)
 
 
+@pytest.mark.parametrize(("text", "door", "model", "adapter", "cold", "labels"), [
+    ("shop", GRPC, "shop", "", False, False),
+    ("http:shop", HTTP, "shop", "", False, False),
+    ("http:shop@acme", HTTP, "shop", "acme", False, False),
+    ("http:shop@*", HTTP, "shop", "*", False, False),
+    ("http:pets:labels-cold", HTTP, "pets", "", True, True),
+    ("http:shop@acme:labels", HTTP, "shop", "acme", False, True),
+    ("http:labels", GRPC, "http", "", False, True),  # a model called http: its labels entry, as before
+    ("http:http", HTTP, "http", "", False, False),
+])
+def test_entries_say_which_door(text: str, door: str, model: str, adapter: str, cold: bool, labels: bool) -> None:
+    entry = parse_entry(text)
+    assert (entry.door, entry.model, entry.adapter, entry.cold, entry.name) == (door, model, adapter, cold, text)
+    assert wants_labels(text) is labels
+
+
 @pytest.mark.parametrize(("text", "says"), [
     ("shop@", "invalid adapter id"), ("shop@../x", "invalid adapter id"), ("sh/op@a", "invalid model name"),
     ("shop:labels@a", "after ':' comes labels"), ("shop:cold", "after ':' comes labels"),
+    ("http:", "invalid model name ''"), ("https:shop", "before the name, http: for the HTTP door"),
+    ("http:http:shop", "after ':' comes labels"), ("grpc:shop", "after ':' comes labels"),
 ])
 def test_bad_entries_are_refused(text: str, says: str) -> None:
     with pytest.raises(InvalidArgument, match=says):
