@@ -286,6 +286,7 @@ class GatewayProcess:
     port: int
     metrics_port: int  # -1: metrics off
     log_path: Path
+    http_port: int  # the HTTP door
 
     @property
     def pid(self) -> int:
@@ -317,14 +318,14 @@ async def gateway_process(triton_url: str | None, log_dir: Path, *flags: str, me
     """Start `cliplora serve` as its own OS process (given `triton_url`, the gateway alone),
     wait until SERVING, stop it on the way out (SIGTERM, then SIGKILL) unless the test
     already did. `env` replaces the child's environment."""
-    port, metrics_port = free_port(), free_port() if metrics else -1
+    port, metrics_port, http_port = free_port(), free_port() if metrics else -1, free_port()
     log_path = log_dir / f"gateway-{port}.log"
     command = [str(Path(sys.executable).with_name("cliplora")), "serve",
                *(["--triton-url", triton_url] if triton_url else []),
-               "--grpc-port", str(port), "--metrics-port", str(metrics_port), *flags]
+               "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), *flags]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    gateway = GatewayProcess(process, port, metrics_port, log_path)
+    gateway = GatewayProcess(process, port, metrics_port, log_path, http_port)
     try:
         started = time.monotonic()
         while (await _health_or_none(port)) != "SERVING":
@@ -387,18 +388,18 @@ async def stack_process(repository: Path, log_dir: Path, *flags: str, wait_servi
     """`cliplora serve --repository ...` on free ports (gateway, metrics, Triton, Prometheus).
     On the way out: SIGTERM unless the test ended it, then a check that nothing it started
     is still running (named, killed, and the test failed if something is)."""
-    port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
+    port, metrics_port, prometheus_port, http_port = free_port(), free_port(), free_port(), free_port()
     ports = triton or triton_ports()
     marker = os.urandom(8).hex()
     log_path = log_dir / f"stack-{port}.log"
     command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--repository", str(repository),
-               "--grpc-port", str(port), "--metrics-port", str(metrics_port),
+               "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port),
                "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}", "--prometheus-port", str(prometheus_port),
                "--log-dir", str(log_dir / f"logs-{port}"), *flags]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, leftovers.CASE_VARIABLE: marker})
-    stack = StackProcess(process, port, metrics_port, log_path, marker, ports, prometheus_port)
+    stack = StackProcess(process, port, metrics_port, log_path, http_port, marker, ports, prometheus_port)
     failed = False
     try:
         started = time.monotonic()

@@ -137,7 +137,7 @@ def served(tiny_triton, tmp_path_factory):
     logs = tmp_path_factory.mktemp("fuzz-gateway")
     port = free_port()
     command = [str(Path(sys.executable).with_name("cliplora")), "serve", "--triton-url", tiny_triton.grpc_url,
-               "--grpc-port", str(port), "--metrics-port", "-1", "--max-images", "4", "--max-image-bytes", "4096"]
+               "--grpc-port", str(port), "--metrics-port", "-1", "--http-port", "0", "--max-images", "4", "--max-image-bytes", "4096"]
     with open(logs / "gateway.log", "wb") as log:
         gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -308,7 +308,7 @@ def test_labels_and_templates_fuzzed_never_internal(triton, exported, images) ->
 
     port = free_port()
     gateway = subprocess.Popen([CLI, "serve", "--triton-url", triton.grpc_url, "--grpc-port", str(port),
-                                "--metrics-port", "-1", "--max-labels", "5", "--max-label-chars", "30"],
+                                "--metrics-port", "-1", "--http-port", "0", "--max-labels", "5", "--max-label-chars", "30"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen: Counter[str] = Counter()
     try:

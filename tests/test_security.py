@@ -314,3 +314,46 @@ async def test_bearer_scheme_in_any_case_over_grpc(tmp_path) -> None:
                 assert await list_models(value) == "UNAUTHENTICATED", value
     finally:
         await gateway.stop(1)
+
+
+async def test_the_http_door_speaks_the_same_tls_and_tokens(pki: Path, tmp_path) -> None:
+    """The HTTP door takes gRPC's TLS files and tokens: https only, a client certificate when
+    mutual, the token on /v1/ (health open)."""
+    import ssl
+
+    import aiohttp
+
+    trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with_cert.load_cert_chain(pki / "client.pem", pki / "client.key")
+
+    async def get(url: str, context: ssl.SSLContext | bool, token: str | None = None) -> int | str:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url, ssl=context, headers=headers) as answer:
+                return answer.status
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
+
+    http_port = free_port()
+    gateway = await _gateway(tls_cert=pki / "server.pem", tls_key=pki / "server.key", http_port=http_port)
+    try:
+        assert await get(f"https://127.0.0.1:{http_port}/healthz", trusted) == 200
+        assert await get(f"https://127.0.0.1:{http_port}/healthz", ssl.create_default_context()) != 200  # unknown CA
+        assert await get(f"http://127.0.0.1:{http_port}/healthz", False) != 200  # plaintext is not spoken
+    finally:
+        await gateway.stop(1)
+
+    os.environ["CLIPLORA_AUTH_TOKENS"] = TOKEN
+    try:
+        gateway = await _gateway(tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                                 tls_client_ca=pki / "ca.pem", http_port=http_port)
+    finally:
+        del os.environ["CLIPLORA_AUTH_TOKENS"]
+    try:
+        assert await get(f"https://127.0.0.1:{http_port}/healthz", trusted) != 200  # no client certificate
+        assert await get(f"https://127.0.0.1:{http_port}/healthz", with_cert) == 200
+        assert await get(f"https://127.0.0.1:{http_port}/v1/models", with_cert) == 401
+        assert await get(f"https://127.0.0.1:{http_port}/v1/models", with_cert, TOKEN) == 200  # (an empty list)
+    finally:
+        await gateway.stop(1)

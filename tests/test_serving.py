@@ -273,14 +273,16 @@ def test_backend_answers_errors_without_dying(triton, repository, tmp_path) -> N
 def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -> None:
     """`cliplora serve` as a user runs it (own ports, the gateway on every interface with
     --host 0.0.0.0), `cliplora classify`, then Ctrl-C. Triton's three ports and Prometheus
-    stay on loopback whatever --host says; the gateway's two ports follow it."""
-    grpc_port, metrics_port, prometheus_port = free_port(), free_port(), free_port()
+    stay on loopback whatever --host says; the gateway's three ports follow it. The HTTP
+    door answers what `cliplora classify` prints, to the bit, and the playground's address
+    is printed."""
+    grpc_port, metrics_port, prometheus_port, http_port = free_port(), free_port(), free_port(), free_port()
     ports = triton_ports()
     script = str(Path(sys.executable).with_name("cliplora"))
     stack = subprocess.Popen(
         [script, "serve", "--repository", str(repository), "--host", "0.0.0.0", "--grpc-port", str(grpc_port),
          "--metrics-port", str(metrics_port), "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}",
-         "--prometheus-port", str(prometheus_port), "--log-dir", str(tmp_path / "logs")],
+         "--prometheus-port", str(prometheus_port), "--http-port", str(http_port), "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -296,7 +298,7 @@ def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -
         sockets = listening(stack.pid)
         for port in (ports.http, ports.grpc, ports.metrics, prometheus_port):
             assert sockets.get(port) == {"127.0.0.1"}, (port, sockets)
-        for port in (grpc_port, metrics_port):  # every interface: gRPC makes 0.0.0.0 a dual-stack "::"
+        for port in (grpc_port, metrics_port, http_port):  # every interface: gRPC makes 0.0.0.0 a dual-stack "::"
             assert sockets.get(port) and sockets[port] <= {"0.0.0.0", "::"}, (port, sockets)
         done = subprocess.run([script, "classify", "--target", f"127.0.0.1:{grpc_port}", "--model", "lora",
                                "--top-k", "0", *map(str, images[:2])], capture_output=True, text=True, timeout=60)
@@ -304,6 +306,8 @@ def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -
         remote = json.loads(done.stdout)
         local = predict_files(repository, "lora", images[:2], top_k=0)
         assert [r["image"] for r in remote] == [str(p) for p in images[:2]]
+        over_http = _classify_over_http(http_port, "lora", images[:2])
+        assert [r["predictions"] for r in over_http] == [r["predictions"] for r in remote]
         for theirs, ours in zip(remote, local, strict=True):
             np.testing.assert_allclose([p["logit"] for p in theirs["predictions"]], [p["logit"] for p in ours["predictions"]],
                                        atol=1e-5)
@@ -320,5 +324,27 @@ def test_classify_cli_and_serve_stack_end_to_end(repository, images, tmp_path) -
     assert stack.returncode == 0, output
     assert "stopped" in output
     assert "Ctrl-C stops everything" in output
+    assert f"playground                                                http://0.0.0.0:{http_port}/" in output
     leftover = subprocess.run(["pgrep", "-f", f"--grpc-port={ports.grpc}"], capture_output=True, text=True)
     assert leftover.stdout == "", "tritonserver still running"
+
+
+def _classify_over_http(port: int, model: str, paths: list[Path]) -> list[dict]:
+    """What `curl -F model=... -F image=@...` does: a multipart POST to /v1/classify."""
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'.encode(),
+             f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n0\r\n'.encode()]
+    for path in paths:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/classify", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Cliplora-Model"] == model
+        answer = json.loads(response.read())
+    assert [r["image"] for r in answer] == [p.name for p in paths]
+    return answer

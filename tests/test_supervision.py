@@ -245,7 +245,7 @@ def test_a_short_token_is_refused_before_any_child_starts(tiny_repository: Path,
     started = time.monotonic()
     done = subprocess.run([CLIPLORA, "serve", "--repository", str(tiny_repository), "--auth-tokens-file", str(tokens),
                            "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
-                           "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}",
+                           "--http-port", "0", "--triton-ports", f"{ports.http},{ports.grpc},{ports.metrics}",
                            "--prometheus-port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr

@@ -29,7 +29,7 @@ RUN /opt/venv/bin/pip install --no-deps /src \
 # ---- runtime: the slim Python image, the environment, an unprivileged user ----
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="cliplora-gateway" \
-      org.opencontainers.image.description="gRPC gateway in front of Triton for CLIP-LoRA classifiers"
+      org.opencontainers.image.description="gRPC and HTTP gateway in front of Triton for CLIP-LoRA classifiers"
 RUN useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin gateway
 COPY --from=build /opt/venv /opt/venv
 COPY deploy/docker/grpc_health_check.py /opt/cliplora/grpc_health_check.py
@@ -39,7 +39,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     CLIPLORA_HOST=0.0.0.0
 WORKDIR /tmp
 USER 10001:0
-EXPOSE 50051 9400
+# gRPC, the HTTP door (REST, /v1/embeddings, the playground), metrics.
+EXPOSE 50051 8080 9400
 # grpc.health.v1 on the gateway's own port: SERVING only while Triton is ready.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/opt/cliplora/grpc_health_check.py", "127.0.0.1:50051"]
