@@ -25,7 +25,7 @@ from cliplora.core.errors import Unavailable
 from cliplora.core.tokenizer import get_tokenizer
 from cliplora.serve.gateway.errors import http_status
 from cliplora.serve.gateway.service import ClassifierService
-from cliplora.serve.gateway.web import convert, openapi
+from cliplora.serve.gateway.web import openapi
 from cliplora.serve.gateway.web.app import HttpDoor
 from cliplora.v1 import classifier_pb2 as pb
 from tests.fakes import (
@@ -72,6 +72,13 @@ def _service(client: TestClient) -> ClassifierService:
     return _door(client).service
 
 
+def _printed(reply: pb.ClassifyResponse, names: list[str]) -> list[dict]:
+    """What `cliplora classify` prints for a gRPC reply, written out here (not by the door's code)."""
+    return [{"image": name, "predictions": [{"label": p.label, "index": p.index, "score": p.score, "logit": p.logit}
+                                            for p in result.predictions]}
+            for name, result in zip(names, reply.results, strict=True)]
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -93,7 +100,7 @@ async def test_classify_json_is_what_grpc_answers(door: Door) -> None:
     answer = await response.json()
     grpc_reply = await _service(client).Classify(
         pb.ClassifyRequest(model="m", images=[pb.Image(encoded=i) for i in images], top_k=0), FakeContext())
-    assert answer == convert.classify_answer(grpc_reply, ["images[0]", "images[1]"])  # to the last bit
+    assert answer == _printed(grpc_reply, ["images[0]", "images[1]"])  # to the last bit
     assert [r["image"] for r in answer] == ["images[0]", "images[1]"]
     assert answer[0]["predictions"] != answer[1]["predictions"]  # two images, two answers: not trivially equal
     assert set(answer[0]["predictions"][0]) == {"label", "index", "score", "logit"}
@@ -128,7 +135,7 @@ async def test_a_bank_adapter_through_http(door: Door) -> None:
     assert response.headers["Cliplora-Adapter"] == "shop"
     grpc_reply = await _service(client).Classify(
         pb.ClassifyRequest(model="bank", adapter="shop", images=[pb.Image(encoded=image_bytes())]), FakeContext())
-    assert await response.json() == convert.classify_answer(grpc_reply, ["images[0]"])
+    assert await response.json() == _printed(grpc_reply, ["images[0]"])
 
 
 # -- the same refusals as gRPC ----------------------------------------------------------
@@ -437,3 +444,18 @@ def test_app_module_answers_json_errors_only() -> None:
         response = _from_aiohttp(exc, 1)
         assert response.content_type == "application/json"
         assert json.loads(response.body)["error"]["code"] in {"NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+
+
+def test_the_door_port_is_checked_with_the_others() -> None:
+    from cliplora.core.errors import InvalidArgument
+    from cliplora.serve.gateway.server import check_before_start, endpoint_lines
+    from cliplora.serve.gateway.settings import GatewaySettings
+
+    with pytest.raises(InvalidArgument, match="port 5000 is given twice: --grpc-port and --http-port"):
+        check_before_start(GatewaySettings(grpc_port=5000, http_port=5000))
+    with pytest.raises(InvalidArgument, match="http_port must be in 0..65535"):
+        GatewaySettings(http_port=70000)
+    assert not any("playground" in line for line in endpoint_lines(GatewaySettings()))  # 0: no door
+    assert any(line.endswith("http://127.0.0.1:8080/") and "playground" in line
+               for line in endpoint_lines(GatewaySettings(http_port=8080)))
+    assert GatewaySettings().max_http_body_bytes > 4 * GatewaySettings().max_message_bytes // 3
