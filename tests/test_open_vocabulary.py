@@ -232,6 +232,42 @@ async def test_embed_dot_products_are_the_logits(triton, exported, images) -> No
     assert "ovlora_text" not in listing  # text encoders are not classifiers
 
 
+async def test_the_http_door_answers_labels_and_embeddings_as_grpc_does(triton, exported, images) -> None:
+    """Through a real Triton: request-time labels over HTTP JSON are gRPC's answer to the
+    bit, and OpenAI-shaped /v1/embeddings (texts and a data-URL image, mixed) are Embed's."""
+    import base64
+
+    import aiohttp
+
+    from tests.ports import free_port
+
+    labels = ["wolf", "a red fox", "cat"]
+    port = free_port()
+    async with in_process_gateway(triton.grpc_url, exported["repository"], http_port=port) as (_, stub):
+        reply = await stub.Classify(_request("ovlora", images, labels=labels, templates=TEMPLATES))
+        embedded = await stub.Embed(pb.EmbedRequest(model="ovlora", images=[pb.Image(encoded=images[0].read_bytes())],
+                                                    texts=labels[:2]))
+        image_url = "data:image/png;base64," + base64.b64encode(images[0].read_bytes()).decode()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            async with http.post("/v1/classify", json={
+                    "model": "ovlora", "top_k": 0, "labels": labels, "templates": list(TEMPLATES),
+                    "images": [{"b64": base64.b64encode(p.read_bytes()).decode()} for p in images]}) as answer:
+                assert answer.status == 200, await answer.text()
+                classified = await answer.json()
+            async with http.post("/v1/embeddings", json={"model": "ovlora",
+                                                         "input": [labels[0], image_url, labels[1]]}) as answer:
+                assert answer.status == 200, await answer.text()
+                vectors = [row["embedding"] for row in (await answer.json())["data"]]
+    assert [{p["label"]: p["logit"] for p in r["predictions"]} for r in classified] == _logits(reply)
+    assert [[p["score"] for p in r["predictions"]] for r in classified] == [
+        [p.score for p in result.predictions] for result in reply.results]
+    assert _logits(reply)[0] != _logits(reply)[1]  # images that differ get answers that differ
+    np.testing.assert_array_equal(np.float32(vectors[0]), np.float32(embedded.texts[0].values))
+    np.testing.assert_array_equal(np.float32(vectors[1]), np.float32(embedded.images[0].values))
+    np.testing.assert_array_equal(np.float32(vectors[2]), np.float32(embedded.texts[1].values))
+    assert not np.allclose(vectors[0], vectors[2])
+
+
 def _text_inferences(triton: LocalTriton, model: str) -> int:
     text = metrics_text(triton.metrics_url)
     counts = re.findall(rf'^nv_inference_count{{model="{model}",version="1"}} (\d+)', text, re.M)
