@@ -285,6 +285,10 @@ async def test_calls_from_another_sites_page_are_refused(door: Door) -> None:
     client = await door()
     own = f"http://{client.host}:{client.port}"
     assert (await client.get("/v1/models", headers={"Origin": own})).status == 200
+    behind_tls = {"Origin": "https://classify.example", "Host": "classify.example"}  # a proxy ended TLS
+    assert (await client.get("/v1/models", headers=behind_tls)).status == 200
+    forwarded = {"Origin": "https://classify.example", "X-Forwarded-Host": "classify.example"}
+    assert (await client.get("/v1/models", headers=forwarded)).status == 200
     for origin in ("https://evil.example", "null", f"http://{client.host}:{client.port + 1}"):
         status, code, message = await _error(await client.get("/v1/models", headers={"Origin": origin}))
         assert (status, code) == (403, "PERMISSION_DENIED") and "cross-origin" in message

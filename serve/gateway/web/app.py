@@ -132,7 +132,7 @@ class HttpDoor:
         if self.closing:
             return error_response(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
         origin = request.headers.get(hdrs.ORIGIN)
-        if origin is not None and origin.lower() != f"{request.scheme}://{request.host}".lower():
+        if origin is not None and not _same_site(origin, request):
             return error_response(grpc.StatusCode.PERMISSION_DENIED,
                                   f"cross-origin calls are refused: a page at {origin} cannot call this door")
         if self.tokens and not token_matches(bearer_token(request.headers.get(hdrs.AUTHORIZATION)), self.tokens):
@@ -235,6 +235,16 @@ def _prompt_tokens(texts: list[str]) -> int:
         return 0
     tokenizer = get_tokenizer()
     return sum(min(len(tokenizer.encode(text)) + 2, contract.CONTEXT_LENGTH) for text in texts)
+
+
+def _same_site(origin: str, request: web.Request) -> bool:
+    """Whether a browser's ``Origin`` names the host it sent the call to: the ``Host``
+    header, or a proxy's ``X-Forwarded-Host`` (which a page elsewhere cannot set without a
+    preflight the door never grants). The scheme is not compared: a proxy that ends TLS
+    in front of the door turns https into http."""
+    _, sep, netloc = origin.partition("://")
+    hosts = {request.host, *request.headers.getall(hdrs.X_FORWARDED_HOST, [])}
+    return bool(sep) and netloc.lower() in {host.strip().lower() for host in hosts}
 
 
 def _too_large(limit: int) -> web.Response:
