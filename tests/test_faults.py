@@ -10,12 +10,14 @@ the grace period), so the tests hold on a busy 2-core machine.
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 import signal
 import statistics
 import time
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -208,14 +210,34 @@ EXIT_SLACK_S = 4.0  # past the drain: releasing Triton's channel, the metrics se
 
 async def _sigterm_with_calls_in_flight(
     gateway: GatewayProcess, stub: pb_grpc.ClassifierStub
-) -> tuple[list[asyncio.Task[Outcome]], float]:
-    """IN_FLIGHT calls on the slow model; once the gateway holds every one of them, SIGTERM.
-    Returns the calls and when the signal went."""
+) -> tuple[list[asyncio.Task[Outcome]], asyncio.Task[HttpOutcome], float]:
+    """IN_FLIGHT gRPC calls and one HTTP call on the slow model; once the gateway holds
+    every one of them, SIGTERM. Returns the calls and when the signal went."""
     calls = [asyncio.create_task(timed_call(stub, small_request("slow"), 60)) for _ in range(IN_FLIGHT)]
-    await until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == IN_FLIGHT, 10, "calls arriving")
+    http_call = asyncio.create_task(_http_classify(gateway.http_port, small_request("slow")))
+    await until(lambda: gateway.metric("cliplora_gateway_in_flight_requests") == IN_FLIGHT + 1, 10, "calls arriving")
     signalled = time.monotonic()
     gateway.process.send_signal(signal.SIGTERM)
-    return calls, signalled
+    return calls, http_call, signalled
+
+
+@dataclass
+class HttpOutcome:
+    status: int | str  # the HTTP status, or the client error's name
+    body: object
+    finished: float
+
+
+async def _http_classify(port: int, request: pb.ClassifyRequest) -> HttpOutcome:
+    import aiohttp
+
+    body = {"model": request.model, "images": [{"b64": base64.b64encode(i.encoded).decode()} for i in request.images]}
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"http://127.0.0.1:{port}/v1/classify", json=body) as answer:
+            return HttpOutcome(answer.status, await answer.json(), time.monotonic())
+    except aiohttp.ClientError as exc:
+        return HttpOutcome(type(exc).__name__, None, time.monotonic())
 
 
 async def _exit_status(gateway: GatewayProcess, timeout_s: float) -> int:
@@ -230,7 +252,7 @@ async def test_sigterm_under_load_drains_refuses_new_calls_and_exits_zero(triton
     async with gateway_process(triton.grpc_url, tmp_path, "--grace-s", str(grace_s), metrics=True) as gateway:
         channel, stub = classifier_stub(gateway.port)
         async with channel:
-            calls, signalled = await _sigterm_with_calls_in_flight(gateway, stub)
+            calls, http_call, signalled = await _sigterm_with_calls_in_flight(gateway, stub)
             await wait_for_health(gateway.port, "UNREACHABLE", timeout_s=5)
             fresh_channel, fresh_stub = classifier_stub(gateway.port)
             async with fresh_channel:
@@ -242,6 +264,9 @@ async def test_sigterm_under_load_drains_refuses_new_calls_and_exits_zero(triton
           f"after the signal; new call {refused.code}; exit {status} after {exited_after:.2f} s")
     assert [o.code for o in outcomes] == ["OK"] * IN_FLIGHT and all(o.results == 1 for o in outcomes)
     assert all(o.finished > signalled for o in outcomes)  # they were in flight, not done before
+    over_http = await http_call  # the HTTP door stays open until its calls are drained too
+    assert over_http.status == 200 and len(over_http.body) == 1, over_http
+    assert over_http.finished - signalled >= SLOW_S / 2
     assert refused.code == "UNAVAILABLE"
     assert status == 0
     drained_after = max(o.finished for o in outcomes) - signalled
@@ -258,7 +283,7 @@ async def test_sigterm_grace_period_bounds_the_drain(triton, tmp_path) -> None:
     async with gateway_process(triton.grpc_url, tmp_path, "--grace-s", str(grace_s), metrics=True) as gateway:
         channel, stub = classifier_stub(gateway.port)
         async with channel:
-            calls, signalled = await _sigterm_with_calls_in_flight(gateway, stub)
+            calls, http_call, signalled = await _sigterm_with_calls_in_flight(gateway, stub)
             status = await _exit_status(gateway, 30)
             exited_after = time.monotonic() - signalled
             outcomes = await asyncio.gather(*calls)
@@ -269,3 +294,6 @@ async def test_sigterm_grace_period_bounds_the_drain(triton, tmp_path) -> None:
     assert [o.code for o in outcomes] == ["UNAVAILABLE"] * IN_FLIGHT, outcomes
     assert all("grace period" in o.details for o in outcomes), outcomes  # said by the gateway, not a dropped socket
     assert all(grace_s <= o.finished - signalled < SLOW_S for o in outcomes), outcomes  # cut at the grace period
+    over_http = await http_call  # the HTTP caller hears the same, as JSON with 503
+    assert over_http.status == 503 and over_http.body["error"]["code"] == "UNAVAILABLE", over_http
+    assert "grace period" in over_http.body["error"]["message"]

@@ -203,24 +203,43 @@ async def test_concurrent_clients(triton, images) -> None:
 
 
 async def test_shutdown_with_calls_in_flight_loses_none(triton, images) -> None:
+    """Calls of both doors in flight at the stop: every one answered, none lost."""
+    import base64
+
+    import aiohttp
+
     # Large photos: decoding and resizing 48 of them keeps the calls busy for a while.
     photos = [encoded(factories.make_image(2000, 1500, seed=s), "JPEG") for s in range(4)]
     request = pb.ClassifyRequest(model="lora", images=[pb.Image(encoded=p) for p in photos])
-    async with in_process_gateway(triton.grpc_url) as (gateway, stub):
-        calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(12)]
+    # The HTTP calls get twice the photos: still running well after the door would close if
+    # the stop closed it before the drain.
+    body = {"model": "lora", "images": [{"b64": base64.b64encode(p).decode()} for p in photos * 2]}
+    http_port = free_port()
+    async with in_process_gateway(triton.grpc_url, http_port=http_port) as (gateway, stub), \
+            aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as http:
+        async def over_http() -> tuple[int, object]:
+            async with http.post("/v1/classify", json=body) as answer:
+                return answer.status, await answer.json()
+
+        http_calls = [asyncio.ensure_future(over_http()) for _ in range(6)]
+        calls = [asyncio.ensure_future(stub.Classify(request, timeout=60)) for _ in range(6)]
         deadline = time.monotonic() + 10
-        while gateway.service.admission.accepted < len(calls):  # every call has arrived
+        while gateway.service.admission.accepted < len(calls) + len(http_calls):  # every call has arrived
             assert time.monotonic() < deadline, gateway.service.admission.accepted
             await asyncio.sleep(0.002)
         in_flight_at_stop = gateway.service.admission.in_flight
         stopping = asyncio.ensure_future(gateway.stop(grace=20))
         replies = await asyncio.gather(*calls, return_exceptions=True)
+        http_replies = await asyncio.gather(*http_calls, return_exceptions=True)
         await stopping
         assert in_flight_at_stop > 0
         assert all(isinstance(r, pb.ClassifyResponse) and len(r.results) == 4 for r in replies), replies
+        assert all(isinstance(r, tuple) and r[0] == 200 and len(r[1]) == 8 for r in http_replies), http_replies
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Classify(request, timeout=5)
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(aiohttp.ClientConnectionError):  # the door is closed
+            await over_http()
 
 
 async def test_health_without_triton_is_not_serving() -> None:

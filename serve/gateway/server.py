@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -115,51 +116,56 @@ class GatewayServer:
             return
         self._stopping.set()
         grace_s = self.settings.grace_s if grace is None else grace
-
-        async def stop_health() -> None:
-            if self.http is not None:
-                self.http.refuse_new()
-            if self.health is not None:
-                await self.health.shutdown()
-
-        async def stop_server() -> None:
-            # gRPC refuses new calls at once; the service ends whatever is still running when
-            # the grace period is over with UNAVAILABLE, and gRPC's own cut (a bare CANCELLED
-            # to the caller) comes only after that, as a last resort.
-            if self.server is not None:
-                stopping = asyncio.ensure_future(self.server.stop(grace_s + SERVER_CUT_AFTER_S))
-                try:
-                    if self.service is not None:
-                        await self.service.admission.drain(grace_s)
-                finally:
-                    await stopping
-
-        async def stop_http() -> None:  # its calls in flight were admission's: drained above
-            if self.http is not None:
-                await self.http.stop()
-
-        async def stop_tasks() -> None:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-        async def close_triton() -> None:
-            if self.triton is not None:
-                await self.triton.close()
-
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("refuse new calls", self._refuse_new), ("drain the calls", lambda: self._drain(grace_s)),
+            ("close the HTTP door", self._close_http), ("stop the tasks", self._stop_tasks),
+            ("close the Triton client", self._close_triton)]
         # Every step runs even if one before it failed: the process must not hang on exit.
         failure: Exception | None = None
-        for step in (stop_health, stop_server, stop_http, stop_tasks, close_triton):
+        for name, step in steps:
             try:
                 await step()
             except Exception as exc:
-                log.exception("shutdown step %s failed", step.__name__)
+                log.exception("shutdown step %r failed", name)
                 failure = failure or exc
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         self._stopped.set()
         if failure is not None:
             raise failure
+
+    async def _refuse_new(self) -> None:
+        """Health NOT_SERVING, the HTTP door's /v1/ answering 503."""
+        if self.http is not None:
+            self.http.refuse_new()
+        if self.health is not None:
+            await self.health.shutdown()
+
+    async def _drain(self, grace_s: float) -> None:
+        """gRPC refuses new calls at once; the service ends whatever is still running (of
+        both doors: their calls are admission's) when the grace period is over with
+        UNAVAILABLE, and gRPC's own cut (a bare CANCELLED to the caller) comes only after
+        that, as a last resort."""
+        if self.server is not None:
+            stopping = asyncio.ensure_future(self.server.stop(grace_s + SERVER_CUT_AFTER_S))
+            try:
+                if self.service is not None:
+                    await self.service.admission.drain(grace_s)
+            finally:
+                await stopping
+
+    async def _close_http(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _close_triton(self) -> None:
+        if self.triton is not None:
+            await self.triton.close()
 
     async def wait(self) -> None:
         """Until `stop()` has *finished*: returning earlier would let ``asyncio.run`` cancel the

@@ -38,6 +38,7 @@ from cliplora.serve.gateway.web.calls import TIMEOUT_HEADER, CallAborted, HttpCa
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 API_PREFIX = "/v1/"
+SHUTDOWN_TIMEOUT_S = 1.0
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 T = TypeVar("T")
@@ -87,10 +88,12 @@ class HttpDoor:
         return app
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        # Its calls in flight are admission's, drained (or ended) before `stop`: what is left
+        # then (a body still arriving) gets SHUTDOWN_TIMEOUT_S.
+        self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.http_port,
-                           ssl_context=self.ssl_context, shutdown_timeout=0.5)
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.http_port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port
