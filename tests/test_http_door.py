@@ -463,3 +463,60 @@ def test_the_door_port_is_checked_with_the_others() -> None:
     assert any(line.endswith("http://127.0.0.1:8080/") and "playground" in line
                for line in endpoint_lines(GatewaySettings(http_port=8080)))
     assert GatewaySettings().max_http_body_bytes > 4 * GatewaySettings().max_message_bytes // 3
+
+
+def _multipart(*parts: tuple[str, dict[str, str], bytes]) -> tuple[bytes, str]:
+    """A form written out by hand: (disposition parameters, extra headers, body) per part."""
+    boundary = "cliplora-test-boundary"
+    out = b""
+    for disposition, headers, body in parts:
+        lines = [f"--{boundary}", f"Content-Disposition: form-data; {disposition}",
+                 *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+        out += "\r\n".join(lines).encode() + body + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def test_forms_are_read_in_memory_within_the_limit(door: Door, monkeypatch) -> None:
+    import tempfile
+
+    def no_spooling(*args, **kwargs):
+        raise AssertionError("a form part went to a temporary file")
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", no_spooling)
+    client = await door(max_images=1, max_image_bytes=1000, max_labels=1, max_templates=1, max_label_chars=10)
+    limit = _door(client).settings.max_http_body_bytes
+    ok_body, content_type = _multipart(('name="model"', {}, b"m"),
+                                       ('name="image"; filename="a.jpg"', {}, image_bytes(0)[:900]))
+    status, code, message = await _error(await client.post("/v1/classify", data=ok_body,
+                                                           headers={"Content-Type": content_type}))
+    assert (status, code) == (400, "INVALID_ARGUMENT") and message.startswith("image 0: ")  # read, then judged
+    big, content_type = _multipart(('name="model"', {}, b"m"),
+                                   ('name="image"; filename="a.jpg"', {}, b"\xff" * (limit + 1)))
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the reader counts
+        for start in range(0, len(big), 65536):
+            yield big[start:start + 65536]
+
+    status, code, _ = await _error(await client.post("/v1/classify", data=chunked(),
+                                                     headers={"Content-Type": content_type}))
+    assert (status, code) == (413, "RESOURCE_EXHAUSTED")
+
+
+@pytest.mark.parametrize("parts,message", [
+    ([('name="model"', {}, b"m"), ('name="image"', {}, b"not a file")], "form field image #0 is text"),
+    ([('name="model"; filename="m.txt"', {}, b"m"), ('name="image"; filename="a.jpg"', {}, b"x")],
+     "form field model must be text"),
+    ([('name="model"', {}, b"m"), ('name="model"', {}, b"m"), ('name="image"; filename="a"', {}, b"x")],
+     "form field model is given 2 times"),
+    ([('name="image"; filename="a.jpg"', {}, b"x")], "form field model is required"),
+    ([('name="model"', {}, b"m"), ('name="image"; filename="a.jpg"', {"Content-Encoding": "deflate"}, b"x")],
+     "compressed parts are not accepted"),
+    ([('filename="a.jpg"', {}, b"x")], "every form part needs a name"),
+    ([('name="model"', {}, b"m"), ('name="images"; filename="a.jpg"', {}, b"x")], "unknown field(s) in a classify form"),
+])
+async def test_bad_forms_are_invalid_argument(door: Door, parts, message) -> None:
+    client = await door()
+    body, content_type = _multipart(*parts)
+    status, code, text = await _error(await client.post("/v1/classify", data=body,
+                                                        headers={"Content-Type": content_type}))
+    assert (status, code) == (400, "INVALID_ARGUMENT") and message in text, text

@@ -34,6 +34,7 @@ from cliplora.serve.gateway.service import ClassifierService
 from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.serve.gateway.web import convert, openapi
 from cliplora.serve.gateway.web.calls import TIMEOUT_HEADER, CallAborted, HttpCall
+from cliplora.serve.gateway.web.forms import TooLarge, read_form
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -179,7 +180,10 @@ class HttpDoor:
     async def classify(self, request: web.Request) -> web.Response:
         call = _call(request)
         if request.content_type == "multipart/form-data":
-            form = await request.post()
+            try:
+                form = await read_form(request, self.settings.max_http_body_bytes)
+            except TooLarge:
+                return _too_large(self.settings.max_http_body_bytes)
             parsed = Parsed(lambda: convert.classify_from_form(form))
         elif request.content_type in ("application/json", "application/octet-stream", ""):
             body = await request.read()

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
-from multidict import MultiDictProxy
+from multidict import MultiDict
 
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.predictions import Prediction, result_json
+from cliplora.serve.gateway.web.forms import Upload
 from cliplora.v1 import classifier_pb2 as pb
 
 IMAGE_DATA_PREFIX = "data:image/"  # an OpenAI input string that is an image (a data URL)
@@ -64,16 +65,16 @@ def classify_from_json(body: bytes) -> ClassifyCall:
     return ClassifyCall(request, [f"images[{i}]" for i in range(len(images))])
 
 
-def classify_from_form(form: MultiDictProxy[Any]) -> ClassifyCall:
+def classify_from_form(form: MultiDict[str | Upload]) -> ClassifyCall:
     """multipart/form-data: files in the repeated field ``image``, the rest as form fields
     (``labels`` and ``templates`` repeated, one value each)."""
     _only(form, CLASSIFY_FIELDS - {"images"} | {"image"}, "a classify form")
     files = form.getall("image", [])
     images, names = [], []
     for i, part in enumerate(files):
-        if isinstance(part, str):
+        if not isinstance(part, Upload):
             raise InvalidArgument(f"form field image #{i} is text: send each image as a file part")
-        images.append(pb.Image(encoded=part.file.read()))
+        images.append(pb.Image(encoded=part.data))
         names.append(part.filename or f"image[{i}]")
     request = pb.ClassifyRequest(model=_form_value(form, "model", required=True),
                                  version=_integer(_form_value(form, "version") or "0", "version"),
@@ -222,7 +223,7 @@ def _b64decode(text: str, where: str) -> bytes:
         raise InvalidArgument(f"{where} is not valid base64: {exc}") from None
 
 
-def _form_value(form: MultiDictProxy[Any], name: str, *, required: bool = False) -> str:
+def _form_value(form: MultiDict[str | Upload], name: str, *, required: bool = False) -> str:
     values = form.getall(name, [])
     if len(values) > 1:
         raise InvalidArgument(f"form field {name} is given {len(values)} times; once at most")
@@ -235,7 +236,7 @@ def _form_value(form: MultiDictProxy[Any], name: str, *, required: bool = False)
     return values[0]
 
 
-def _form_texts(form: MultiDictProxy[Any], name: str) -> list[str]:
+def _form_texts(form: MultiDict[str | Upload], name: str) -> list[str]:
     values = form.getall(name, [])
     if not all(isinstance(value, str) for value in values):
         raise InvalidArgument(f"form field {name} must be text, not a file")
