@@ -520,3 +520,24 @@ async def test_bad_forms_are_invalid_argument(door: Door, parts, message) -> Non
     status, code, text = await _error(await client.post("/v1/classify", data=body,
                                                         headers={"Content-Type": content_type}))
     assert (status, code) == (400, "INVALID_ARGUMENT") and message in text, text
+
+
+async def test_a_taken_port_is_named_not_a_traceback() -> None:
+    import socket
+
+    from cliplora.core.errors import Unavailable
+    from cliplora.serve.gateway.server import GatewayServer
+    from cliplora.serve.gateway.settings import GatewaySettings
+    from tests.ports import free_port
+
+    with socket.socket() as holder:
+        port = free_port()
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        gateway = GatewayServer(GatewaySettings(grpc_port=0, metrics_port=-1, http_port=port,
+                                                triton_url=f"127.0.0.1:{free_port()}"))
+        try:
+            with pytest.raises(Unavailable, match=f"cannot listen on 127.0.0.1:{port} for the HTTP door .*--http-port"):
+                await gateway.start()
+        finally:
+            await gateway.stop(0)

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cliplora.core.errors import InvalidArgument
+from cliplora.core.errors import InvalidArgument, Unavailable
 from cliplora.serve.gateway.decode_pool import DecodePool
 from cliplora.serve.gateway.health import TritonHealth
 from cliplora.serve.gateway.metrics import GatewayMetrics
@@ -78,7 +78,7 @@ class GatewayServer:
         else:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
+            raise Unavailable(f"cannot listen on {s.host}:{s.grpc_port} for gRPC: choose another --grpc-port")
         await self.health.set_serving(False)
         await self.server.start()
         if s.http_port:

@@ -24,7 +24,7 @@ import grpc
 from aiohttp import hdrs, web
 
 from cliplora.core import contract
-from cliplora.core.errors import CliploraError, InvalidArgument
+from cliplora.core.errors import CliploraError, InvalidArgument, Unavailable
 from cliplora.core.tokenizer import get_tokenizer
 from cliplora.serve.gateway.errors import HTTP_BODY_TOO_LARGE, http_status, to_status
 from cliplora.serve.gateway.health import TritonHealth
@@ -95,7 +95,12 @@ class HttpDoor:
                                      shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.http_port, ssl_context=self.ssl_context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise Unavailable(f"cannot listen on {self.settings.host}:{self.settings.http_port} for the HTTP door "
+                              f"({exc.strerror or exc}): choose another --http-port, or 0 to turn it off") from None
         self.port = self._runner.addresses[0][1]
         return self.port
 
