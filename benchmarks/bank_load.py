@@ -87,7 +87,7 @@ def prepare(args: argparse.Namespace, repo: Path, classes: Path) -> list[dict]:
 def start_stack(repo: Path, log_dir: Path) -> subprocess.Popen[bytes]:
     command = [CLI, "serve", "--repository", str(repo), "--log-dir", str(log_dir), "--grpc-port", str(GRPC_PORT),
                "--metrics-port", str(METRICS_PORT), "--prometheus-port", str(PROMETHEUS_PORT),
-               "--triton-ports", TRITON_PORTS]
+               "--triton-ports", TRITON_PORTS, "--http-port", "0"]
     stack = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log_dir / "serve.log", "ab"))  # noqa: SIM115
     return stack
 

@@ -19,7 +19,7 @@ DURATION=${3:-60}
 CL=.venv/bin/cliplora
 mkdir -p "$OUT"
 
-$CL serve --repository "$WORK/repo" --grpc-port 50161 --metrics-port 9161 --triton-ports 18100,18101,18102 \
+$CL serve --repository "$WORK/repo" --grpc-port 50161 --http-port 0 --metrics-port 9161 --triton-ports 18100,18101,18102 \
   --prometheus-port 19161 --log-dir "$WORK/logs" 2> "$WORK/serve.log" &
 SERVE=$!
 trap 'kill -INT $SERVE 2>/dev/null || true; wait $SERVE 2>/dev/null || true' EXIT

@@ -21,7 +21,7 @@ stop_all() { for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; d
 trap stop_all EXIT
 start() {  # start PORT LOG ARGS...: a `cliplora serve` in the background, wait until it is SERVING
   local port=$1 log=$2; shift 2
-  $CL serve --grpc-port "$port" "$@" > "$log" 2>&1 &
+  $CL serve --grpc-port "$port" --http-port 0 "$@" > "$log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 240); do
     $PY deploy/docker/grpc_health_check.py "127.0.0.1:$port" >/dev/null 2>&1 && return 0
