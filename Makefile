@@ -12,7 +12,7 @@ ifeq ($(filter cpu gpu,$(ORT)),)
 $(error ORT must be cpu or gpu, got '$(ORT)')
 endif
 
-.PHONY: install test test-fast lint serve clean proto prometheus soak fuzz
+.PHONY: install test test-fast lint serve clean proto prometheus browser soak fuzz
 
 install: $(STAMP)
 
@@ -29,9 +29,9 @@ $(STAMP): pyproject.toml Makefile
 
 # The whole suite; it includes the layer contracts (lint-imports on the built wheel,
 # tests/test_packaging.py) after ruff.
-# Prometheus is required here (tests/tools.py): where it is missing, the tests that need it
-# fail, naming it, instead of skipping unseen.
-test: install prometheus
+# Prometheus and Chromium are required here (tests/tools.py): where one is missing, the tests
+# that need it fail, naming it, instead of skipping unseen.
+test: install prometheus browser
 	$(VENV)/bin/ruff check .
 	CLIPLORA_TEST_REQUIRE_TOOLS=1 $(PY) -m pytest
 
@@ -54,6 +54,13 @@ prometheus:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 	  else echo "note: prometheus is not installed (apt-get install -y prometheus); serving works without it"; fi; }
+
+# Debian's Chromium and chromedriver (the playground's browser test), when missing and apt-get can run.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: chromium or chromedriver is not installed (apt-get install -y chromium chromium-driver); only the playground's browser test needs them"; fi; }
 
 # Demo models (ViT-B-16, random weights unless CLIPLORA_DEMO_PRETRAINED is set) when the
 # repository has none, then Triton + gateway + Prometheus (when installed) until Ctrl-C.
