@@ -17,6 +17,11 @@ import asyncio
 import base64
 import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +41,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from cliplora.export.bank_create import BankOptions, create_bank
 from cliplora.export.bank_update import AdapterSpec, add_adapters
 from cliplora.export.pipeline import ExportOptions, run_export
+from cliplora.serve.stack.child_guard import guarded
 from cliplora.serve.stack.triton_launcher import LocalTriton
 from cliplora.v1 import classifier_pb2 as pb
 from tests import factories, leftovers, tools
@@ -51,6 +57,7 @@ BANK_CLASSES = ["apple", "pear", "plum"]  # none of CLASSES: a dropped adapter c
 TYPED_LABELS = "wolf, snow leopard\na very small teapot,, cat\n"  # as a user types them
 LABELS = ["wolf", "snow leopard", "a very small teapot", "cat"]  # what the page must send
 NOT_AN_IMAGE = b"\x00garbage\xff" * 10
+DRIVER_GRACE_S = 5.0  # chromedriver's time to close Chromium when stopped, before the guard kills the rest
 WAIT_S = 30.0  # a loaded 2-core machine: Triton, the gateway, Chromium and other sessions
 
 
@@ -106,7 +113,9 @@ def chromium(browser: tuple[str, str], width: int = 1200, height: int = 1000) ->
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(driver_path, port=free_port(), env={**os.environ, leftovers.CASE_VARIABLE: marker})
+    folder = Path(tempfile.mkdtemp(prefix="cliplora-chromedriver-"))
+    service = Service(str(guarded_driver(driver_path, folder)), port=free_port(),
+                      env={**os.environ, leftovers.CASE_VARIABLE: marker})
     driver: WebDriver | None = None
     try:
         driver = webdriver.Chrome(service=service, options=options)
@@ -119,10 +128,23 @@ def chromium(browser: tuple[str, str], width: int = 1200, height: int = 1000) ->
         service.stop()
         left = list({p.pid: p for p in _running(started, timeout_s=10)
                      + leftovers.still_running(leftovers.CASE_VARIABLE, marker, 1)}.values())
+        shutil.rmtree(folder, ignore_errors=True)
         if left:
             report = leftovers.describe(left)
             leftovers.kill(left)
             raise AssertionError(f"Chromium or chromedriver still running after quit:\n{report}")
+
+
+def guarded_driver(driver_path: str, folder: Path) -> Path:
+    """A script that runs chromedriver under the product's child guard
+    (serve/stack/child_guard.py, whose parent is this pytest process): should pytest die,
+    even by SIGKILL, the guard kills chromedriver and every Chromium process under it.
+    Selenium starts it as it would chromedriver (its flags follow)."""
+    script = folder / "chromedriver"
+    command = " ".join(shlex.quote(part) for part in guarded([driver_path], DRIVER_GRACE_S))
+    script.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    script.chmod(0o755)
+    return script
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -389,3 +411,27 @@ def _drive_errors(browser: tuple[str, str], url: str, image: Path, garbage: Path
         assert error.text == f"INVALID_ARGUMENT: {refusal}"
         assert shown(driver) == []
         assert console_errors(driver) == []
+
+
+def test_a_test_killed_mid_browser_leaves_no_browser_behind(browser: tuple[str, str]) -> None:
+    """SIGKILL the process that holds a browser (as a killed pytest would be): the guard
+    around chromedriver ends chromedriver and every Chromium process within seconds.
+    (Without the guard, all of them lived on: tried when it was added.)"""
+    probe_variable, probe = "CLIPLORA_TEST_BROWSER_PROBE", os.urandom(8).hex()
+    script = (f"import time\nfrom tests.test_playground_browser import chromium\n"
+              f"with chromium({browser!r}) as driver:\n"
+              f"    driver.get('about:blank')\n    print('ready', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=ARTIFACTS.parent, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, probe_variable: probe})
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        started = leftovers.marked(probe_variable, probe)
+        names = {p.name() for p in started}
+        assert "chromedriver" in names and any("chrom" in name and name != "chromedriver" for name in names), names
+        holder.kill()
+        holder.wait(10)
+        left = leftovers.still_running(probe_variable, probe, 10)
+        assert not left, f"left after the holder was SIGKILLed:\n{leftovers.describe(left)}"
+    finally:
+        holder.kill()
+        leftovers.kill(leftovers.marked(probe_variable, probe))
