@@ -48,7 +48,11 @@ def bearer_token(header: object) -> bytes:
     if not isinstance(header, str):
         return b""
     parts = header.split(None, 1)
-    return parts[1].strip().encode() if len(parts) == 2 and parts[0].lower() == "bearer" else b""
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return b""
+    # surrogateescape: an HTTP header with bytes that are not UTF-8 (aiohttp keeps them as
+    # surrogates) is simply a token that matches nothing.
+    return parts[1].strip().encode("utf-8", "surrogateescape")
 
 
 def token_matches(presented: bytes, tokens: tuple[bytes, ...]) -> bool:

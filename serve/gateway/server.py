@@ -84,7 +84,11 @@ class GatewayServer:
         if s.http_port:
             tls = http_ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert and s.tls_key else None
             self.http = HttpDoor(s, self.service, self.health, self.metrics, self._pool, tokens, tls)
-            self.http_port = await self.http.start()
+            try:
+                self.http_port = await self.http.start()
+            except BaseException:
+                await self.server.stop(0)  # not half a gateway: gRPC goes too
+                raise
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.host)
         self._tasks = [asyncio.create_task(self.health.run(), name="health"),

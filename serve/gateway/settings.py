@@ -95,6 +95,12 @@ class GatewaySettings:
         return 4 * -(-self.max_message_bytes // 3) + 64 * 1024
 
     @property
+    def max_form_parts(self) -> int:
+        """Parts of a multipart classify form: every image, label and template the limits
+        allow, and the few other fields."""
+        return self.max_images + self.max_labels + self.max_templates + 16
+
+    @property
     def decoding(self) -> Decoding:
         return Decoding(self.decode, self.exif_orientation)
 

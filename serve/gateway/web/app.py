@@ -1,13 +1,11 @@
-"""The HTTP door's routes and guards, served by aiohttp on the gateway's own event loop.
+"""The HTTP door's routes, served by aiohttp on the gateway's own event loop.
 
 Every answer goes through `_answers` (errors as ``{"error": {"code", "message"}}`` with
 the status of the one table, `cliplora.serve.gateway.errors.http_status`; the
-``cliplora_gateway_http_responses_total`` counter), and every ``/v1/`` call through
-`_guard` first: refused while shutting down, from another site's page (its ``Origin``),
-without a valid bearer token when tokens are set, or with a declared body over the limit.
-The body is read within ``client_max_size`` (aiohttp stops reading past it), then turned
-into the gRPC message *inside* admission (`ClassifierService.classify`), so the
-concurrency limit, the deadline, the request histogram and the error table are gRPC's.
+``cliplora_gateway_http_responses_total`` counter), and every ``/v1/`` call through the
+`Guard` first (also before ``100 Continue`` is sent). A call's body is read and turned into
+the gRPC message *inside* admission (`ClassifierService.classify`), so the concurrency
+limit, the deadline, the drain, the request histogram and the error table are gRPC's.
 """
 
 from __future__ import annotations
@@ -18,30 +16,33 @@ import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from cliplora.core import contract
-from cliplora.core.errors import CliploraError, InvalidArgument, Unavailable
+from cliplora.core.errors import CliploraError, InvalidArgument, ResourceExhausted, Unavailable
 from cliplora.core.tokenizer import get_tokenizer
-from cliplora.serve.gateway.errors import HTTP_BODY_TOO_LARGE, http_status, to_status
+from cliplora.serve.gateway.errors import http_status, to_status
 from cliplora.serve.gateway.health import TritonHealth
 from cliplora.serve.gateway.metrics import GatewayMetrics
-from cliplora.serve.gateway.security import bearer_token, token_matches
 from cliplora.serve.gateway.service import ClassifierService
 from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.serve.gateway.web import convert, openapi
+from cliplora.serve.gateway.web.bodies import TooLarge, read_body, read_form
 from cliplora.serve.gateway.web.calls import TIMEOUT_HEADER, CallAborted, HttpCall
-from cliplora.serve.gateway.web.forms import TooLarge, read_form
+from cliplora.serve.gateway.web.guard import Guard, too_large
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-API_PREFIX = "/v1/"
-SHUTDOWN_TIMEOUT_S = 1.0
+SHUTDOWN_TIMEOUT_S = 1.0  # for what admission does not hold at the end (a stalled connection)
+OFFLOAD_BYTES = 1 << 20  # bodies larger than this are parsed in the pool, off the event loop
+JSON_TYPES = ("application/json", "application/octet-stream", "")  # "": curl --data-binary without -H
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CALL = web.RequestKey("cliplora_call", HttpCall)  # the request's call context
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,32 +66,30 @@ class HttpDoor:
                  metrics: GatewayMetrics, pool: Executor, tokens: tuple[bytes, ...],
                  ssl_context: ssl.SSLContext | None) -> None:
         self.settings = settings
-        self.pool = pool
         self.service = service
         self.health = health
         self.metrics = metrics
-        self.tokens = tokens
+        self.pool = pool
         self.ssl_context = ssl_context
+        self.limit = settings.max_http_body_bytes
+        self.guard = Guard(tokens, self.limit, metrics.unauthenticated.inc, error_response)
         self.port = 0
-        self.closing = False
         self._runner: web.AppRunner | None = None
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_http_body_bytes,
-                              middlewares=[self._answers, self._guard])
+        app = web.Application(client_max_size=self.limit, middlewares=[self._answers, self._guarded])
         app.router.add_get("/", self.page)
         app.router.add_static("/static", STATIC, append_version=False)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/classify", self.classify)
-        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/classify", self.classify, expect_handler=self._expect)
+        app.router.add_post("/v1/embeddings", self.embeddings, expect_handler=self._expect)
         return app
 
     async def start(self) -> int:
-        # Its calls in flight are admission's, drained (or ended) before `stop`: what is left
-        # then (a body still arriving) gets SHUTDOWN_TIMEOUT_S.
+        # Its calls in flight are admission's, drained (or ended) before `stop`.
         self._runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
@@ -106,7 +105,7 @@ class HttpDoor:
 
     def refuse_new(self) -> None:
         """From now on every /v1/ call is UNAVAILABLE (503) and /healthz says so."""
-        self.closing = True
+        self.guard.closing = True
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -119,38 +118,44 @@ class HttpDoor:
     async def _answers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, body too large
-            response = _from_aiohttp(exc, self.settings.max_http_body_bytes)
+        except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, a static file
+            response = _from_aiohttp(exc, self.limit)
         except CliploraError as exc:  # the door's own checks, before admission
             response = error_response(*to_status(exc, request.path))
-        except CallAborted as exc:  # the service's answer, from the error table
-            response = error_response(exc.code, exc.message)
+        except CallAborted as exc:  # the service's answer, from the error table (413: RESOURCE_EXHAUSTED
+            call = request.get(CALL)  # that was a body over the limit, not the concurrency limit's 429)
+            response = error_response(exc.code, exc.message, 413 if call is not None and call.body_too_large else None)
         except TimeoutError:
             response = error_response(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except Exception as exc:  # a bug of ours: INTERNAL, the details only in the log
             response = error_response(*to_status(exc, request.path))
-        route = request.match_info.route.resource
-        self.metrics.http_responses.labels(route.canonical if route is not None else "unmatched",
-                                           str(response.status)).inc()
+        self._count(request, response)
         return response
 
     @web.middleware
-    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith(API_PREFIX):
-            return await handler(request)
-        if self.closing:
-            return error_response(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-        origin = request.headers.get(hdrs.ORIGIN)
-        if origin is not None and not _same_site(origin, request):
-            return error_response(grpc.StatusCode.PERMISSION_DENIED,
-                                  f"cross-origin calls are refused: a page at {origin} cannot call this door")
-        if self.tokens and not token_matches(bearer_token(request.headers.get(hdrs.AUTHORIZATION)), self.tokens):
-            self.metrics.unauthenticated.inc()
-            return error_response(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        limit = self.settings.max_http_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit)
-        return await handler(request)
+    async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = self.guard.refusal(request)
+        return refusal if refusal is not None else await handler(request)
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: the guard first, so a refused client does not send its
+        body for nothing; an expectation the door cannot meet is 417."""
+        refusal = self.guard.refusal(request)
+        if refusal is None and request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            refusal = error_response(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"unknown Expect: {request.headers.get(hdrs.EXPECT)}", status=417)
+        if refusal is not None:
+            self._count(request, refusal)
+            return refusal
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    def _count(self, request: web.Request, response: web.StreamResponse) -> None:
+        route = request.match_info.route.resource
+        self.metrics.http_responses.labels(route.canonical if route is not None else "unmatched",
+                                           str(response.status)).inc()
 
     # -- routes -----------------------------------------------------------------------
 
@@ -162,13 +167,13 @@ class HttpDoor:
         return response
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if self.closing:
+        if self.guard.closing:
             return error_response(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.closing or not self.health.serving:
-            return error_response(grpc.StatusCode.UNAVAILABLE, "Triton is not ready" if not self.closing
+        if self.guard.closing or not self.health.serving:
+            return error_response(grpc.StatusCode.UNAVAILABLE, "Triton is not ready" if not self.guard.closing
                                   else "the gateway is shutting down")
         return web.json_response({"status": "ready"})
 
@@ -184,59 +189,67 @@ class HttpDoor:
 
     async def classify(self, request: web.Request) -> web.Response:
         call = _call(request)
-        if request.content_type == "multipart/form-data":
-            try:
-                form = await read_form(request, self.settings.max_http_body_bytes)
-            except TooLarge:
-                return _too_large(self.settings.max_http_body_bytes)
-            parsed = Parsed(lambda: convert.classify_from_form(form))
-        elif request.content_type in ("application/json", "application/octet-stream", ""):
-            body = await request.read()
-            parsed = Parsed(lambda: convert.classify_from_json(body))
-        else:
-            raise InvalidArgument(f"send application/json or multipart/form-data, not {request.content_type}")
-        response = await _within(call, self.service.classify(lambda: parsed().request, call))
-        return web.json_response(convert.classify_answer(response, parsed.value.names), headers={
+        made: list[convert.ClassifyCall] = []
+
+        async def parse() -> Any:  # once admitted: the body is read and parsed here
+            if request.content_type == "multipart/form-data":
+                made.append(convert.classify_from_form(await self._read(call, read_form(
+                    request, self.limit, self.settings.max_form_parts))))
+            elif request.content_type in JSON_TYPES:
+                made.append(await self._parse(convert.classify_from_json, await self._read(call, read_body(
+                    request, self.limit))))
+            else:
+                raise InvalidArgument(f"send application/json or multipart/form-data, not {request.content_type}")
+            return made[0].request
+
+        response = await _within(call, self.service.classify(parse, call))
+        return web.json_response(convert.classify_answer(response, made[0].names), headers={
             "Cliplora-Model": response.model, "Cliplora-Version": str(response.version),
             "Cliplora-Adapter": response.adapter})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         call = _call(request)
-        body = await request.read()
-        parsed = Parsed(lambda: convert.embeddings_from_json(body))
-        response = await _within(call, self.service.embed(lambda: parsed().request, call))
-        texts = list(parsed.value.request.texts)
-        tokens = await asyncio.get_running_loop().run_in_executor(self.pool, _prompt_tokens, texts)
-        return web.json_response(convert.embeddings_answer(parsed.value, response, tokens))
+        made: list[convert.EmbeddingsCall] = []
 
+        async def parse() -> Any:
+            if request.content_type not in JSON_TYPES:
+                raise InvalidArgument(f"send application/json, not {request.content_type}")
+            body = await self._read(call, read_body(request, self.limit))
+            made.append(await self._parse(convert.embeddings_from_json, body))
+            return made[0].request
 
-class Parsed(Generic[T]):
-    """A body's parse, run by admission (`ClassifierService.classify`), its result kept
-    for the answer (image names, the order of OpenAI inputs)."""
+        response = await _within(call, self.service.embed(parse, call))
+        tokens = await asyncio.get_running_loop().run_in_executor(self.pool, _prompt_tokens,
+                                                                  list(made[0].request.texts))
+        return web.json_response(convert.embeddings_answer(made[0], response, tokens))
 
-    def __init__(self, build: Callable[[], T]) -> None:
-        self._build = build
-        self._value: T | None = None
+    async def _read(self, call: HttpCall, reading: Awaitable[T]) -> T:
+        """A body as `reading` reads it; over the limit, RESOURCE_EXHAUSTED answered 413."""
+        try:
+            return await reading
+        except TooLarge:
+            call.body_too_large = True
+            raise ResourceExhausted(f"the request body is over the limit of {self.limit} bytes (the gateway's "
+                                    "--max-images x --max-image-bytes, base64-encoded)") from None
 
-    def __call__(self) -> T:
-        self._value = self._build()
-        return self._value
-
-    @property
-    def value(self) -> T:
-        assert self._value is not None, "parsed before the service answered"
-        return self._value
+    async def _parse(self, parse: Callable[[bytes], T], body: bytes) -> T:
+        """`parse(body)`, in the pool for a large body: JSON and base64 of a batch of photos
+        would hold the event loop (and every other call on it) for tens of milliseconds."""
+        if len(body) <= OFFLOAD_BYTES:
+            return parse(body)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, parse, body)
 
 
 def _call(request: web.Request) -> HttpCall:
-    return HttpCall.from_header(request.headers.get(TIMEOUT_HEADER))
+    """The call's context (its ``Request-Timeout``), kept on the request for `_answers`."""
+    call = request[CALL] = HttpCall.from_header(request.headers.get(TIMEOUT_HEADER))
+    return call
 
 
-async def _within(call: HttpCall, work: Awaitable[Any]) -> Any:
+async def _within(call: HttpCall, work: Awaitable[T]) -> T:
     """`work` cut at the caller's deadline, as gRPC cuts a call at its own: admission then
     counts it DEADLINE_EXCEEDED, and the door answers 504."""
-    remaining = call.time_remaining()
-    async with asyncio.timeout(remaining):
+    async with asyncio.timeout(call.time_remaining()):
         return await work
 
 
@@ -249,32 +262,22 @@ def _prompt_tokens(texts: list[str]) -> int:
     return sum(min(len(tokenizer.encode(text)) + 2, contract.CONTEXT_LENGTH) for text in texts)
 
 
-def _same_site(origin: str, request: web.Request) -> bool:
-    """Whether a browser's ``Origin`` names the host it sent the call to: the ``Host``
-    header, or a proxy's ``X-Forwarded-Host`` (which a page elsewhere cannot set without a
-    preflight the door never grants). The scheme is not compared: a proxy that ends TLS
-    in front of the door turns https into http."""
-    _, sep, netloc = origin.partition("://")
-    hosts = {request.host, *request.headers.getall(hdrs.X_FORWARDED_HOST, [])}
-    return bool(sep) and netloc.lower() in {host.strip().lower() for host in hosts}
-
-
-def _too_large(limit: int) -> web.Response:
-    return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the request body is over the limit of {limit} bytes (the gateway's --max-images "
-                          "x --max-image-bytes, base64-encoded)", status=HTTP_BODY_TOO_LARGE)
+_AIOHTTP_CODES = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+                  404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def _from_aiohttp(exc: web.HTTPException, limit: int) -> web.Response:
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return _too_large(limit)
+    """aiohttp's own refusals as the door's JSON, with their HTTP status."""
     if isinstance(exc, web.HTTPNotFound):
         return error_response(grpc.StatusCode.NOT_FOUND, "no such path: GET /openapi.json lists them")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return too_large(error_response, limit)
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        response = error_response(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"{exc.method} is not allowed here; allowed: {', '.join(sorted(exc.allowed_methods))}",
-                                  status=405)
-        response.headers[hdrs.ALLOW] = ",".join(sorted(exc.allowed_methods))
+        allowed = ",".join(sorted(exc.allowed_methods))
+        response = error_response(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.method} is not allowed here; allowed: "
+                                  f"{allowed}", status=405)
+        response.headers[hdrs.ALLOW] = allowed
         return response
-    code = grpc.StatusCode.INVALID_ARGUMENT if 400 <= exc.status < 500 else grpc.StatusCode.INTERNAL
+    code = _AIOHTTP_CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT if exc.status < 500
+                              else grpc.StatusCode.INTERNAL)
     return error_response(code, exc.reason, status=exc.status)

@@ -27,8 +27,8 @@ class HttpCall:
     """The deadline the caller asked for (``Request-Timeout``), or none."""
 
     def __init__(self, timeout_s: float | None) -> None:
-        self.timeout_s = timeout_s
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.body_too_large = False  # the door's reader found the body over its limit (answered 413)
 
     @classmethod
     def from_header(cls, value: str | None) -> HttpCall:

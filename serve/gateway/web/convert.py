@@ -21,7 +21,7 @@ from multidict import MultiDict
 
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.predictions import Prediction, result_json
-from cliplora.serve.gateway.web.forms import Upload
+from cliplora.serve.gateway.web.bodies import Upload
 from cliplora.v1 import classifier_pb2 as pb
 
 IMAGE_DATA_PREFIX = "data:image/"  # an OpenAI input string that is an image (a data URL)
@@ -61,7 +61,7 @@ def classify_from_json(body: bytes) -> ClassifyCall:
                                  templates=_texts(obj, "templates"),
                                  images=[pb.Image(encoded=_b64_image(i, image)) for i, image in enumerate(images)])
     if obj.get("top_k") is not None:
-        request.top_k = _integer(obj["top_k"], "top_k")
+        request.top_k = _integer(obj["top_k"], "top_k", bits=32)
     return ClassifyCall(request, [f"images[{i}]" for i in range(len(images))])
 
 
@@ -81,7 +81,7 @@ def classify_from_form(form: MultiDict[str | Upload]) -> ClassifyCall:
                                  adapter=_form_value(form, "adapter"), images=images,
                                  labels=_form_texts(form, "labels"), templates=_form_texts(form, "templates"))
     if _form_value(form, "top_k"):
-        request.top_k = _integer(_form_value(form, "top_k"), "top_k")
+        request.top_k = _integer(_form_value(form, "top_k"), "top_k", bits=32)
     return ClassifyCall(request, names)
 
 
@@ -151,14 +151,10 @@ def message_json(message: Message) -> dict[str, Any]:
     for fd in message.DESCRIPTOR.fields:
         value = getattr(message, fd.name)
         if fd.message_type is not None:
-            out[fd.name] = [message_json(v) for v in value] if _repeated(fd) else message_json(value)
+            out[fd.name] = [message_json(v) for v in value] if fd.is_repeated else message_json(value)
         else:
-            out[fd.name] = list(value) if _repeated(fd) else value
+            out[fd.name] = list(value) if fd.is_repeated else value
     return out
-
-
-def _repeated(fd: Any) -> bool:
-    return bool(fd.is_repeated)
 
 
 def _only(fields: Mapping[str, Any], allowed: set[str], what: str) -> None:
@@ -186,15 +182,21 @@ def _texts(obj: Mapping[str, Any], name: str) -> list[str]:
     return value
 
 
-def _integer(value: Any, name: str) -> int:
+def _integer(value: Any, name: str, bits: int = 64) -> int:
+    """A JSON integer (or a form field's digits) that fits the message's `bits`-bit field."""
+    number: int | None = None
     if isinstance(value, str):
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             pass
     elif isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise InvalidArgument(f'"{name}" must be an integer, got {value!r}')
+        number = value
+    if number is None:
+        raise InvalidArgument(f'"{name}" must be an integer, got {value!r}')
+    if not -(1 << (bits - 1)) <= number < 1 << (bits - 1):
+        raise InvalidArgument(f'"{name}" is out of range: {number}')
+    return number
 
 
 def _version(obj: Mapping[str, Any]) -> int:
