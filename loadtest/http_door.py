@@ -60,6 +60,7 @@ class HttpTarget:
         self._bodies: dict[str, list[bytes]] = {}  # fixed requests, serialized once
         self._shapes: dict[str, list[dict[str, Any]]] = {}  # requests written per request (cold, @*)
         self._choosers: dict[str, tuple[AdapterChooser, Iterator[int]]] = {}
+        self.session: aiohttp.ClientSession | None = None  # opened by start()
 
     async def start(self, models: list[str]) -> None:
         """Open the session, check that the door serves every ``http:`` entry's model (and
@@ -149,7 +150,8 @@ class HttpTarget:
         _check_answer(answer, self.batch)
 
     async def close(self) -> None:
-        await self.session.close()
+        if self.session is not None:
+            await self.session.close()
 
 
 async def _error_code(response: aiohttp.ClientResponse) -> str:
