@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 import tritonclient.grpc as triton_grpc
@@ -29,6 +30,21 @@ from cliplora.loadtest.cli import generated_images
 from cliplora.loadtest.stats import median_p90_ms
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
+
+
+def interleaved(paths: dict[str, Callable[[], None]], warmup: int, requests: int) -> dict[str, list[float]]:
+    """Seconds per call of each path, the paths taking turns call by call (`warmup` rounds
+    not kept), so that the machine's drift hits them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for round_index in range(warmup + requests):
+        for name, call in paths.items():
+            started = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                samples[name].append(time.perf_counter() - started)
+        print(f"\rround {round_index + 1}/{warmup + requests}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    return samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,16 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_bytes(jpeg, published.image_size)
 
     paths = {"gateway": via_gateway, "triton": via_triton, "ort": in_process, "preprocess": preprocess}
-    samples: dict[str, list[float]] = {name: [] for name in paths}
-    for round_index in range(args.warmup + args.requests):
-        for name, call in paths.items():
-            started = time.perf_counter()
-            call()
-            if round_index >= args.warmup:
-                samples[name].append(time.perf_counter() - started)
-        print(f"\rround {round_index + 1}/{args.warmup + args.requests}", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    report = {name: median_p90_ms(values) for name, values in samples.items()}
+    report = {name: median_p90_ms(values)
+              for name, values in interleaved(paths, args.warmup, args.requests).items()}
     report["gateway_minus_triton_median_ms"] = round(report["gateway"]["median_ms"] - report["triton"]["median_ms"], 2)
     report["triton_over_ort_median"] = round(report["triton"]["median_ms"] / report["ort"]["median_ms"], 3)
     report["model"] = args.model

@@ -101,59 +101,76 @@ async def run_load(
     """Run the load against an already started `target`."""
     result = RunResult(models=list(models), warmup_seconds=warmup_s, mode="open" if rate else "closed",
                        concurrency=None if rate else concurrency, rate=rate)
-    ticker = _Progress(progress)
-    clock = time.monotonic
-    begin = clock()
-    measured_from = begin + warmup_s
-    end = measured_from + duration_s
-    result.started_unix = time.time() + warmup_s
-    counter = itertools.count()
-    errors = 0  # kept as requests end: counting the records each time is quadratic in the run
-
-    def enough() -> bool:
-        return max_requests is not None and len(result.records) >= max_requests
-
-    def record(model: str, scheduled: float, code: str) -> None:
-        nonlocal errors
-        if scheduled >= measured_from and not enough():
-            result.records.append(Record(model, scheduled - measured_from, clock() - scheduled, code))
-            errors += code != "OK"
-        elapsed = clock() - begin
-        phase = "warm-up" if clock() < measured_from else "load"
-        ticker.show(phase, elapsed, warmup_s + duration_s, len(result.records), errors)
-
+    run = _Run(target, models, result, duration_s, warmup_s, max_requests, _Progress(progress))
     if rate is None:
+        await run.closed_loop(concurrency)
+    else:
+        await run.open_loop(rate)
+    run.ticker.done()
+    result.measured_seconds = max(min(time.monotonic(), run.end) - run.measured_from, 1e-9)
+    result.ended_unix = result.started_unix + result.measured_seconds
+    return result
+
+
+class _Run:
+    """One run's clock, its request numbers and what it records: requests sent during the
+    warm-up are not recorded, and recording stops at `max_requests`."""
+
+    def __init__(self, target: Target, models: list[str], result: RunResult, duration_s: float, warmup_s: float,
+                 max_requests: int | None, ticker: _Progress) -> None:
+        self.target, self.models, self.result = target, models, result
+        self.max_requests, self.ticker = max_requests, ticker
+        self.begin = time.monotonic()
+        self.measured_from = self.begin + warmup_s
+        self.end = self.measured_from + duration_s
+        self.total_s = warmup_s + duration_s
+        result.started_unix = time.time() + warmup_s
+        self.counter = itertools.count()
+        self.errors = 0  # kept as requests end: counting the records each time is quadratic in the run
+
+    def enough(self) -> bool:
+        return self.max_requests is not None and len(self.result.records) >= self.max_requests
+
+    def record(self, model: str, scheduled: float, code: str) -> None:
+        now = time.monotonic()
+        if scheduled >= self.measured_from and not self.enough():
+            self.result.records.append(Record(model, scheduled - self.measured_from, now - scheduled, code))
+            self.errors += code != "OK"
+        phase = "warm-up" if now < self.measured_from else "load"
+        self.ticker.show(phase, now - self.begin, self.total_s, len(self.result.records), self.errors)
+
+    async def closed_loop(self, concurrency: int) -> None:
+        """`concurrency` workers, each sending its next request when its last one is answered."""
         async def worker() -> None:
-            while clock() < end and not enough():
-                item = next(counter)
-                model = models[item % len(models)]
-                sent = clock()
-                record(model, sent, await _send(target, model, item))
+            while time.monotonic() < self.end and not self.enough():
+                item = next(self.counter)
+                model = self.models[item % len(self.models)]
+                sent = time.monotonic()
+                self.record(model, sent, await _send(self.target, model, item))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    else:
+
+    async def open_loop(self, rate: float) -> None:
+        """Requests on a fixed schedule of `rate` per second, answered or not (at most
+        MAX_OUTSTANDING in flight; the rest are DROPPED)."""
         outstanding: set[asyncio.Task[None]] = set()
 
         async def one(model: str, item: int, scheduled: float) -> None:
-            record(model, scheduled, await _send(target, model, item))
+            self.record(model, scheduled, await _send(self.target, model, item))
 
-        for item in counter:
-            scheduled = begin + item / rate
-            if scheduled >= end or enough():
+        for item in self.counter:
+            scheduled = self.begin + item / rate
+            if scheduled >= self.end or self.enough():
                 break
-            delay = scheduled - clock()
+            delay = scheduled - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            model = models[item % len(models)]
+            model = self.models[item % len(self.models)]
             if len(outstanding) >= MAX_OUTSTANDING:
-                record(model, scheduled, "DROPPED")
+                self.record(model, scheduled, "DROPPED")
                 continue
             task = asyncio.create_task(one(model, item, scheduled))
             outstanding.add(task)
             task.add_done_callback(outstanding.discard)
         if outstanding:
             await asyncio.gather(*outstanding)
-    ticker.done()
-    result.measured_seconds = max(min(clock(), end) - measured_from, 1e-9)
-    result.ended_unix = result.started_unix + result.measured_seconds
-    return result
