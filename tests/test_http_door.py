@@ -446,11 +446,11 @@ async def test_http_answers_are_counted_by_route_and_status(door: Door) -> None:
 
 def test_app_module_answers_json_errors_only() -> None:
     """Every aiohttp error the door can meet becomes the door's JSON (no HTML error page)."""
-    from cliplora.serve.gateway.web.app import _from_aiohttp
+    from cliplora.serve.gateway.web.responses import from_aiohttp
 
     for exc in (web.HTTPNotFound(), web.HTTPMethodNotAllowed("PUT", ["POST"]), web.HTTPRequestEntityTooLarge(1, 2),
                 web.HTTPBadRequest(reason="bad header")):
-        response = _from_aiohttp(exc, 1)
+        response = from_aiohttp(exc, 1)
         assert response.content_type == "application/json"
         assert json.loads(response.body)["error"]["code"] in {"NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
 

@@ -1,8 +1,8 @@
 """The HTTP door's routes, served by aiohttp on the gateway's own event loop.
 
-Every answer goes through `_answers` (errors as ``{"error": {"code", "message"}}`` with
-the status of the one table, `cliplora.serve.gateway.errors.http_status`; the
-``cliplora_gateway_http_responses_total`` counter), and every ``/v1/`` call through the
+Every answer goes through `_answers` (errors as `cliplora.serve.gateway.web.responses`
+writes them, with the status of the one table; the ``cliplora_gateway_http_responses_total``
+counter), and every ``/v1/`` call through the
 `Guard` first (also before ``100 Continue`` is sent). A call's body is read and turned into
 the gRPC message *inside* admission (`ClassifierService.classify`), so the concurrency
 limit, the deadline, the drain, the request histogram and the error table are gRPC's.
@@ -25,7 +25,7 @@ from aiohttp.http import HttpVersion11
 from cliplora.core import contract
 from cliplora.core.errors import CliploraError, InvalidArgument, ResourceExhausted, Unavailable
 from cliplora.core.tokenizer import get_tokenizer
-from cliplora.serve.gateway.errors import http_status, to_status
+from cliplora.serve.gateway.errors import HTTP_BODY_TOO_LARGE, to_status
 from cliplora.serve.gateway.health import TritonHealth
 from cliplora.serve.gateway.metrics import GatewayMetrics
 from cliplora.serve.gateway.service import ClassifierService
@@ -33,7 +33,13 @@ from cliplora.serve.gateway.settings import GatewaySettings
 from cliplora.serve.gateway.web import convert, openapi
 from cliplora.serve.gateway.web.bodies import TooLarge, read_body, read_form
 from cliplora.serve.gateway.web.calls import TIMEOUT_HEADER, CallAborted, HttpCall
-from cliplora.serve.gateway.web.guard import Guard, too_large
+from cliplora.serve.gateway.web.guard import Guard
+from cliplora.serve.gateway.web.responses import (
+    SHUTTING_DOWN,
+    error_response,
+    from_aiohttp,
+    too_large_message,
+)
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -45,17 +51,6 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
 CALL = web.RequestKey("cliplora_call", HttpCall)  # the request's call context
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
-    """The door's error body, with the status the table gives `code` (or `status`)."""
-    response = web.json_response({"error": {"code": code.name, "message": message}},
-                                 status=http_status(code) if status is None else status)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and response.status == 429:
-        response.headers[hdrs.RETRY_AFTER] = "1"
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        response.headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
-    return response
 
 
 class HttpDoor:
@@ -72,7 +67,7 @@ class HttpDoor:
         self.pool = pool
         self.ssl_context = ssl_context
         self.limit = settings.max_http_body_bytes
-        self.guard = Guard(tokens, self.limit, metrics.unauthenticated.inc, error_response)
+        self.guard = Guard(tokens, self.limit, metrics.unauthenticated.inc)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -119,12 +114,13 @@ class HttpDoor:
         try:
             response = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, a static file
-            response = _from_aiohttp(exc, self.limit)
+            response = from_aiohttp(exc, self.limit)
         except CliploraError as exc:  # the door's own checks, before admission
             response = error_response(*to_status(exc, request.path))
         except CallAborted as exc:  # the service's answer, from the error table (413: RESOURCE_EXHAUSTED
             call = request.get(CALL)  # that was a body over the limit, not the concurrency limit's 429)
-            response = error_response(exc.code, exc.message, 413 if call is not None and call.body_too_large else None)
+            too_large = call is not None and call.body_too_large
+            response = error_response(exc.code, exc.message, HTTP_BODY_TOO_LARGE if too_large else None)
         except TimeoutError:
             response = error_response(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except Exception as exc:  # a bug of ours: INTERNAL, the details only in the log
@@ -168,13 +164,13 @@ class HttpDoor:
 
     async def healthz(self, request: web.Request) -> web.Response:
         if self.guard.closing:
-            return error_response(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+            return error_response(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.guard.closing or not self.health.serving:
-            return error_response(grpc.StatusCode.UNAVAILABLE, "Triton is not ready" if not self.guard.closing
-                                  else "the gateway is shutting down")
+            return error_response(grpc.StatusCode.UNAVAILABLE,
+                                  SHUTTING_DOWN if self.guard.closing else "Triton is not ready")
         return web.json_response({"status": "ready"})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -229,8 +225,7 @@ class HttpDoor:
             return await reading
         except TooLarge:
             call.body_too_large = True
-            raise ResourceExhausted(f"the request body is over the limit of {self.limit} bytes (the gateway's "
-                                    "--max-images x --max-image-bytes, base64-encoded)") from None
+            raise ResourceExhausted(too_large_message(self.limit)) from None
 
     async def _parse(self, parse: Callable[[bytes], T], body: bytes) -> T:
         """`parse(body)`, in the pool for a large body: JSON and base64 of a batch of photos
@@ -260,24 +255,3 @@ def _prompt_tokens(texts: list[str]) -> int:
         return 0
     tokenizer = get_tokenizer()
     return sum(min(len(tokenizer.encode(text)) + 2, contract.CONTEXT_LENGTH) for text in texts)
-
-
-_AIOHTTP_CODES = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
-                  404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-def _from_aiohttp(exc: web.HTTPException, limit: int) -> web.Response:
-    """aiohttp's own refusals as the door's JSON, with their HTTP status."""
-    if isinstance(exc, web.HTTPNotFound):
-        return error_response(grpc.StatusCode.NOT_FOUND, "no such path: GET /openapi.json lists them")
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return too_large(error_response, limit)
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ",".join(sorted(exc.allowed_methods))
-        response = error_response(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.method} is not allowed here; allowed: "
-                                  f"{allowed}", status=405)
-        response.headers[hdrs.ALLOW] = allowed
-        return response
-    code = _AIOHTTP_CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT if exc.status < 500
-                              else grpc.StatusCode.INTERNAL)
-    return error_response(code, exc.reason, status=exc.status)

@@ -11,18 +11,16 @@ import grpc
 from aiohttp import hdrs, web
 
 from cliplora.serve.gateway.security import bearer_token, token_matches
+from cliplora.serve.gateway.web.responses import SHUTTING_DOWN, error_response, too_large
 
 API_PREFIX = "/v1/"
-Refuse = Callable[..., web.Response]  # error_response(code, message, status=None)
 
 
 class Guard:
-    def __init__(self, tokens: tuple[bytes, ...], limit: int, on_unauthenticated: Callable[[], None],
-                 refuse: Refuse) -> None:
+    def __init__(self, tokens: tuple[bytes, ...], limit: int, on_unauthenticated: Callable[[], None]) -> None:
         self.tokens = tokens
         self.limit = limit
         self.on_unauthenticated = on_unauthenticated
-        self.refuse = refuse
         self.closing = False
 
     def refusal(self, request: web.Request) -> web.Response | None:
@@ -30,23 +28,17 @@ class Guard:
         if not request.path.startswith(API_PREFIX):
             return None
         if self.closing:
-            return self.refuse(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+            return error_response(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is not None and not same_site(origin, request):
-            return self.refuse(grpc.StatusCode.PERMISSION_DENIED,
-                               f"cross-origin calls are refused: a page at {origin} cannot call this door")
+            return error_response(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"cross-origin calls are refused: a page at {origin} cannot call this door")
         if self.tokens and not token_matches(bearer_token(request.headers.get(hdrs.AUTHORIZATION)), self.tokens):
             self.on_unauthenticated()
-            return self.refuse(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            return error_response(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         if request.content_length is not None and request.content_length > self.limit:
-            return too_large(self.refuse, self.limit)
+            return too_large(self.limit)
         return None
-
-
-def too_large(refuse: Refuse, limit: int) -> web.Response:
-    return refuse(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  f"the request body is over the limit of {limit} bytes (the gateway's --max-images x "
-                  "--max-image-bytes, base64-encoded)", status=413)
 
 
 def same_site(origin: str, request: web.Request) -> bool:
