@@ -21,10 +21,10 @@ from aiohttp import web
 from cliplora.cli import main
 from cliplora.core.errors import InvalidArgument, NotFound
 from cliplora.loadtest.cli import generated_images
-from cliplora.loadtest.entries import parse_entry
+from cliplora.loadtest.entries import Entry, parse_entry
 from cliplora.loadtest.http_door import HttpTarget, parse_address
-from cliplora.loadtest.runner import run_load
-from cliplora.loadtest.targets import DoorsTarget, GatewayTarget, RequestFailed
+from cliplora.loadtest.runner import RunResult, run_load
+from cliplora.loadtest.targets import DoorsTarget, GatewayTarget, RequestFailed, Target
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 from tests.serving import free_port
@@ -134,6 +134,16 @@ def entries_of(*texts: str) -> dict:
     return {text: parse_entry(text) for text in texts}
 
 
+
+async def _run(target: Target, entries: dict[str, Entry], requests: int) -> RunResult:
+    """`requests` requests over `entries`, one at a time, on a started `target`, which is
+    closed afterwards whatever happened."""
+    try:
+        return await run_load(target, list(entries), concurrency=1, duration_s=30, warmup_s=0, max_requests=requests,
+                              progress=False)
+    finally:
+        await target.close()
+
 async def test_one_model_through_both_doors_gets_the_same_images(door, grpc_stub) -> None:
     """``base,http:base``: requests alternate between the doors, and each door is offered
     every image, in the same order (not the even ones to one door and the odd to the other)."""
@@ -143,11 +153,7 @@ async def test_one_model_through_both_doors_gets_the_same_images(door, grpc_stub
     target = DoorsTarget({"grpc": GatewayTarget(rpc_address, images, entries=entries),
                           "http": HttpTarget(http_address, images, entries=entries, connections=2)}, entries)
     await target.start(list(entries))
-    try:
-        result = await run_load(target, list(entries), concurrency=1, duration_s=30, warmup_s=0, max_requests=16,
-                                progress=False)
-    finally:
-        await target.close()
+    result = await _run(target, entries, 16)
     assert {r.code for r in result.records} == {"OK"} and [r.model for r in result.records[:2]] == list(entries)
     assert len(http.seen) == len(rpc.seen) == 8 and {s.model for s in http.seen + rpc.seen} == {"base"}
     assert all(s.top_k == 5 == r.top_k for s, r in zip(http.seen, rpc.seen, strict=True))
@@ -209,11 +215,7 @@ async def test_failures_are_counted_by_their_status_name(door) -> None:
     entries = entries_of("http:base", "http:down", "http:proxy", "http:short")
     target = HttpTarget(address, generated_images(2), entries=entries, connections=4)
     await target.start(list(entries))
-    try:
-        result = await run_load(target, list(entries), concurrency=1, duration_s=30, warmup_s=0, max_requests=20,
-                                progress=False)
-    finally:
-        await target.close()
+    result = await _run(target, entries, 20)
     assert result.errors("http:base") == {}
     assert result.errors("http:down") == {"UNAVAILABLE": 5}
     assert result.errors("http:proxy") == {"HTTP_502": 5}
@@ -234,11 +236,7 @@ async def test_a_door_gone_counts_unavailable() -> None:
         await target.start(list(entries))
     finally:
         await runner.cleanup()
-    try:
-        result = await run_load(target, list(entries), concurrency=1, duration_s=30, warmup_s=0, max_requests=2,
-                                progress=False)
-    finally:
-        await target.close()
+    result = await _run(target, entries, 2)
     assert result.errors("http:base") == {"UNAVAILABLE": 2}
 
 
