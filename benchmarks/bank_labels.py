@@ -20,7 +20,6 @@ report folder beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from bank_load import (
     run_loadtest,
     start_stack,
     until_answered,
+    write_record,
 )
 
 
@@ -75,9 +75,7 @@ def main() -> int:
         stack.send_signal(signal.SIGINT)
         stack.wait(120)
     record = {**record_header(), "model": args.model, "prepared": prepared, **result}
-    (args.output / "bank_labels.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.output / "bank_labels.md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(args.output, "bank_labels", record, markdown)
     return 0
 
 

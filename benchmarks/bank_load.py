@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -165,6 +166,13 @@ def record_header() -> dict:
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB"}
 
 
+def write_record(output: Path, stem: str, record: dict, markdown: Callable[[dict], str]) -> None:
+    """`stem`.json (every figure) and `stem`.md (the table) into `output`; the table printed."""
+    (output / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (output / f"{stem}.md").write_text(markdown(record))
+    print(markdown(record))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name or JSON config (default ViT-B-16)")
@@ -197,9 +205,7 @@ def main() -> int:
         stack.wait(120)
     record = {**record_header(), "model": args.model, "target": args.target, "prepared": prepared,
               "steps": steps, "runs": runs}
-    (args.output / "bank_load.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.output / "bank_load.md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(args.output, "bank_load", record, markdown)
     return 0
 
 

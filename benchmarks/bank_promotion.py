@@ -45,6 +45,7 @@ from bank_load import (
     run_loadtest,
     start_stack,
     until_answered,
+    write_record,
 )
 
 
@@ -168,9 +169,7 @@ def main() -> int:
         stack.wait(120)
     record = {**record_header(), "model": args.model, "target": args.target, "adapters": args.adapters, "skew": args.skew,
               "prepared": prepared, "promotions": promotions, "crossover": crossover, "promoted_cost": cost}
-    (args.output / "bank_promotion.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.output / "bank_promotion.md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(args.output, "bank_promotion", record, markdown)
     return 0
 
 

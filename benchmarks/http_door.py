@@ -36,7 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bank_load import ratio_text, record_header, run  # the benchmarks share both
+from bank_load import ratio_text, record_header, run, write_record  # what the benchmarks share
 from PIL import Image
 
 CLI = str(Path(sys.executable).with_name("cliplora"))
@@ -167,9 +167,7 @@ def main() -> int:
                                                     "figures": check["report"]["models"][args.model],
                                                     "load_average_before": check["load_average_before"],
                                                     "load_average_after": check["load_average_after"]}}
-    (args.output / "http_door.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.output / "http_door.md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(args.output, "http_door", record, markdown)
     return 0
 
 
