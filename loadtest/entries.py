@@ -19,10 +19,12 @@ Entries are interleaved request by request, whatever they ask and whichever door
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from cliplora.core import contract
 from cliplora.core.errors import InvalidArgument
 from cliplora.core.repository import validate_adapter_id, validate_model_name
 
@@ -97,6 +99,22 @@ class AdapterChooser:
         if self.skew is None:
             return self.adapters[item % len(self.adapters)]
         return self.adapters[int(self._draws[item % len(self._draws)])]
+
+
+def bank_chooser(entry: Entry, kind: str, adapter_ids: Iterable[str], skew: float | None, seed: int,
+                 server: str) -> AdapterChooser:
+    """The chooser of ``NAME@*`` entry `entry` over its bank's adapters but the base, from
+    what `server` lists of the model (its `kind`, its adapters' ids); InvalidArgument when
+    `server` does not serve it as a bank. Both doors' targets ask it the same way."""
+    if kind != contract.KIND_BANK:
+        raise InvalidArgument(f"--models entry {entry.name!r}: {entry.model!r} is not a bank {server} serves")
+    return AdapterChooser([a for a in adapter_ids if a != contract.BASE_ADAPTER], skew, seed=seed)
+
+
+def cold_labels(labels: Sequence[str], item: int) -> list[str]:
+    """``:labels-cold``: labels no call has used before (request `item`'s number added), so
+    every prompt misses the gateway's text cache; both doors write them the same way."""
+    return [f"{label} {item}" for label in labels]
 
 
 def parse_skew(text: str | None) -> float | None:

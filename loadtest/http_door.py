@@ -27,7 +27,7 @@ import aiohttp
 
 from cliplora.core.client import TOKEN_ENV, token_metadata
 from cliplora.core.errors import InvalidArgument, NotFound
-from cliplora.loadtest.entries import HTTP, AdapterChooser, Entry
+from cliplora.loadtest.entries import HTTP, AdapterChooser, Entry, bank_chooser, cold_labels
 from cliplora.loadtest.targets import RequestFailed, entry_turn, rotating_batches
 
 CLASSIFY_PATH = "/v1/classify"
@@ -95,11 +95,9 @@ class HttpTarget:
                            f"(it serves {', '.join(sorted(served)) or 'none'})")
         requests = [self._request(entry, chosen) for chosen in rotating_batches(self._images, self.batch)]
         if entry.every_adapter:
-            if info.get("kind") != "bank":
-                raise InvalidArgument(f"--models entry {entry.name!r}: {entry.model!r} is not a bank the door serves")
-            adapters = [a["id"] for a in info.get("adapters", []) if a["id"] != "base"]
-            self._choosers[entry.name] = (AdapterChooser(adapters, self.adapter_skew, seed=self.seed),
-                                          itertools.count())
+            chooser = bank_chooser(entry, info.get("kind", ""), (a["id"] for a in info.get("adapters", [])),
+                                   self.adapter_skew, self.seed, "the door")
+            self._choosers[entry.name] = (chooser, itertools.count())
         if entry.cold or entry.every_adapter:
             self._shapes[entry.name] = requests
         else:
@@ -129,7 +127,7 @@ class HttpTarget:
         request = dict(shapes[turn % len(shapes)])
         entry = self.entries[name]
         if entry.cold:  # labels no call has used before, as the gRPC target writes them
-            request["labels"] = [f"{label} {item}" for label in entry.labels]
+            request["labels"] = cold_labels(entry.labels, item)
         if entry.every_adapter:
             chooser, count = self._choosers[name]
             request["adapter"] = chooser(next(count))

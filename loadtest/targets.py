@@ -20,10 +20,10 @@ import grpc
 import numpy as np
 
 from cliplora.core import contract
-from cliplora.core.errors import InvalidArgument, NotFound
+from cliplora.core.errors import NotFound
 from cliplora.core.preprocess import preprocess_bytes
 from cliplora.core.runtime import open_published, run_logits
-from cliplora.loadtest.entries import GRPC, AdapterChooser, Entry
+from cliplora.loadtest.entries import GRPC, AdapterChooser, Entry, bank_chooser, cold_labels
 from cliplora.v1 import classifier_pb2 as pb
 from cliplora.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -107,10 +107,8 @@ class GatewayTarget:
 
     def _chooser(self, entry: Entry, served: dict[str, pb.ModelInfo]) -> AdapterChooser:
         info = served.get(entry.model)
-        if info is None or info.kind != "bank":
-            raise InvalidArgument(f"--models entry {entry.name!r}: {entry.model!r} is not a bank the gateway serves")
-        adapters = [a.id for a in info.adapters if a.id != "base"]
-        return AdapterChooser(adapters, self.adapter_skew, seed=self.seed)
+        return bank_chooser(entry, info.kind if info else "", (a.id for a in info.adapters) if info else (),
+                            self.adapter_skew, self.seed, "the gateway")
 
     def _images(self, chosen: list[bytes], served: dict[str, pb.ModelInfo], model: str) -> list[pb.Image]:
         if not self.raw:
@@ -129,7 +127,7 @@ class GatewayTarget:
             fresh = pb.ClassifyRequest()
             fresh.CopyFrom(request)
             if entry.cold:  # labels no call has used before
-                fresh.labels[:] = [f"{label} {item}" for label in request.labels]
+                fresh.labels[:] = cold_labels(request.labels, item)
             if entry.every_adapter:  # the entry's own count: items of interleaved entries skip numbers
                 chooser, count = self._choosers[model]
                 fresh.adapter = chooser(next(count))
